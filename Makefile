@@ -1,0 +1,27 @@
+# nixops-operator — see README.md.
+.PHONY: test deps controlplane crds lint dev-cluster dev-cluster-down
+
+# Sets up everything the tests need (Debian packages, the Go-built control
+# plane) and runs every test, including those against the real API server.
+test: deps
+	cargo test --all-targets --locked
+
+deps:
+	hack/install-deps.sh
+
+controlplane:
+	hack/controlplane/build.sh
+
+# Regenerates crds/ from src/api (a test fails when it is stale).
+crds:
+	cargo run --quiet --locked -- crds --out-dir crds
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets --locked -- -D warnings
+
+dev-cluster: deps
+	@hack/dev-cluster.sh up
+
+dev-cluster-down:
+	@hack/dev-cluster.sh down

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks for building and testing: Debian
+# packages, the Rust lint components, and the Go-built control plane
+# (hack/controlplane/build.sh, cached outside the repository).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+need_apt=()
+for cmd_pkg in openssl:openssl curl:curl python3:python3 git:git; do
+  command -v "${cmd_pkg%%:*}" >/dev/null || need_apt+=("${cmd_pkg#*:}")
+done
+[[ -e /etc/ssl/certs/ca-certificates.crt ]] || need_apt+=(ca-certificates)
+if (( ${#need_apt[@]} )); then
+  echo "install-deps: apt-get install ${need_apt[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}"
+fi
+
+command -v cargo >/dev/null || { echo "install-deps: Rust (cargo) is required" >&2; exit 1; }
+command -v go >/dev/null || { echo "install-deps: Go is required to build the test control plane" >&2; exit 1; }
+if command -v rustup >/dev/null; then
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >&2 || true
+fi
+
+"$root/hack/controlplane/build.sh" >/dev/null

@@ -1,0 +1,601 @@
+//! `Machine`: one NixOS host — where it runs, how to reach it, what it runs.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::{Condition, DeletionPolicy, LocalObjectReference, SecretKeyReference, Tags, rules};
+
+/// A NixOS machine in a Network, the counterpart of a machine in a NixOps
+/// deployment. `spec.nixos`, `keys` and `volumes` say what the machine is;
+/// `provider` says where it runs.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[kube(
+    group = "nixops.io",
+    version = "v1alpha1",
+    kind = "Machine",
+    namespaced,
+    status = "MachineStatus",
+    shortname = "nixmachine",
+    shortname = "nm",
+    category = "nixops",
+    doc = "A NixOS machine: where it runs (provider), how to reach it (ssh) and what it runs (nixos).",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Provider", type_ = "string", json_path = ".status.provider"),
+    printcolumn(name = "Address", type_ = "string", json_path = ".status.addresses[0].address"),
+    printcolumn(name = "Closure", type_ = "string", json_path = ".status.closureShort"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Network", type_ = "string", json_path = ".spec.networkRef.name", priority = 1),
+    printcolumn(name = "Generation", type_ = "integer", json_path = ".status.generation", priority = 1),
+    printcolumn(name = "Provider-ID", type_ = "string", json_path = ".status.providerID", priority = 1),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineSpec {
+    /// The Network this machine belongs to. The Network supplies the cloud
+    /// account, the physical network and defaults for provider and ssh.
+    pub network_ref: LocalObjectReference,
+
+    /// Where the machine runs. Exactly one block is set. When omitted, the
+    /// Network's `machineDefaults.provider` is used. The kind of provider
+    /// cannot change after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<MachineProvider>,
+
+    /// Whether the machine should be running (NixOps start/stop). `false`
+    /// stops a cloud instance; it has no effect on existing hosts.
+    #[serde(default = "default_true")]
+    pub running: bool,
+
+    /// How the operator reaches the machine over SSH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshSpec>,
+
+    /// The NixOS system to deploy. Without it the machine is provisioned but
+    /// nothing is deployed to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nixos: Option<NixosSpec>,
+
+    /// Secrets uploaded to the machine before activation (NixOps
+    /// `deployment.keys`), kept out of the Nix store.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(merge_strategy = rules::list_map("name"))]
+    pub keys: Vec<MachineKey>,
+
+    /// Volumes attached to this machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = rules::list_map("device"))]
+    pub volumes: Vec<VolumeAttachment>,
+
+    /// What happens to the cloud instance when this Machine is deleted:
+    /// `Delete` terminates it, `Orphan` leaves it running. Existing hosts are
+    /// never touched.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Where a machine runs. Exactly one block is set.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.existing), has(self.ec2)].filter(x, x).size() == 1")
+    .message("exactly one provider block must be set: existing or ec2"))]
+#[x_kube(validation = Rule::new("has(self.existing) == has(oldSelf.existing) && has(self.ec2) == has(oldSelf.ec2)")
+    .message("the provider kind is immutable: a machine cannot move between existing and ec2; create a new Machine instead"))]
+pub struct MachineProvider {
+    /// A host that already runs NixOS and is reachable over SSH (NixOps
+    /// `targetHost`). The operator deploys to it but never creates or deletes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub existing: Option<ExistingHost>,
+
+    /// An Amazon EC2 instance in the Network's VPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ec2: Option<Ec2Instance>,
+}
+
+impl MachineProvider {
+    /// The name of the provider block that is set, as shown in `status.provider`.
+    pub fn kind(&self) -> Option<&'static str> {
+        match (&self.existing, &self.ec2) {
+            (Some(_), _) => Some("existing"),
+            (None, Some(_)) => Some("ec2"),
+            (None, None) => None,
+        }
+    }
+}
+
+/// An existing host reachable over SSH.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExistingHost {
+    /// DNS name or IP address of the host.
+    #[x_kube(validation = rules::host())]
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+
+    /// SSH port.
+    #[serde(default = "default_ssh_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+}
+
+fn default_ssh_port() -> u16 {
+    22
+}
+
+/// An Amazon EC2 instance.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Ec2Instance {
+    /// Instance type, e.g. t3.small.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z][a-z0-9-]*\\\\.[a-z0-9]+$')")
+        .message("must be an EC2 instance type such as t3.small or m7g.large"))]
+    #[schemars(length(min = 3, max = 64))]
+    pub instance_type: String,
+
+    /// The AMI to boot, a NixOS image for the region (ami- followed by 8 or
+    /// 17 hex digits). Changing it has no effect on a running instance:
+    /// NixOS is updated by deploying a new closure, not by replacing the AMI.
+    #[x_kube(validation = Rule::new("self.matches('^ami-([0-9a-f]{8}|[0-9a-f]{17})$')")
+        .message("must be an AMI ID: 'ami-' followed by 8 or 17 hex digits, e.g. ami-0123456789abcdef0"))]
+    #[schemars(length(max = 21))]
+    pub ami: String,
+
+    /// Name of a subnet declared in the Network's `provider.ec2.subnets`.
+    /// Immutable: an instance cannot move between subnets.
+    #[x_kube(validation = rules::immutable("the subnet"))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("must be the name of a subnet in the Network's spec.provider.ec2.subnets (lower-case letters, digits and '-')"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub subnet: String,
+
+    /// The root volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume: Option<RootVolume>,
+
+    /// User data passed to the instance at first boot (plain text; the
+    /// operator base64-encodes it). Do not put secrets here; use `keys`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub user_data: Option<String>,
+
+    /// Extra tags for the instance and its root volume.
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
+    #[schemars(length(max = 40))]
+    pub tags: Tags,
+}
+
+/// Root volume of an EC2 instance.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RootVolume {
+    /// Size in GiB (1 to 16384).
+    #[serde(rename = "sizeGiB")]
+    #[schemars(range(min = 1, max = 16384))]
+    pub size_gib: i32,
+
+    /// EBS volume type.
+    #[serde(default, rename = "type")]
+    pub volume_type: EbsVolumeType,
+}
+
+/// EBS volume types.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EbsVolumeType {
+    /// General purpose SSD (current generation).
+    #[default]
+    Gp3,
+    /// General purpose SSD (previous generation).
+    Gp2,
+    /// Provisioned IOPS SSD.
+    Io1,
+    /// Provisioned IOPS SSD (current generation).
+    Io2,
+    /// Throughput-optimised HDD.
+    St1,
+    /// Cold HDD.
+    Sc1,
+    /// Magnetic (previous generation).
+    Standard,
+}
+
+/// How the operator connects to the machine.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SshSpec {
+    /// Login user; deploying needs root or passwordless sudo. Defaults to root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::unix_name())]
+    #[schemars(length(min = 1, max = 32))]
+    pub user: Option<String>,
+
+    /// The KeyPair whose private key the operator logs in with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_pair_ref: Option<LocalObjectReference>,
+
+    /// The host's SSH public key, as in /etc/ssh/ssh_host_ed25519_key.pub.
+    /// When set, the operator refuses to talk to a host presenting any other
+    /// key. When empty, the first key seen is recorded in status.hostKey and
+    /// enforced from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::ssh_public_key())]
+    #[schemars(length(max = 16384))]
+    pub host_key: Option<String>,
+}
+
+/// The NixOS system deployed to a machine.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.delivery != 'Substitute' || (has(self.source) && has(self.source.binaryCache))")
+    .message("delivery Substitute needs source.binaryCache: the node fetches the closure from that cache itself")
+    .field_path(".delivery"))]
+pub struct NixosSpec {
+    /// The NixOS system closure to activate: the store path of a built
+    /// `config.system.build.toplevel`, e.g. the output of
+    /// `nix build .#nixosConfigurations.web-1.config.system.build.toplevel`.
+    #[x_kube(validation = rules::store_path())]
+    #[schemars(length(min = 44, max = 256))]
+    pub closure: String,
+
+    /// Where the closure's store paths come from. Defaults to the operator
+    /// host's local Nix store (for development).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ClosureSource>,
+
+    /// How store paths reach the machine: `Push` streams the missing paths
+    /// from the operator over SSH; `Substitute` makes the machine fetch them
+    /// from source.binaryCache.
+    #[serde(default)]
+    pub delivery: Delivery,
+
+    /// How the new configuration is activated (switch-to-configuration action).
+    #[serde(default)]
+    pub action: ActivationAction,
+
+    /// Rollback behaviour when activation or health checks fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackSpec>,
+
+    /// Checks run after activation; a failure rolls the machine back to its
+    /// previous generation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub health_checks: Vec<HealthCheck>,
+
+    /// What to do when the active system differs from `closure` (someone ran
+    /// nixos-rebuild on the machine, say): `Correct` re-activates `closure`,
+    /// `Report` only sets InSync=False, `Ignore` does not check.
+    #[serde(default)]
+    pub drift: DriftPolicy,
+}
+
+/// Where store paths come from.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.binaryCache), has(self.localStore)].filter(x, x).size() <= 1")
+    .message("set at most one of binaryCache or localStore"))]
+pub struct ClosureSource {
+    /// A Nix binary cache holding the closure, with the keys its narinfo
+    /// files must be signed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary_cache: Option<BinaryCache>,
+
+    /// The Nix store of the host the operator runs on (development only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_store: Option<LocalStore>,
+}
+
+/// A Nix binary cache.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BinaryCache {
+    /// Cache URL: file:///path, http(s)://host/path or s3://bucket?region=…
+    #[x_kube(validation = Rule::new("self.matches('^(file|https?|s3)://.+$')")
+        .message("must be a binary cache URL starting with file://, http://, https:// or s3://"))]
+    #[schemars(length(min = 8, max = 2048))]
+    pub url: String,
+
+    /// Trusted public keys, as in nix.conf's trusted-public-keys
+    /// (`name:base64`). Every path must carry a signature by one of them.
+    #[schemars(length(min = 1, max = 16), inner(length(max = 256)))]
+    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z0-9._-]+:[A-Za-z0-9+/]{43}=$'))")
+        .message("each public key must look like 'cache.example.org-1:<44 characters of base64>', as printed by nix key convert-secret-to-public"))]
+    pub public_keys: Vec<PublicKey>,
+}
+
+/// A Nix signing public key, `name:base64`.
+pub type PublicKey = String;
+
+/// The operator host's local Nix store.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalStore {
+    /// Root of the Nix state directory; defaults to /nix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::absolute_path())]
+    #[schemars(length(max = 4096))]
+    pub root: Option<String>,
+}
+
+/// How store paths reach the machine.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Delivery {
+    /// The operator streams missing paths over SSH.
+    #[default]
+    Push,
+    /// The machine fetches the paths from the binary cache itself.
+    Substitute,
+}
+
+/// The `switch-to-configuration` action.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActivationAction {
+    /// Activate now and make it the boot default.
+    #[default]
+    Switch,
+    /// Make it the boot default; activate on next reboot.
+    Boot,
+    /// Activate now without changing the boot default.
+    Test,
+    /// Show what activation would do, change nothing.
+    DryActivate,
+}
+
+impl ActivationAction {
+    /// The argument `switch-to-configuration` takes.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Switch => "switch",
+            Self::Boot => "boot",
+            Self::Test => "test",
+            Self::DryActivate => "dry-activate",
+        }
+    }
+}
+
+/// Rollback behaviour.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackSpec {
+    /// Magic rollback: the machine reverts to its previous generation by
+    /// itself unless the operator confirms over a new SSH connection in
+    /// time, so a configuration that breaks SSH cannot strand it.
+    #[serde(default = "default_true")]
+    pub magic: bool,
+
+    /// Seconds the machine waits for the confirmation (5 to 3600).
+    #[serde(default = "default_confirm_timeout")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub confirm_timeout_seconds: i32,
+}
+
+fn default_confirm_timeout() -> i32 {
+    30
+}
+
+/// A check run after activation. Exactly one of command or http is set.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.command), has(self.http)].filter(x, x).size() == 1")
+    .message("a health check sets exactly one of command or http"))]
+pub struct HealthCheck {
+    /// A shell command run on the machine; exit code 0 means healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub command: Option<String>,
+
+    /// An HTTP GET made from the machine (so it can reach localhost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheck>,
+
+    /// Seconds before the check counts as failed.
+    #[serde(default = "default_check_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: i32,
+}
+
+fn default_check_timeout() -> i32 {
+    60
+}
+
+/// An HTTP probe run from the machine.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCheck {
+    /// URL to GET, e.g. http://localhost:8080/healthz.
+    #[x_kube(validation = rules::http_url())]
+    #[schemars(length(max = 2048))]
+    pub url: String,
+
+    /// Status code that counts as healthy.
+    #[serde(default = "default_expected_status")]
+    #[schemars(range(min = 100, max = 599))]
+    pub expected_status: i32,
+}
+
+fn default_expected_status() -> i32 {
+    200
+}
+
+/// What to do about drift between the active and the desired system.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+pub enum DriftPolicy {
+    /// Re-activate the desired closure.
+    #[default]
+    Correct,
+    /// Only report it (InSync=False).
+    Report,
+    /// Do not check.
+    Ignore,
+}
+
+/// A secret file uploaded to the machine (NixOps `deployment.keys`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineKey {
+    /// File name of the key within destDir.
+    #[x_kube(validation = rules::file_name())]
+    #[schemars(length(min = 1, max = 255))]
+    pub name: String,
+
+    /// The Secret key holding the file's content.
+    pub secret_ref: SecretKeyReference,
+
+    /// Directory the file is written to.
+    #[serde(default = "default_key_dir")]
+    #[x_kube(validation = rules::absolute_path())]
+    #[schemars(length(min = 1, max = 4096))]
+    pub dest_dir: String,
+
+    /// Owner of the file.
+    #[serde(default = "default_root")]
+    #[x_kube(validation = rules::unix_name())]
+    #[schemars(length(min = 1, max = 32))]
+    pub user: String,
+
+    /// Group of the file.
+    #[serde(default = "default_root")]
+    #[x_kube(validation = rules::unix_name())]
+    #[schemars(length(min = 1, max = 32))]
+    pub group: String,
+
+    /// File mode as an octal string, e.g. "0400".
+    #[serde(default = "default_key_mode")]
+    #[x_kube(validation = rules::file_mode())]
+    #[schemars(length(min = 3, max = 4))]
+    pub permissions: String,
+}
+
+fn default_key_dir() -> String {
+    "/run/keys".into()
+}
+
+fn default_root() -> String {
+    "root".into()
+}
+
+fn default_key_mode() -> String {
+    "0600".into()
+}
+
+/// A Volume attached to this machine.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeAttachment {
+    /// The Volume to attach, in this namespace.
+    pub volume_ref: LocalObjectReference,
+
+    /// Device name the volume appears as on the machine, e.g. /dev/xvdf.
+    #[x_kube(validation = rules::device_path())]
+    #[schemars(length(min = 6, max = 256))]
+    pub device: String,
+}
+
+/// Observed state of a Machine.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Summary of where the machine is in its lifecycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MachinePhase>,
+
+    /// Ready, Reconciling, Stalled, Provisioned, Deployed, Healthy, InSync, Paused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = rules::list_map("type"))]
+    pub conditions: Vec<Condition>,
+
+    /// The provider block in use: existing or ec2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+
+    /// Cloud identity, e.g. aws:///eu-west-1a/i-0abc…; empty for existing hosts.
+    #[serde(default, rename = "providerID", skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<String>,
+
+    /// Addresses the machine is reachable at.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<MachineAddress>,
+
+    /// The SSH host key the machine presented and the operator pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+
+    /// The system closure active on the machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closure: Option<String>,
+
+    /// The active closure shortened for display: first 7 hash characters and the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closure_short: Option<String>,
+
+    /// Number of the active system profile generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+
+    /// The most recent deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_deploy: Option<DeployRecord>,
+}
+
+/// Lifecycle phase of a Machine.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+pub enum MachinePhase {
+    Pending,
+    Provisioning,
+    Deploying,
+    Running,
+    Stopped,
+    Failed,
+    Deleting,
+}
+
+/// An address of a machine.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineAddress {
+    /// ExternalIP, InternalIP or Hostname.
+    #[serde(rename = "type")]
+    pub address_type: String,
+    /// The address.
+    pub address: String,
+}
+
+/// Record of one deployment.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeployRecord {
+    /// The closure deployed.
+    pub closure: String,
+    /// When the deployment started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// Store paths copied to the machine.
+    #[serde(default)]
+    pub paths_copied: i64,
+    /// Bytes of NAR data copied to the machine.
+    #[serde(default)]
+    pub bytes_copied: i64,
+    /// Succeeded, Failed, RolledBack or InProgress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+}

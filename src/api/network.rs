@@ -1,0 +1,320 @@
+//! `Network`: the NixOps deployment — a group of machines, the cloud
+//! account they live in, and the physical network behind them.
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::machine::{MachineAddress, MachineProvider, SshSpec};
+use super::{Condition, DeletionPolicy, LocalObjectReference, Tags, rules};
+
+/// A logical group of machines, the counterpart of a NixOps deployment.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[kube(
+    group = "nixops.io",
+    version = "v1alpha1",
+    kind = "Network",
+    namespaced,
+    status = "NetworkStatus",
+    shortname = "nixnet",
+    category = "nixops",
+    doc = "A group of NixOS machines (a NixOps deployment), its cloud account and physical network.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Provider", type_ = "string", json_path = ".status.provider"),
+    printcolumn(name = "Region", type_ = "string", json_path = ".spec.provider.ec2.region"),
+    printcolumn(name = "Machines", type_ = "integer", json_path = ".status.machines"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Ready-Machines", type_ = "integer", json_path = ".status.readyMachines", priority = 1),
+    printcolumn(name = "VPC", type_ = "string", json_path = ".status.vpcId", priority = 1),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// The cloud account and physical network. Omit it for a network of
+    /// existing hosts only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<NetworkProvider>,
+
+    /// Defaults for member Machines that leave these fields empty, so the
+    /// same logical Machine can be placed by its Network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_defaults: Option<MachineDefaults>,
+
+    /// How many machines change at once when several need a new closure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+
+    /// What happens to the VPC, subnets and security group when this Network
+    /// is deleted. The Network waits until no Machine uses it.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// The cloud behind a Network. At most one block is set.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.ec2) == has(oldSelf.ec2)")
+    .message("the provider kind is immutable; create a new Network instead"))]
+pub struct NetworkProvider {
+    /// An AWS account and region, with a VPC the operator creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ec2: Option<Ec2Network>,
+}
+
+/// An AWS VPC with subnets, internet gateway and security group.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.subnets.all(s, cidr(self.vpc.cidrBlock).containsCIDR(s.cidrBlock))")
+    .message("every subnet's cidrBlock must lie inside vpc.cidrBlock")
+    .field_path(".subnets"))]
+#[x_kube(validation = Rule::new("self.subnets.all(s, s.zone.startsWith(self.region))")
+    .message("every subnet's zone must be in the Network's region, e.g. eu-west-1a for eu-west-1")
+    .field_path(".subnets"))]
+pub struct Ec2Network {
+    /// AWS region, e.g. eu-west-1. Immutable.
+    #[x_kube(validation = rules::aws_region())]
+    #[x_kube(validation = rules::immutable("the region"))]
+    #[schemars(length(min = 1, max = 32))]
+    pub region: String,
+
+    /// Secret with the account's credentials: keys `accessKeyId`,
+    /// `secretAccessKey`, optional `sessionToken`. Without it the operator
+    /// uses the default AWS credential chain (environment, IRSA, instance role).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<LocalObjectReference>,
+
+    /// API endpoint override for S3/EC2-compatible or test endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::http_url())]
+    #[schemars(length(max = 2048))]
+    pub endpoint: Option<String>,
+
+    /// The VPC.
+    pub vpc: Vpc,
+
+    /// Subnets of the VPC; machines name one in `provider.ec2.subnet`.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(merge_strategy = rules::list_map("name"))]
+    pub subnets: Vec<Subnet>,
+
+    /// The security group every member machine is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_group: Option<SecurityGroup>,
+
+    /// Extra tags for every resource the Network creates.
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
+    #[schemars(length(max = 40))]
+    pub tags: Tags,
+}
+
+/// A VPC.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Vpc {
+    /// IPv4 CIDR block of the VPC, /16 to /28. Immutable.
+    #[x_kube(validation = rules::ipv4_cidr())]
+    #[x_kube(validation = Rule::new("cidr(self).prefixLength() >= 16 && cidr(self).prefixLength() <= 28")
+        .message("the VPC's prefix length must be between /16 and /28, e.g. 10.0.0.0/16"))]
+    #[x_kube(validation = rules::immutable("the VPC CIDR block"))]
+    #[schemars(length(min = 9, max = 18))]
+    pub cidr_block: String,
+}
+
+/// A subnet of the VPC.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.zone == oldSelf.zone && self.cidrBlock == oldSelf.cidrBlock")
+    .message("a subnet's zone and cidrBlock are immutable; add a subnet with a new name instead"))]
+pub struct Subnet {
+    /// Name machines use to pick this subnet.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("must be lower-case letters, digits and '-', e.g. public-a"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+
+    /// IPv4 CIDR block inside the VPC's block.
+    #[x_kube(validation = rules::ipv4_cidr())]
+    #[schemars(length(min = 9, max = 18))]
+    pub cidr_block: String,
+
+    /// Availability zone, e.g. eu-west-1a.
+    #[x_kube(validation = rules::aws_zone())]
+    #[schemars(length(min = 1, max = 32))]
+    pub zone: String,
+
+    /// Give instances in this subnet a public IP and a route to the internet gateway.
+    #[serde(default = "default_true")]
+    pub public: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A security group.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityGroup {
+    /// Inbound rules; everything else is refused. Outbound is open.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub ingress: Vec<IngressRule>,
+}
+
+/// An inbound security group rule.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.protocol == 'all' || self.protocol == 'icmp' || (has(self.fromPort) && has(self.toPort) && self.fromPort <= self.toPort)")
+    .message("tcp and udp rules need fromPort and toPort with fromPort <= toPort"))]
+pub struct IngressRule {
+    /// tcp, udp, icmp or all.
+    pub protocol: IpProtocol,
+
+    /// First port of the range (tcp, udp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub from_port: Option<i32>,
+
+    /// Last port of the range (tcp, udp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub to_port: Option<i32>,
+
+    /// Source IPv4 CIDR blocks.
+    #[schemars(length(min = 1, max = 20), inner(length(min = 9, max = 18)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c).ip().family() == 4)")
+        .message("each entry must be an IPv4 CIDR block, e.g. 0.0.0.0/0 or 203.0.113.0/24"))]
+    pub cidr_blocks: Vec<String>,
+
+    /// What the rule is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub description: Option<String>,
+}
+
+/// IP protocols for security group rules.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IpProtocol {
+    #[default]
+    Tcp,
+    Udp,
+    Icmp,
+    All,
+}
+
+/// Defaults for member machines.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineDefaults {
+    /// Provider for members that set none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<MachineProvider>,
+
+    /// SSH settings for members; a member's own fields win.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshSpec>,
+}
+
+/// Rollout policy.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Most machines deploying (and so possibly unavailable) at once.
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_unavailable: i32,
+}
+
+fn default_max_unavailable() -> i32 {
+    1
+}
+
+/// Observed state of a Network.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Summary of the Network's lifecycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<ResourcePhase>,
+
+    /// Ready, Reconciling, Stalled, Provisioned, Paused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = rules::list_map("type"))]
+    pub conditions: Vec<Condition>,
+
+    /// ec2, or empty for a network of existing hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+
+    /// Number of member machines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machines: Option<i32>,
+
+    /// Number of member machines that are Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_machines: Option<i32>,
+
+    /// Membership published to every member as /etc/nixops/network.json.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<NetworkMember>,
+
+    /// ID of the VPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpc_id: Option<String>,
+
+    /// IDs of the subnets by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<SubnetStatus>,
+
+    /// ID of the security group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_group_id: Option<String>,
+
+    /// ID of the internet gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internet_gateway_id: Option<String>,
+}
+
+/// Lifecycle phase of Networks, Volumes, KeyPairs and S3Buckets.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ResourcePhase {
+    Pending,
+    Provisioning,
+    Ready,
+    Failed,
+    Deleting,
+}
+
+/// One member of a Network as published to the others.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkMember {
+    /// Machine name.
+    pub name: String,
+    /// Its addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<MachineAddress>,
+    /// Its SSH host key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+}
+
+/// A created subnet.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SubnetStatus {
+    /// Name from the spec.
+    pub name: String,
+    /// Subnet ID.
+    pub id: String,
+}
