@@ -81,6 +81,8 @@ async fn every_example_is_accepted_by_the_api_server() {
             Some(&docs.join("\n---\n")),
         );
         assert!(out.status.success(), "{source} was rejected:\n{}", stderr_and_stdout(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("Warning:"), "{source} drew warnings from the API server:\n{stderr}");
     }
     assert!(
         nixops_objects >= 10,

@@ -42,6 +42,9 @@ token=$(openssl rand -hex 32)
 printf '%s,admin,admin,"system:masters"\n' "$token" > "$certs/tokens.csv"
 chmod 600 "$certs"/*.key "$certs/tokens.csv"
 
+# A start that fails half-way leaves nothing running.
+trap 'status=$?; if (( status != 0 )); then "$here/stop.sh" "$dir"; fi' EXIT
+
 # --- etcd ------------------------------------------------------------------
 etcd_client_port=$(free_port)
 etcd_peer_port=$(free_port)

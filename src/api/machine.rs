@@ -127,10 +127,10 @@ pub struct ExistingHost {
     /// SSH port.
     #[serde(default = "default_ssh_port")]
     #[schemars(range(min = 1, max = 65535))]
-    pub port: u16,
+    pub port: i32,
 }
 
-fn default_ssh_port() -> u16 {
+fn default_ssh_port() -> i32 {
     22
 }
 
