@@ -9,7 +9,14 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod api;
+pub mod controller;
 pub mod crdgen;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod operator;
+pub mod provider;
+pub mod ssh;
 
 /// Errors of the operator's library code.
 #[derive(Debug, thiserror::Error)]

@@ -102,3 +102,222 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
     let created = api.create(&PostParams::default(), &ns).await.expect("create namespace");
     created.metadata.name.expect("generated namespace name")
 }
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Waits until `cond` holds for object `name`, or panics after `timeout`
+/// showing the object's last state.
+pub async fn wait_for<K>(api: &Api<K>, name: &str, timeout: Duration, what: &str, cond: impl Fn(&K) -> bool)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let current = api.get_opt(name).await.expect("get object");
+        if let Some(obj) = &current
+            && cond(obj)
+        {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {name}: {what}; last state:\n{}",
+                serde_yaml_ng::to_string(&current).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until object `name` is gone.
+pub async fn wait_gone<K>(api: &Api<K>, name: &str, timeout: Duration)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while let Some(obj) = api.get_opt(name).await.expect("get object") {
+        if tokio::time::Instant::now() >= deadline {
+            panic!("{name} still exists after {timeout:?}:\n{}", serde_yaml_ng::to_string(&obj).unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The status of condition `type_` ("True", "False"), if present.
+pub fn condition(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<String> {
+    conditions.iter().find(|c| c.type_ == type_).map(|c| c.status.clone())
+}
+
+/// The message of condition `type_`.
+pub fn condition_message(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> String {
+    conditions.iter().find(|c| c.type_ == type_).map(|c| c.message.clone()).unwrap_or_default()
+}
+
+/// An operator process (the real binary) against the control plane.
+pub struct Operator {
+    child: std::process::Child,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    /// Starts `nixops-operator run` watching `namespace`, with `extra` flags.
+    pub fn start(namespace: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("operator dir");
+        let log = dir.path().join("operator.log");
+        let metrics_port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_nixops-operator"))
+            .args(["run", "--namespace", namespace, "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(extra)
+            .env("KUBECONFIG", &control_plane().kubeconfig)
+            .env("NIXOPS_LOG", "info,nixops_operator=debug")
+            .stdout(std::fs::File::create(dir.path().join("operator.stdout")).expect("stdout file"))
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start nixops-operator");
+        Self { child, metrics_port, log, _dir: dir }
+    }
+
+    /// The operator's log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path from the operator's HTTP server; (status code, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let code = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Some((code, body))
+    }
+
+    /// Sum of a metric's samples whose labels contain all of `labels` (e.g. `kind="Machine"`).
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let Some((200, body)) = self.http_get("/metrics") else { return 0.0 };
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits until the HTTP server answers /readyz.
+    pub async fn wait_ready(&self) {
+        for _ in 0..300 {
+            if let Some((200, _)) = self.http_get("/readyz") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("operator never became ready; log:\n{}", self.logs());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (e.g. "TERM", "KILL") to the process.
+    pub fn signal(&self, signal: &str) {
+        let status =
+            Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit and returns its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- operator log ----\n{}", self.logs());
+        }
+    }
+}
+
+/// An SSH server on a loopback address with its own host key: what a
+/// machine looks like before anything is deployed to it.
+pub struct SshHost {
+    child: std::process::Child,
+    pub host: String,
+    pub port: u16,
+    /// The host's public key line.
+    pub host_key: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl SshHost {
+    /// Starts sshd on 127.0.0.1 at a free port.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("sshd dir");
+        let key = dir.path().join("ssh_host_ed25519_key");
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .expect("run ssh-keygen");
+        assert!(status.success(), "ssh-keygen failed");
+        let host_key = std::fs::read_to_string(key.with_extension("pub")).expect("read host key").trim().to_owned();
+        let port = free_port();
+        let config = dir.path().join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}/sshd.pid\nAuthorizedKeysFile {}/authorized_keys\n\
+                 PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n",
+                key.display(),
+                dir.path().display(),
+                dir.path().display()
+            ),
+        )
+        .expect("write sshd_config");
+        std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stderr(std::fs::File::create(dir.path().join("sshd.log")).expect("sshd log"))
+            .spawn()
+            .expect("start sshd");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self { child, host: "127.0.0.1".into(), port, host_key, dir };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("sshd did not start on port {port}");
+    }
+}
+
+impl Drop for SshHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,192 @@
+//! KeyPair controller: generates an ed25519 key pair into the named Secret
+//! (or takes an imported public key), and reports its fingerprint.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use russh::keys::PrivateKey;
+use russh::keys::ssh_key::LineEnding;
+use russh::keys::ssh_key::private::Ed25519Keypair;
+
+use super::status::Conditions;
+use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status};
+use crate::api::keypair::KeyPairStatus;
+use crate::api::network::ResourcePhase;
+use crate::api::{DeletionPolicy, KeyPair};
+use crate::ssh::HostKey;
+
+object_status!(KeyPairStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
+
+/// Secret key holding the private key (the kubernetes.io/ssh-auth convention).
+pub const PRIVATE_KEY: &str = "ssh-privatekey";
+/// Secret key holding the public key.
+pub const PUBLIC_KEY: &str = "ssh-publickey";
+/// Annotation on Secrets the operator generated, naming the KeyPair's UID;
+/// only those are deleted with their KeyPair.
+pub const GENERATED_FOR_ANNOTATION: &str = "nixops.io/generated-for";
+
+impl Reconciler for KeyPair {
+    type Status = KeyPairStatus;
+    const KIND: &'static str = "KeyPair";
+
+    fn status(&self) -> Option<&KeyPairStatus> {
+        self.status.as_ref()
+    }
+
+    async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: KeyPairStatus) -> Result<Outcome<KeyPairStatus>> {
+        if self.spec.provider.as_ref().is_some_and(|p| p.ec2.is_some()) {
+            return Err(Error::stalled(
+                "ProviderUnavailable",
+                "spec.provider.ec2: this operator has no ec2 key pair provider; remove spec.provider to keep the key in Kubernetes only",
+            ));
+        }
+        let ns = self.namespace().unwrap_or_default();
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+        let secret_name = &self.spec.secret_ref.name;
+        let secret = secrets.get_opt(secret_name).await?;
+        let private = secret.as_ref().and_then(|s| s.data.as_ref()?.get(PRIVATE_KEY)).map(|b| b.0.clone());
+
+        let (public, message) = match (&self.spec.public_key, private) {
+            // Imported: the spec's public key is authoritative; a private key, if present, must match it.
+            (Some(imported), private) => {
+                let public = HostKey::parse(imported, "spec.publicKey")
+                    .map_err(|e| Error::stalled("InvalidPublicKey", e.to_string()))?;
+                match private {
+                    Some(bytes) => {
+                        let derived = public_of(&bytes, secret_name)?;
+                        if derived != public {
+                            return Err(Error::stalled(
+                                "KeyMismatch",
+                                format!(
+                                    "Secret {secret_name} key {PRIVATE_KEY} holds the private half of {}, not of spec.publicKey ({}); \
+                                     fix spec.publicKey or the Secret",
+                                    derived.fingerprint(),
+                                    public.fingerprint()
+                                ),
+                            ));
+                        }
+                        (public, "imported public key; private key present in the Secret".to_owned())
+                    }
+                    None => (
+                        public,
+                        format!(
+                            "imported public key; Secret {secret_name} has no {PRIVATE_KEY}, so the operator cannot log in with it"
+                        ),
+                    ),
+                }
+            }
+            (None, Some(bytes)) => (public_of(&bytes, secret_name)?, format!("key pair in Secret {secret_name}")),
+            (None, None) if secret.is_some() => {
+                return Err(Error::stalled(
+                    "SecretWithoutKey",
+                    format!(
+                        "Secret {secret_name} exists but has no {PRIVATE_KEY} key; add the private key there, \
+                         or delete the Secret to let the operator generate a key pair"
+                    ),
+                ));
+            }
+            (None, None) => {
+                let public = generate_into(&secrets, &self).await?;
+                ctx.event(
+                    &*self,
+                    EventType::Normal,
+                    "KeyGenerated",
+                    format!("generated an ed25519 key pair {} into Secret {secret_name}", public.fingerprint()),
+                )
+                .await;
+                (public, format!("key pair in Secret {secret_name}"))
+            }
+        };
+
+        status.public_key = Some(public.to_openssh());
+        status.fingerprint = Some(public.fingerprint());
+        status.phase = Some(ResourcePhase::Ready);
+        Conditions::new(&mut status.conditions, self.metadata.generation).ready("Ready", message);
+        Ok(Outcome { status, requeue: None })
+    }
+
+    async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
+        if self.spec.deletion_policy == DeletionPolicy::Orphan {
+            return Ok(Cleanup::Done);
+        }
+        let ns = self.namespace().unwrap_or_default();
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+        let uid = self.uid().unwrap_or_default();
+        if let Some(secret) = secrets.get_opt(&self.spec.secret_ref.name).await?
+            && secret.annotations().get(GENERATED_FOR_ANNOTATION) == Some(&uid)
+        {
+            match secrets.delete(&secret.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(Cleanup::Done)
+    }
+}
+
+/// The public half of an OpenSSH private key held in a Secret.
+fn public_of(private: &[u8], secret_name: &str) -> Result<HostKey> {
+    let text = std::str::from_utf8(private).map_err(|_| bad_private_key(secret_name, "not UTF-8 text"))?;
+    let key = PrivateKey::from_openssh(text).map_err(|e| bad_private_key(secret_name, &e.to_string()))?;
+    let public = key.public_key().to_openssh().map_err(|e| bad_private_key(secret_name, &e.to_string()))?;
+    HostKey::parse(&public, "derived public key").map_err(|e| bad_private_key(secret_name, &e.to_string()))
+}
+
+fn bad_private_key(secret_name: &str, why: &str) -> Error {
+    Error::stalled(
+        "InvalidPrivateKey",
+        format!("Secret {secret_name} key {PRIVATE_KEY} is not an unencrypted OpenSSH private key ({why}); replace it"),
+    )
+}
+
+/// Generates an ed25519 key pair and creates the Secret holding it.
+async fn generate_into(secrets: &Api<Secret>, keypair: &KeyPair) -> Result<HostKey> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| Error::stalled("NoRandomness", format!("cannot read random bytes: {e}")))?;
+    let mut private = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
+    seed.fill(0);
+    private.set_comment(format!("nixops-operator {}/{}", keypair.namespace().unwrap_or_default(), keypair.name_any()));
+    let private_text = private
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| Error::stalled("KeyEncoding", format!("cannot encode the generated key: {e}")))?;
+    let public_text = private
+        .public_key()
+        .to_openssh()
+        .map_err(|e| Error::stalled("KeyEncoding", format!("cannot encode the generated key: {e}")))?;
+
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(keypair.spec.secret_ref.name.clone()),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".into(), "nixops-operator".into())])),
+            annotations: Some(BTreeMap::from([(
+                GENERATED_FOR_ANNOTATION.into(),
+                keypair.meta().uid.clone().unwrap_or_default(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/ssh-auth".into()),
+        data: Some(BTreeMap::from([
+            (PRIVATE_KEY.into(), ByteString(private_text.as_bytes().to_vec())),
+            (PUBLIC_KEY.into(), ByteString(public_text.clone().into_bytes())),
+        ])),
+        ..Secret::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {}
+        // Created concurrently (or by a run that crashed before writing status): use what is there.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let existing = secrets.get(&keypair.spec.secret_ref.name).await?;
+            let bytes =
+                existing.data.as_ref().and_then(|d| d.get(PRIVATE_KEY)).map(|b| b.0.clone()).unwrap_or_default();
+            return public_of(&bytes, &keypair.spec.secret_ref.name);
+        }
+        Err(err) => return Err(err.into()),
+    }
+    HostKey::parse(&public_text, "generated public key").map_err(|e| Error::stalled("KeyEncoding", e.to_string()))
+}

@@ -1,0 +1,281 @@
+//! Machine controller: resolve the Network and KeyPair, provision through the
+//! provider, verify the host over SSH with a pinned host key, and report.
+//! Deploying closures builds on this.
+
+use std::sync::Arc;
+
+use kube::api::Api;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Resource, ResourceExt};
+
+use super::status::Conditions;
+use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status};
+use crate::api::machine::{MachinePhase, MachineProvider as MachineProviderSpec, MachineStatus, SshSpec};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, Machine, Network};
+use crate::provider::{InstanceState, MachineTarget, Owner, ProviderError, Providers};
+use crate::ssh::{self, HostKey};
+
+object_status!(MachineStatus, MachinePhase, failed = MachinePhase::Failed, deleting = MachinePhase::Deleting);
+
+/// Machine-specific condition types.
+pub mod conditions {
+    /// The machine exists and answers SSH with the expected host key.
+    pub const PROVISIONED: &str = "Provisioned";
+}
+
+/// The machine's settings after Network defaults are applied.
+struct Resolved {
+    provider: MachineProviderSpec,
+    ssh: SshSpec,
+}
+
+/// Applies the Network's machineDefaults to what the Machine leaves empty.
+fn resolve(machine: &Machine, network: &Network) -> Result<Resolved> {
+    let defaults = network.spec.machine_defaults.clone().unwrap_or_default();
+    let provider = machine.spec.provider.clone().or(defaults.provider).ok_or_else(|| {
+        Error::stalled(
+            "NoProvider",
+            format!(
+                "spec.provider is not set and Network {} has no spec.machineDefaults.provider; set one of them",
+                network.name_any()
+            ),
+        )
+    })?;
+    let own = machine.spec.ssh.clone().unwrap_or_default();
+    let default_ssh = defaults.ssh.unwrap_or_default();
+    let ssh = SshSpec {
+        user: own.user.or(default_ssh.user),
+        key_pair_ref: own.key_pair_ref.or(default_ssh.key_pair_ref),
+        host_key: own.host_key.or(default_ssh.host_key),
+    };
+    Ok(Resolved { provider, ssh })
+}
+
+/// Compares the presented host key with the pinned one (spec, else the one
+/// recorded at first contact).
+fn check_host_key(presented: &HostKey, spec_pin: Option<&str>, recorded: Option<&str>) -> Result<()> {
+    let (pin, source) = match (spec_pin, recorded) {
+        (Some(pin), _) => (pin, "spec.ssh.hostKey"),
+        (None, Some(rec)) => (rec, "status.hostKey (recorded at first contact)"),
+        (None, None) => return Ok(()),
+    };
+    let pinned = HostKey::parse(pin, source).map_err(|e| Error::stalled("InvalidHostKey", e.to_string()))?;
+    if &pinned != presented {
+        return Err(Error::stalled(
+            "HostKeyMismatch",
+            format!(
+                "the host presented {presented} but {source} pins {pinned}; no work is done on this machine. \
+                 If the host was reinstalled, set spec.ssh.hostKey to its new key; otherwise the connection may be intercepted"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Reconciler for Machine {
+    type Status = MachineStatus;
+    const KIND: &'static str = "Machine";
+
+    fn status(&self) -> Option<&MachineStatus> {
+        self.status.as_ref()
+    }
+
+    async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: MachineStatus) -> Result<Outcome<MachineStatus>> {
+        let generation = self.metadata.generation;
+        let ns = self.namespace().unwrap_or_default();
+
+        // Resolve references.
+        let network_name = &self.spec.network_ref.name;
+        let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(network_name).await?.ok_or_else(|| {
+            Error::waiting(
+                "NetworkNotFound",
+                format!("Network {network_name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
+            )
+        })?;
+        let resolved = resolve(&self, &network)?;
+        if let Some(key_ref) = &resolved.ssh.key_pair_ref {
+            Api::<KeyPair>::namespaced(ctx.client.clone(), &ns).get_opt(&key_ref.name).await?.ok_or_else(|| {
+                Error::waiting(
+                    "KeyPairNotFound",
+                    format!(
+                        "KeyPair {} (spec.ssh.keyPairRef.name) does not exist yet; create it or fix the reference",
+                        key_ref.name
+                    ),
+                )
+            })?;
+        }
+
+        // Provision.
+        let providers: &Providers = &ctx.providers;
+        let provider = providers.machine(&resolved.provider)?;
+        let target = MachineTarget {
+            owner: Owner { namespace: ns.clone(), name: self.name_any(), uid: self.uid().unwrap_or_default() },
+            provider: resolved.provider.clone(),
+            running: self.spec.running,
+            external_id: self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned(),
+        };
+        let observed = provider.observe(&target).await;
+        ctx.metrics.provider_call(provider.name(), "observe", observed.is_ok());
+        let instance = match observed? {
+            Some(current) => provider.update(&target, current).await?,
+            None => provider.create(&target).await?,
+        };
+        status.provider = Some(provider.name().to_owned());
+        status.provider_id = instance.provider_id.clone();
+        status.addresses = instance.addresses.clone();
+
+        if instance.state == InstanceState::Stopped && !self.spec.running {
+            status.phase = Some(MachinePhase::Stopped);
+            Conditions::new(&mut status.conditions, generation).ready("Stopped", "stopped as spec.running is false");
+            return Ok(Outcome { status, requeue: None });
+        }
+
+        // Verify the host over SSH before anything else touches it.
+        let probe = ssh::probe_host_key(&instance.ssh_host, instance.ssh_port, ctx.settings.ssh_timeout).await;
+        ctx.metrics.provider_call("ssh", "probe", probe.is_ok());
+        let presented = match probe {
+            Ok(key) => key,
+            Err(err) => {
+                status.phase = Some(MachinePhase::Provisioning);
+                Conditions::new(&mut status.conditions, generation).set(
+                    conditions::PROVISIONED,
+                    false,
+                    "Unreachable",
+                    err.to_string(),
+                );
+                return Err(ProviderError::Transient(format!("waiting for SSH: {err}")).into());
+            }
+        };
+        check_host_key(&presented, resolved.ssh.host_key.as_deref(), status.host_key.as_deref())?;
+        if status.host_key.is_none() {
+            ctx.event(
+                &*self,
+                EventType::Normal,
+                "HostKeyRecorded",
+                format!("recorded host key {presented} at first contact; it is enforced from now on"),
+            )
+            .await;
+        }
+        status.host_key = Some(presented.to_openssh());
+
+        let was_provisioned = super::status::is_true(&status.conditions, conditions::PROVISIONED);
+        let mut conds = Conditions::new(&mut status.conditions, generation);
+        conds.set(
+            conditions::PROVISIONED,
+            true,
+            "Provisioned",
+            format!(
+                "{} answers SSH with host key {}",
+                ssh::format_addr(&instance.ssh_host, instance.ssh_port),
+                presented.fingerprint()
+            ),
+        );
+        match &self.spec.nixos {
+            None => {
+                conds.ready("Provisioned", "provisioned; spec.nixos is not set, so nothing is deployed");
+                status.phase = Some(MachinePhase::Running);
+            }
+            Some(nixos) => {
+                conds.reconciling(
+                    "Deploying",
+                    format!("provisioned; deploying {} is not available in this version", nixos.closure),
+                );
+                status.phase = Some(MachinePhase::Deploying);
+            }
+        }
+        if !was_provisioned {
+            ctx.event(&*self, EventType::Normal, "Provisioned", format!("{} machine provisioned", provider.name()))
+                .await;
+        }
+        Ok(Outcome { status, requeue: None })
+    }
+
+    async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
+        if self.spec.deletion_policy == DeletionPolicy::Orphan {
+            return Ok(Cleanup::Done);
+        }
+        let ns = self.namespace().unwrap_or_default();
+        let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(&self.spec.network_ref.name).await?;
+        let provider_spec = match (&self.spec.provider, &network) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(n)) => n.spec.machine_defaults.as_ref().and_then(|d| d.provider.clone()),
+            (None, None) => None,
+        };
+        // Without a provider nothing was ever created.
+        let Some(provider_spec) = provider_spec else { return Ok(Cleanup::Done) };
+        let provider = ctx.providers.machine(&provider_spec)?;
+        let target = MachineTarget {
+            owner: Owner { namespace: ns, name: self.name_any(), uid: self.meta().uid.clone().unwrap_or_default() },
+            provider: provider_spec,
+            running: false,
+            external_id: self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned(),
+        };
+        let deleted = provider.delete(&target).await;
+        ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
+        deleted?;
+        Ok(Cleanup::Done)
+    }
+}
+
+/// The Machine controller; a Network or KeyPair appearing or changing wakes
+/// the Machines that use it (no polling).
+pub fn controller(
+    machines: Api<Machine>,
+    networks: Api<Network>,
+    keypairs: Api<KeyPair>,
+    wc: watcher::Config,
+) -> Controller<Machine> {
+    let controller = Controller::new(machines, wc.clone());
+    let store = controller.store();
+    let by_network = store.clone();
+    controller
+        .watches(networks, wc.clone(), move |network| {
+            let ns = network.namespace();
+            let name = network.name_any();
+            by_network
+                .state()
+                .into_iter()
+                .filter(|m| m.namespace() == ns && m.spec.network_ref.name == name)
+                .map(|m| ObjectRef::from_obj(&*m))
+                .collect::<Vec<_>>()
+        })
+        .watches(keypairs, wc, move |keypair| {
+            let ns = keypair.namespace();
+            let name = keypair.name_any();
+            // Machines naming it directly, or through their Network's defaults
+            // (those are woken by the Network watch when the default changes).
+            store
+                .state()
+                .into_iter()
+                .filter(|m| {
+                    m.namespace() == ns
+                        && m.spec.ssh.as_ref().and_then(|s| s.key_pair_ref.as_ref()).is_none_or(|r| r.name == name)
+                })
+                .map(|m| ObjectRef::from_obj(&*m))
+                .collect::<Vec<_>>()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHsf5n2k2cOqRk8yE1xXKmbvmN4QUeTSR3dOzU6pD6VJ";
+    const B: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+
+    #[test]
+    fn host_key_is_enforced_from_spec_then_from_first_contact() {
+        let a = HostKey::parse(A, "a").unwrap();
+        assert!(check_host_key(&a, None, None).is_ok(), "nothing pinned: first contact is accepted");
+        assert!(check_host_key(&a, Some(A), None).is_ok());
+        assert!(check_host_key(&a, None, Some(A)).is_ok());
+        let err = check_host_key(&a, Some(B), Some(A)).unwrap_err();
+        let Error::Stalled { reason, message } = err else { panic!("mismatch must stall") };
+        assert_eq!(reason, "HostKeyMismatch");
+        assert!(message.contains("spec.ssh.hostKey pins"), "{message}");
+        assert!(message.contains(&a.fingerprint()), "message shows the presented fingerprint: {message}");
+        assert!(matches!(check_host_key(&a, None, Some(B)), Err(Error::Stalled { .. })));
+    }
+}

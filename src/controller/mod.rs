@@ -1,0 +1,364 @@
+//! One controller per kind in one process, sharing a [`Context`].
+//!
+//! Each kind implements [`Reconciler`]: `apply` (resolve → validate → plan →
+//! act, returning the status it wants) and `cleanup` (run under the
+//! finalizer). The shared driver here handles what every kind does the same
+//! way: the paused annotation, the finalizer, the status contract (written
+//! with server-side apply, only when changed), Stalled vs retried errors with
+//! capped exponential backoff, warning events, and metrics.
+
+pub mod keypair;
+pub mod machine;
+pub mod network;
+pub mod status;
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::{Condition, FINALIZER, PAUSED_ANNOTATION, condition};
+use crate::metrics::Metrics;
+use crate::provider::{ProviderError, Providers};
+use status::Conditions;
+
+/// Field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "nixops-operator";
+
+/// Errors of a reconciliation. `Stalled` and `Waiting` become conditions;
+/// the rest are retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Needs a change to the spec or the environment; the message names the
+    /// field and the fix. Not retried until the object or the resync changes.
+    #[error("{message}")]
+    Stalled { reason: &'static str, message: String },
+
+    /// Something this object needs does not exist yet; a watch brings the
+    /// object back when it appears.
+    #[error("{message}")]
+    Waiting { reason: &'static str, message: String },
+
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    pub fn stalled(reason: &'static str, message: impl Into<String>) -> Self {
+        Self::Stalled { reason, message: message.into() }
+    }
+
+    pub fn waiting(reason: &'static str, message: impl Into<String>) -> Self {
+        Self::Waiting { reason, message: message.into() }
+    }
+
+    /// Label for the errors metric.
+    fn class(&self) -> &'static str {
+        match self {
+            Self::Stalled { .. } => "stalled",
+            Self::Waiting { .. } => "waiting",
+            Self::Kube(_) => "kubernetes",
+            Self::Provider(ProviderError::Permanent { .. }) => "stalled",
+            Self::Provider(_) => "provider",
+            Self::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+impl From<ProviderError> for Box<Error> {
+    fn from(e: ProviderError) -> Self {
+        Box::new(Error::Provider(e))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings shared by every controller.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often an up-to-date object is checked again.
+    pub resync: Duration,
+    /// Timeout for SSH connections.
+    pub ssh_timeout: Duration,
+    /// Longest wait between retries of a failing object.
+    pub max_backoff: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            resync: Duration::from_secs(300),
+            ssh_timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What every reconciler shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub providers: Providers,
+    pub settings: Settings,
+    /// Consecutive failures per object, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, recorder: Recorder, metrics: Metrics, providers: Providers, settings: Settings) -> Self {
+        Self { client, recorder, metrics, providers, settings, failures: Mutex::new(HashMap::new()) }
+    }
+
+    /// Publishes an event about `obj`. Failures to publish are logged, not fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
+        let event =
+            Event { type_, reason: reason.to_owned(), note: Some(note), action: reason.to_owned(), secondary: None };
+        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(%err, reason, "cannot publish event");
+        }
+    }
+
+    fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(key.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        let delay = Duration::from_secs(1).saturating_mul(1u32 << (*n - 1).min(16));
+        delay.min(self.settings.max_backoff)
+    }
+
+    fn reset_backoff(&self, key: &str) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.remove(key);
+    }
+}
+
+/// The status fields every kind has.
+pub trait ObjectStatus: Default + Clone + PartialEq + Serialize + Send + Sync {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+    fn conditions(&self) -> &[Condition];
+    fn set_observed_generation(&mut self, generation: Option<i64>);
+    /// Sets the phase that goes with Stalled.
+    fn set_failed(&mut self);
+    /// Sets the phase that goes with deletion in progress.
+    fn set_deleting(&mut self);
+}
+
+/// What a kind's reconciler decided.
+pub struct Outcome<S> {
+    pub status: S,
+    /// When to look again; `None` means the regular resync.
+    pub requeue: Option<Duration>,
+}
+
+/// Result of a cleanup step.
+pub enum Cleanup {
+    /// The external resource is gone (or orphaned); the finalizer may go.
+    Done,
+    /// Still waiting (for dependants, for the cloud); the finalizer stays.
+    Wait { reason: &'static str, message: String },
+}
+
+/// One kind's reconciliation logic.
+pub trait Reconciler:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    type Status: ObjectStatus;
+    /// Kind name for metrics and logs.
+    const KIND: &'static str;
+
+    fn status(&self) -> Option<&Self::Status>;
+
+    /// Brings the world toward the spec and returns the status to write.
+    /// `status` starts as the current status with observedGeneration set.
+    fn apply(
+        self: Arc<Self>,
+        ctx: Arc<Context>,
+        status: Self::Status,
+    ) -> impl Future<Output = Result<Outcome<Self::Status>>> + Send;
+
+    /// Removes (or orphans) what `apply` created.
+    fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> impl Future<Output = Result<Cleanup>> + Send;
+}
+
+fn object_key<K: Resource>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Whether the `nixops.io/paused` annotation is set to "true".
+pub fn is_paused<K: Resource>(obj: &K) -> bool {
+    obj.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v == "true")
+}
+
+/// The reconcile function handed to `kube::runtime::Controller`.
+pub async fn reconcile<K: Reconciler>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let key = object_key(&*obj);
+    let result = reconcile_inner(obj, ctx.clone()).await;
+    ctx.metrics.observe_reconcile(K::KIND, started.elapsed(), result.as_ref().err().map(Error::class));
+    match &result {
+        Ok(_) => ctx.reset_backoff(&key),
+        Err(err @ Error::Waiting { .. }) => tracing::info!(kind = K::KIND, object = %key, "{err}"),
+        Err(err) => tracing::warn!(kind = K::KIND, object = %key, error = %err, "reconcile failed; retrying"),
+    }
+    result
+}
+
+/// Requeue policy for failed reconciliations: capped exponential backoff per object.
+pub fn error_policy<K: Reconciler>(obj: Arc<K>, _err: &Error, ctx: Arc<Context>) -> Action {
+    Action::requeue(ctx.backoff(&object_key(&*obj)))
+}
+
+async fn reconcile_inner<K: Reconciler>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+
+    if is_paused(&*obj) {
+        let mut status = base_status(&*obj);
+        Conditions::new(status.conditions_mut(), obj.meta().generation).set(
+            condition::PAUSED,
+            true,
+            "Paused",
+            format!("the {PAUSED_ANNOTATION} annotation is set; no external calls are made until it is removed"),
+        );
+        write_status(&api, &*obj, status, &ctx).await?;
+        return Ok(Action::await_change());
+    }
+
+    let ctx2 = ctx.clone();
+    let api2 = api.clone();
+    finalizer(&api, FINALIZER, obj, move |event| async move {
+        match event {
+            FinalizerEvent::Apply(obj) => apply(&api2, obj, ctx2).await,
+            FinalizerEvent::Cleanup(obj) => cleanup(&api2, obj, ctx2).await,
+        }
+    })
+    .await
+    .map_err(|err| match err {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// The current status with observedGeneration set and Paused cleared.
+fn base_status<K: Reconciler>(obj: &K) -> K::Status {
+    let mut status = obj.status().cloned().unwrap_or_default();
+    status.set_observed_generation(obj.meta().generation);
+    status.conditions_mut().retain(|c| c.type_ != condition::PAUSED);
+    status
+}
+
+async fn apply<K: Reconciler>(api: &Api<K>, obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    let generation = obj.meta().generation;
+    let status = base_status(&*obj);
+    match obj.clone().apply(ctx.clone(), status.clone()).await {
+        Ok(outcome) => {
+            write_status(api, &*obj, outcome.status, &ctx).await?;
+            Ok(Action::requeue(outcome.requeue.unwrap_or(ctx.settings.resync)))
+        }
+        Err(Error::Stalled { reason, message })
+        | Err(Error::Provider(ProviderError::Permanent { reason, message })) => {
+            let mut status = status;
+            status.set_failed();
+            Conditions::new(status.conditions_mut(), generation).stalled(reason, message.clone());
+            if write_status(api, &*obj, status, &ctx).await? {
+                ctx.event(&*obj, EventType::Warning, reason, message).await;
+            }
+            Ok(Action::requeue(ctx.settings.resync))
+        }
+        Err(Error::Waiting { reason, message }) => {
+            let mut status = status;
+            Conditions::new(status.conditions_mut(), generation).reconciling(reason, message);
+            write_status(api, &*obj, status, &ctx).await?;
+            Ok(Action::requeue(ctx.settings.resync))
+        }
+        Err(err) => {
+            // Retried with backoff; the condition tells users what is failing.
+            let mut status = status;
+            Conditions::new(status.conditions_mut(), generation).reconciling("Retrying", err.to_string());
+            write_status(api, &*obj, status, &ctx).await?;
+            Err(err)
+        }
+    }
+}
+
+async fn cleanup<K: Reconciler>(api: &Api<K>, obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    match obj.clone().cleanup(ctx.clone()).await? {
+        Cleanup::Done => {
+            ctx.event(&*obj, EventType::Normal, "Deleted", format!("{} {} cleaned up", K::KIND, obj.name_any())).await;
+            Ok(Action::await_change())
+        }
+        Cleanup::Wait { reason, message } => {
+            let mut status = base_status(&*obj);
+            status.set_deleting();
+            Conditions::new(status.conditions_mut(), obj.meta().generation).reconciling(reason, message.clone());
+            write_status(api, &*obj, status, &ctx).await?;
+            // An error keeps the finalizer (the finalizer helper removes it on
+            // any Ok); watches and backoff bring the object back.
+            Err(Error::Waiting { reason, message })
+        }
+    }
+}
+
+/// Writes `status` with server-side apply if it differs from the stored one.
+/// Returns whether it wrote.
+pub async fn write_status<K: Reconciler>(api: &Api<K>, obj: &K, status: K::Status, ctx: &Context) -> Result<bool> {
+    if obj.status() == Some(&status) {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.metrics.status_writes.with_label_values(&[K::KIND]).inc();
+    Ok(true)
+}
+
+/// Implements [`ObjectStatus`] for a status type with `observed_generation`,
+/// `conditions` and `phase` fields.
+macro_rules! object_status {
+    ($status:ty, $phase:ty, failed = $failed:expr, deleting = $deleting:expr) => {
+        impl $crate::controller::ObjectStatus for $status {
+            fn conditions_mut(&mut self) -> &mut Vec<$crate::api::Condition> {
+                &mut self.conditions
+            }
+            fn conditions(&self) -> &[$crate::api::Condition] {
+                &self.conditions
+            }
+            fn set_observed_generation(&mut self, generation: Option<i64>) {
+                self.observed_generation = generation;
+            }
+            fn set_failed(&mut self) {
+                self.phase = Some($failed);
+            }
+            fn set_deleting(&mut self) {
+                self.phase = Some($deleting);
+            }
+        }
+    };
+}
+pub(crate) use object_status;

@@ -1,0 +1,78 @@
+//! Prometheus metrics, served on /metrics.
+
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Every metric the operator exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: IntCounterVec,
+    pub reconcile_errors: IntCounterVec,
+    pub reconcile_duration: HistogramVec,
+    pub status_writes: IntCounterVec,
+    pub provider_calls: IntCounterVec,
+    pub leader: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let reconciles =
+            IntCounterVec::new(Opts::new("nixops_reconciles_total", "Reconciliations run, by kind."), &["kind"])?;
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new("nixops_reconcile_errors_total", "Reconciliations that failed, by kind and error class."),
+            &["kind", "class"],
+        )?;
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new("nixops_reconcile_duration_seconds", "Time spent in one reconciliation, by kind.")
+                .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0]),
+            &["kind"],
+        )?;
+        let status_writes = IntCounterVec::new(
+            Opts::new("nixops_status_writes_total", "Status updates written to the API server, by kind."),
+            &["kind"],
+        )?;
+        let provider_calls = IntCounterVec::new(
+            Opts::new(
+                "nixops_provider_calls_total",
+                "Calls to providers (SSH, cloud APIs), by provider, operation and result.",
+            ),
+            &["provider", "operation", "result"],
+        )?;
+        let leader = IntGauge::new("nixops_leader", "1 while this replica holds the leader lease.")?;
+        registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(reconcile_errors.clone()))?;
+        registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(status_writes.clone()))?;
+        registry.register(Box::new(provider_calls.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        Ok(Self { registry, reconciles, reconcile_errors, reconcile_duration, status_writes, provider_calls, leader })
+    }
+
+    /// Records one finished reconciliation.
+    pub fn observe_reconcile(&self, kind: &str, took: Duration, error_class: Option<&str>) {
+        self.reconciles.with_label_values(&[kind]).inc();
+        self.reconcile_duration.with_label_values(&[kind]).observe(took.as_secs_f64());
+        if let Some(class) = error_class {
+            self.reconcile_errors.with_label_values(&[kind, class]).inc();
+        }
+    }
+
+    /// Records one provider call.
+    pub fn provider_call(&self, provider: &str, operation: &str, ok: bool) {
+        self.provider_calls.with_label_values(&[provider, operation, if ok { "ok" } else { "error" }]).inc();
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(err) = encoder.encode_utf8(&self.registry.gather(), &mut out) {
+            tracing::warn!(%err, "cannot encode metrics");
+        }
+        out
+    }
+}

@@ -1,0 +1,198 @@
+//! `nixops-operator run`: every controller in one process, behind leader
+//! election, with the HTTP endpoints, until SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::api::{KeyPair, Machine, Network};
+use crate::controller::{self, Context, Reconciler, Settings};
+use crate::http::{self, Health};
+use crate::leader::{LeaseLock, LeaseTiming};
+use crate::metrics::Metrics;
+use crate::provider::Providers;
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Watch only this namespace; all namespaces when None.
+    pub namespace: Option<String>,
+    /// Most objects of one kind reconciled at once.
+    pub concurrency: u16,
+    pub metrics_addr: SocketAddr,
+    /// Leader election: the Lease's namespace and name, or None to run without.
+    pub leader_election: Option<(String, String)>,
+    pub lease: LeaseTiming,
+    pub identity: String,
+    pub settings: Settings,
+}
+
+/// Errors that stop the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot connect to Kubernetes: {0}")]
+    Client(#[source] kube::Error),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http { addr: SocketAddr, source: std::io::Error },
+    #[error("lost the leader lease; exiting so that another replica takes over")]
+    LeaseLost,
+}
+
+/// Runs until SIGTERM/SIGINT (Ok) or until the lease is lost (Err).
+pub async fn run(opts: Options) -> Result<(), RunError> {
+    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let metrics = Metrics::new()?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let health = Health { metrics: metrics.clone(), ready: ready.clone() };
+    let http_listener = {
+        let addr = opts.metrics_addr;
+        let mut rx = stop_rx.clone();
+        let server = http::serve(addr, health, async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        });
+        tokio::spawn(async move { server.await.map_err(|source| RunError::Http { addr, source }) })
+    };
+
+    let lease = opts.leader_election.as_ref().map(|(ns, name)| {
+        LeaseLock::new(Api::<Lease>::namespaced(client.clone(), ns), name, &opts.identity, opts.lease)
+    });
+    ready.store(true, Ordering::Relaxed);
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+
+    if let Some(lease) = &lease {
+        tracing::info!(identity = %lease.identity(), "waiting for the leader lease");
+        tokio::select! {
+            _ = lease.acquire() => {}
+            _ = &mut signal => {
+                let _ = stop_tx.send(true);
+                let _ = http_listener.await;
+                return Ok(());
+            }
+        }
+        tracing::info!(identity = %lease.identity(), "leading");
+    }
+    metrics.leader.set(1);
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Recorder::new(
+            client.clone(),
+            Reporter { controller: "nixops-operator".into(), instance: Some(opts.identity.clone()) },
+        ),
+        metrics.clone(),
+        Providers::builtin(),
+        opts.settings.clone(),
+    ));
+    let controllers = run_controllers(&client, &opts, ctx, stop_rx.clone());
+    tokio::pin!(controllers);
+
+    let result = tokio::select! {
+        _ = &mut signal => {
+            tracing::info!("shutting down: finishing reconciliations in flight");
+            let _ = stop_tx.send(true);
+            controllers.await;
+            Ok(())
+        }
+        _ = async { match &lease { Some(l) => l.hold().await, None => std::future::pending().await } } => {
+            let _ = stop_tx.send(true);
+            Err(RunError::LeaseLost)
+        }
+        _ = &mut controllers => Ok(()),
+    };
+    metrics.leader.set(0);
+    if let Some(lease) = &lease
+        && result.is_ok()
+    {
+        lease.release().await;
+    }
+    let _ = stop_tx.send(true);
+    if let Ok(Err(err)) = http_listener.await {
+        tracing::warn!(%err, "HTTP server failed");
+    }
+    result
+}
+
+fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs one controller per kind until `stop` turns true; reconciliations in
+/// flight are finished first.
+async fn run_controllers(client: &Client, opts: &Options, ctx: Arc<Context>, stop: watch::Receiver<bool>) {
+    let wc = watcher::Config::default();
+    let config = kube::runtime::controller::Config::default().concurrency(opts.concurrency);
+    let ns = &opts.namespace;
+
+    let machines = controller::machine::controller(api(client, ns), api(client, ns), api(client, ns), wc.clone());
+    let networks = controller::network::controller(api(client, ns), api(client, ns), wc.clone());
+    let keypairs = Controller::new(api::<KeyPair>(client, ns), wc.clone());
+
+    futures::join!(
+        drive::<Machine>(machines, config.clone(), ctx.clone(), stop.clone()),
+        drive::<Network>(networks, config.clone(), ctx.clone(), stop.clone()),
+        drive::<KeyPair>(keypairs, config, ctx, stop),
+    );
+}
+
+async fn drive<K>(
+    controller: Controller<K>,
+    config: kube::runtime::controller::Config,
+    ctx: Arc<Context>,
+    mut stop: watch::Receiver<bool>,
+) where
+    K: Reconciler + DeserializeOwned,
+{
+    controller
+        .with_config(config)
+        .graceful_shutdown_on(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .run(controller::reconcile::<K>, controller::error_policy::<K>, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(kind = K::KIND, %err, "controller event");
+            }
+        })
+        .await;
+    tracing::info!(kind = K::KIND, "controller stopped");
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops the operator");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Default lease timing (client-go's defaults are 15 s / 2 s).
+pub const DEFAULT_LEASE: LeaseTiming = LeaseTiming { duration: Duration::from_secs(15), retry: Duration::from_secs(2) };
