@@ -111,7 +111,7 @@ async fn run(args: RunArgs) -> Result<(), operator::RunError> {
         namespace: args.namespace,
         concurrency: args.concurrency,
         metrics_addr: args.metrics_addr,
-        leader_election: args.leader_election.then(|| (lease_namespace, args.lease_name)),
+        leader_election: args.leader_election.then_some((lease_namespace, args.lease_name)),
         lease: LeaseTiming {
             duration: Duration::from_secs(args.lease_duration_seconds),
             retry: Duration::from_secs(args.lease_retry_seconds),

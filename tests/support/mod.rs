@@ -299,7 +299,7 @@ impl SshHost {
         )
         .expect("write sshd_config");
         std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
-        let child = Command::new("/usr/sbin/sshd")
+        let mut child = Command::new("/usr/sbin/sshd")
             .args(["-D", "-e", "-f"])
             .arg(&config)
             .stderr(std::fs::File::create(dir.path().join("sshd.log")).expect("sshd log"))
@@ -311,6 +311,8 @@ impl SshHost {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("sshd did not start on port {port}");
     }
 }
