@@ -24,3 +24,4 @@ if command -v rustup >/dev/null; then
 fi
 
 "$root/hack/controlplane/build.sh" >/dev/null
+"$root/hack/kstatus/build.sh" >/dev/null

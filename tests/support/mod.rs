@@ -323,3 +323,20 @@ impl Drop for SshHost {
         let _ = self.child.wait();
     }
 }
+
+/// kstatus' verdict ("Current", "InProgress", "Failed", …) on an object, from
+/// the real library (sigs.k8s.io/cli-utils) built by hack/kstatus.
+pub fn kstatus<K: serde::Serialize>(obj: &K) -> String {
+    use std::io::Write;
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    let bin = BIN.get_or_init(|| {
+        let out = Command::new(repo_root().join("hack/kstatus/build.sh")).output().expect("run hack/kstatus/build.sh");
+        assert!(out.status.success(), "hack/kstatus/build.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    });
+    let mut child = Command::new(bin).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("run kstatus");
+    child.stdin.take().expect("stdin").write_all(&serde_json::to_vec(obj).expect("json")).expect("write");
+    let out = child.wait_with_output().expect("kstatus output");
+    assert!(out.status.success(), "kstatus failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
