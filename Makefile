@@ -1,5 +1,5 @@
 # nixops-operator — see README.md.
-.PHONY: test deps controlplane crds lint dev-cluster dev-cluster-down
+.PHONY: test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale
 
 # Sets up everything the tests need (Debian packages, the Go-built control
 # plane) and runs every test, including those against the real API server.
@@ -25,3 +25,7 @@ dev-cluster: deps
 
 dev-cluster-down:
 	@hack/dev-cluster.sh down
+
+# 2,000 objects reconciled by one operator; prints scale_* figures.
+bench-scale: deps
+	cargo bench --locked --bench scale
