@@ -23,8 +23,10 @@ async fn count_ready(client: &kube::Client, ns: &str) -> (usize, usize) {
     let lp = ListParams::default();
     let machines = Api::<Machine>::namespaced(client.clone(), ns).list(&lp).await.expect("list machines");
     let keypairs = Api::<KeyPair>::namespaced(client.clone(), ns).list(&lp).await.expect("list keypairs");
-    let ready_machines = machines.items.iter().filter(|m| m.status.as_ref().is_some_and(|s| ready(&s.conditions))).count();
-    let ready_keypairs = keypairs.items.iter().filter(|k| k.status.as_ref().is_some_and(|s| ready(&s.conditions))).count();
+    let ready_machines =
+        machines.items.iter().filter(|m| m.status.as_ref().is_some_and(|s| ready(&s.conditions))).count();
+    let ready_keypairs =
+        keypairs.items.iter().filter(|k| k.status.as_ref().is_some_and(|s| ready(&s.conditions))).count();
     (ready_machines + ready_keypairs, machines.items.len() + keypairs.items.len())
 }
 

@@ -16,7 +16,7 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::api::{KeyPair, Machine, Network};
+use crate::api::{KeyPair, Machine, Network, S3Bucket, Volume};
 use crate::controller::{self, Context, Reconciler, Settings};
 use crate::http::{self, Health};
 use crate::leader::{LeaseLock, LeaseTiming};
@@ -145,14 +145,24 @@ async fn run_controllers(client: &Client, opts: &Options, ctx: Arc<Context>, sto
     let config = kube::runtime::controller::Config::default().concurrency(opts.concurrency);
     let ns = &opts.namespace;
 
-    let machines = controller::machine::controller(api(client, ns), api(client, ns), api(client, ns), wc.clone());
+    let machines = controller::machine::controller(
+        api(client, ns),
+        api(client, ns),
+        api(client, ns),
+        ctx.keypair_users.clone(),
+        wc.clone(),
+    );
     let networks = controller::network::controller(api(client, ns), api(client, ns), wc.clone());
     let keypairs = Controller::new(api::<KeyPair>(client, ns), wc.clone());
+    let volumes = controller::volume::controller(api(client, ns), api(client, ns), wc.clone());
+    let buckets = Controller::new(api::<S3Bucket>(client, ns), wc.clone());
 
     futures::join!(
         drive::<Machine>(machines, config.clone(), ctx.clone(), stop.clone()),
         drive::<Network>(networks, config.clone(), ctx.clone(), stop.clone()),
-        drive::<KeyPair>(keypairs, config, ctx, stop),
+        drive::<KeyPair>(keypairs, config.clone(), ctx.clone(), stop.clone()),
+        drive::<Volume>(volumes, config.clone(), ctx.clone(), stop.clone()),
+        drive::<S3Bucket>(buckets, config, ctx, stop),
     );
 }
 

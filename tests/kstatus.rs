@@ -28,22 +28,31 @@ async fn kstatus_reads_current_in_progress_and_failed() {
     let other = support::SshHost::start();
 
     let machine = |name: &str, network: &str, pin: Option<&str>| -> Machine {
-        let mut spec = json!({"networkRef": {"name": network}, "provider": {"existing": {"host": host.host, "port": host.port}}});
+        let mut spec =
+            json!({"networkRef": {"name": network}, "provider": {"existing": {"host": host.host, "port": host.port}}});
         if let Some(pin) = pin {
             spec["ssh"] = json!({"hostKey": pin});
         }
-        serde_json::from_value(json!({"apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name}, "spec": spec}))
-            .unwrap()
+        serde_json::from_value(
+            json!({"apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name}, "spec": spec}),
+        )
+        .unwrap()
     };
 
     // InProgress: waiting for a Network that does not exist.
     machines.create(&PostParams::default(), &machine("waiting", "missing", None)).await.unwrap();
-    support::wait_for(&machines, "waiting", TIMEOUT, "Reconciling", |m| cond(m, "Reconciling").as_deref() == Some("True")).await;
+    support::wait_for(&machines, "waiting", TIMEOUT, "Reconciling", |m| {
+        cond(m, "Reconciling").as_deref() == Some("True")
+    })
+    .await;
     let verdict = support::kstatus(&machines.get("waiting").await.unwrap());
     assert!(verdict.starts_with("InProgress"), "{verdict}");
 
     // Current: Ready.
-    let net: Network = serde_json::from_value(json!({"apiVersion": "nixops.io/v1alpha1", "kind": "Network", "metadata": {"name": "prod"}, "spec": {}})).unwrap();
+    let net: Network = serde_json::from_value(
+        json!({"apiVersion": "nixops.io/v1alpha1", "kind": "Network", "metadata": {"name": "prod"}, "spec": {}}),
+    )
+    .unwrap();
     networks.create(&PostParams::default(), &net).await.unwrap();
     machines.create(&PostParams::default(), &machine("ready", "prod", None)).await.unwrap();
     support::wait_for(&machines, "ready", TIMEOUT, "Ready", |m| cond(m, "Ready").as_deref() == Some("True")).await;
@@ -54,7 +63,8 @@ async fn kstatus_reads_current_in_progress_and_failed() {
 
     // Failed: Stalled on a host key mismatch.
     machines.create(&PostParams::default(), &machine("stalled", "prod", Some(&other.host_key))).await.unwrap();
-    support::wait_for(&machines, "stalled", TIMEOUT, "Stalled", |m| cond(m, "Stalled").as_deref() == Some("True")).await;
+    support::wait_for(&machines, "stalled", TIMEOUT, "Stalled", |m| cond(m, "Stalled").as_deref() == Some("True"))
+        .await;
     let verdict = support::kstatus(&machines.get("stalled").await.unwrap());
     assert!(verdict.starts_with("Failed"), "{verdict}");
 

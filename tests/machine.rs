@@ -186,3 +186,38 @@ async fn paused_machine_makes_no_external_calls() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn machine_waits_for_the_keypair_named_by_its_network_defaults() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "machine-keypair").await;
+    let _operator = support::Operator::start(&ns, &["--resync-seconds", "3600"]);
+    let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
+    let networks: Api<Network> = Api::namespaced(client.clone(), &ns);
+    let keypairs: Api<nixops_operator::api::KeyPair> = Api::namespaced(client.clone(), &ns);
+    let host = support::SshHost::start();
+
+    let net: Network = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Network", "metadata": {"name": "prod"},
+        "spec": {"machineDefaults": {"ssh": {"keyPairRef": {"name": "deployer"}}}}
+    }))
+    .unwrap();
+    networks.create(&PostParams::default(), &net).await.unwrap();
+    machines.create(&PostParams::default(), &machine("web-1", "prod", &host, json!({}))).await.unwrap();
+    support::wait_for(&machines, "web-1", TIMEOUT, "waiting for KeyPair deployer", |m| {
+        message(m, "Ready").contains("KeyPair deployer")
+    })
+    .await;
+
+    let kp: nixops_operator::api::KeyPair = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "KeyPair", "metadata": {"name": "deployer"},
+        "spec": {"secretRef": {"name": "deployer"}}
+    }))
+    .unwrap();
+    keypairs.create(&PostParams::default(), &kp).await.unwrap();
+    support::wait_for(&machines, "web-1", TIMEOUT, "Ready once the KeyPair exists", |m| {
+        cond(m, "Ready").as_deref() == Some("True")
+    })
+    .await;
+}

@@ -103,7 +103,8 @@ async fn a_steady_state_writes_nothing_during_forced_resyncs() {
     // Let the last status writes settle, then watch several full resyncs.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = resource_versions(&client, &ns).await;
-    let events_before = Api::<Event>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.unwrap().items.len();
+    let events_before =
+        Api::<Event>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.unwrap().items.len();
     let writes_before = operator.metric("nixops_status_writes_total", &[]);
     let reconciles_before = operator.metric("nixops_reconciles_total", &[]);
     let objects = before.len() as f64;
@@ -113,7 +114,8 @@ async fn a_steady_state_writes_nothing_during_forced_resyncs() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let after = resource_versions(&client, &ns).await;
-    let events_after = Api::<Event>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.unwrap().items.len();
+    let events_after =
+        Api::<Event>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.unwrap().items.len();
     assert_eq!(before, after, "a resync of up-to-date objects changed them");
     assert_eq!(events_before, events_after, "a resync of up-to-date objects published events");
     assert_eq!(operator.metric("nixops_status_writes_total", &[]), writes_before, "status writes during resync");
@@ -139,7 +141,8 @@ async fn http_endpoints_answer() {
     assert_eq!(operator.http_get("/readyz").map(|r| r.0), Some(200));
     let (code, body) = operator.http_get("/metrics").unwrap();
     assert_eq!(code, 200);
-    for metric in ["nixops_reconciles_total", "nixops_reconcile_duration_seconds_bucket", "nixops_status_writes_total"] {
+    for metric in ["nixops_reconciles_total", "nixops_reconcile_duration_seconds_bucket", "nixops_status_writes_total"]
+    {
         assert!(body.contains(metric), "/metrics lacks {metric}:\n{body}");
     }
     assert!(operator.metric("nixops_reconciles_total", &["kind=\"Network\""]) >= 1.0);
@@ -185,7 +188,10 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     }
     let takeover = killed_at.elapsed();
     eprintln!("takeover after {takeover:?} (lease 4 s, retry 1 s)");
-    assert!(takeover <= Duration::from_secs(4 + 3), "takeover took {takeover:?}, more than the lease duration plus retries");
+    assert!(
+        takeover <= Duration::from_secs(4 + 3),
+        "takeover took {takeover:?}, more than the lease duration plus retries"
+    );
 
     create_network(&client, &ns, "two").await;
     support::wait_for(&networks, "two", TIMEOUT, "Ready under the new leader", ready).await;

@@ -2,7 +2,8 @@
 //! provider, verify the host over SSH with a pinned host key, and report.
 //! Deploying closures builds on this.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use kube::api::Api;
 use kube::runtime::events::EventType;
@@ -95,6 +96,13 @@ impl Reconciler for Machine {
             )
         })?;
         let resolved = resolve(&self, &network)?;
+        {
+            let mut users = ctx.keypair_users.lock().unwrap_or_else(|e| e.into_inner());
+            match &resolved.ssh.key_pair_ref {
+                Some(key_ref) => users.insert(super::object_key(&*self), key_ref.name.clone()),
+                None => users.remove(&super::object_key(&*self)),
+            };
+        }
         if let Some(key_ref) = &resolved.ssh.key_pair_ref {
             Api::<KeyPair>::namespaced(ctx.client.clone(), &ns).get_opt(&key_ref.name).await?.ok_or_else(|| {
                 Error::waiting(
@@ -212,6 +220,7 @@ impl Reconciler for Machine {
             running: false,
             external_id: self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned(),
         };
+        ctx.keypair_users.lock().unwrap_or_else(|e| e.into_inner()).remove(&super::object_key(&*self));
         let deleted = provider.delete(&target).await;
         ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
         deleted?;
@@ -225,13 +234,23 @@ pub fn controller(
     machines: Api<Machine>,
     networks: Api<Network>,
     keypairs: Api<KeyPair>,
+    keypair_users: super::KeyPairUsers,
     wc: watcher::Config,
 ) -> Controller<Machine> {
     let controller = Controller::new(machines, wc.clone());
-    let store = controller.store();
-    let by_network = store.clone();
+    let by_network = controller.store();
+    // Network status changes with every member's readiness; only a spec
+    // change (a new generation) concerns the members.
+    let seen_generations = Mutex::new(HashMap::<String, Option<i64>>::new());
     controller
         .watches(networks, wc.clone(), move |network| {
+            let key = super::object_key(&network);
+            let mut seen = seen_generations.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.insert(key, network.metadata.generation) == Some(network.metadata.generation)
+                && network.metadata.deletion_timestamp.is_none()
+            {
+                return Vec::new();
+            }
             let ns = network.namespace();
             let name = network.name_any();
             by_network
@@ -242,18 +261,15 @@ pub fn controller(
                 .collect::<Vec<_>>()
         })
         .watches(keypairs, wc, move |keypair| {
-            let ns = keypair.namespace();
+            // Machines whose last reconcile resolved to this KeyPair (directly
+            // or through the Network's defaults), including those waiting for it.
+            let ns = keypair.namespace().unwrap_or_default();
             let name = keypair.name_any();
-            // Machines naming it directly, or through their Network's defaults
-            // (those are woken by the Network watch when the default changes).
-            store
-                .state()
-                .into_iter()
-                .filter(|m| {
-                    m.namespace() == ns
-                        && m.spec.ssh.as_ref().and_then(|s| s.key_pair_ref.as_ref()).is_none_or(|r| r.name == name)
-                })
-                .map(|m| ObjectRef::from_obj(&*m))
+            let users = keypair_users.lock().unwrap_or_else(|e| e.into_inner());
+            users
+                .iter()
+                .filter(|(machine, keypair)| **keypair == name && machine.starts_with(&format!("{ns}/")))
+                .filter_map(|(machine, _)| machine.split_once('/').map(|(ns, n)| ObjectRef::new(n).within(ns)))
                 .collect::<Vec<_>>()
         })
 }

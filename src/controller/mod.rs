@@ -10,7 +10,9 @@
 pub mod keypair;
 pub mod machine;
 pub mod network;
+pub mod s3bucket;
 pub mod status;
+pub mod volume;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -28,6 +30,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{Condition, FINALIZER, PAUSED_ANNOTATION, condition};
 use crate::metrics::Metrics;
+use crate::provider::aws::AwsAccounts;
 use crate::provider::{ProviderError, Providers};
 use status::Conditions;
 
@@ -65,6 +68,18 @@ impl Error {
 
     pub fn waiting(reason: &'static str, message: impl Into<String>) -> Self {
         Self::Waiting { reason, message: message.into() }
+    }
+
+    /// A write rejected because the object changed meanwhile (409, or the
+    /// finalizer helper's resourceVersion test failing with 422).
+    fn is_conflict(&self) -> bool {
+        match self {
+            Self::Kube(kube::Error::Api(s)) => s.code == 409,
+            Self::Finalizer(message) => {
+                message.contains("409") || message.contains("422") || message.contains("Invalid")
+            }
+            _ => false,
+        }
     }
 
     /// Label for the errors metric.
@@ -115,14 +130,31 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub providers: Providers,
+    pub aws: AwsAccounts,
     pub settings: Settings,
+    /// Which KeyPair each Machine resolved to (directly or through its
+    /// Network's defaults), so a KeyPair event wakes only its users.
+    pub keypair_users: KeyPairUsers,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
+/// Machine ("namespace/name") → the KeyPair name it uses.
+pub type KeyPairUsers = Arc<Mutex<HashMap<String, String>>>;
+
 impl Context {
     pub fn new(client: Client, recorder: Recorder, metrics: Metrics, providers: Providers, settings: Settings) -> Self {
-        Self { client, recorder, metrics, providers, settings, failures: Mutex::new(HashMap::new()) }
+        let aws = AwsAccounts::new(client.clone());
+        Self {
+            client,
+            recorder,
+            metrics,
+            providers,
+            aws,
+            settings,
+            keypair_users: KeyPairUsers::default(),
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Publishes an event about `obj`. Failures to publish are logged, not fatal.
@@ -172,6 +204,8 @@ pub enum Cleanup {
     Done,
     /// Still waiting (for dependants, for the cloud); the finalizer stays.
     Wait { reason: &'static str, message: String },
+    /// Cannot proceed without a change to the spec (or the cloud); the finalizer stays.
+    Stalled { reason: &'static str, message: String },
 }
 
 /// One kind's reconciliation logic.
@@ -203,7 +237,8 @@ pub trait Reconciler:
     fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> impl Future<Output = Result<Cleanup>> + Send;
 }
 
-fn object_key<K: Resource>(obj: &K) -> String {
+/// "namespace/name" of an object.
+pub fn object_key<K: Resource>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
@@ -227,7 +262,12 @@ pub async fn reconcile<K: Reconciler>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
 }
 
 /// Requeue policy for failed reconciliations: capped exponential backoff per object.
-pub fn error_policy<K: Reconciler>(obj: Arc<K>, _err: &Error, ctx: Arc<Context>) -> Action {
+/// A write that lost a race with another change (stale cache) is retried at
+/// once without growing the backoff: the newer object is already on its way.
+pub fn error_policy<K: Reconciler>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
+    if err.is_conflict() {
+        return Action::requeue(Duration::from_millis(200));
+    }
     Action::requeue(ctx.backoff(&object_key(&*obj)))
 }
 
@@ -319,8 +359,44 @@ async fn cleanup<K: Reconciler>(api: &Api<K>, obj: Arc<K>, ctx: Arc<Context>) ->
             // any Ok); watches and backoff bring the object back.
             Err(Error::Waiting { reason, message })
         }
+        Cleanup::Stalled { reason, message } => {
+            let mut status = base_status(&*obj);
+            status.set_deleting();
+            Conditions::new(status.conditions_mut(), obj.meta().generation).stalled(reason, message.clone());
+            if write_status(api, &*obj, status, &ctx).await? {
+                ctx.event(&*obj, EventType::Warning, reason, message.clone()).await;
+            }
+            Err(Error::Stalled { reason, message })
+        }
     }
 }
+
+/// Records on the object that a cloud resource is about to be created, with
+/// an update carrying the object's resourceVersion: a replica acting on a
+/// stale copy fails here (409) instead of creating a second resource.
+pub async fn record_intent<K: Reconciler>(api: &Api<K>, obj: &K) -> Result<K> {
+    let mut updated = obj.clone();
+    updated
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(CREATE_PENDING_ANNOTATION.to_owned(), k8s_openapi::jiff::Timestamp::now().to_string());
+    Ok(api.replace(&obj.name_any(), &kube::api::PostParams::default(), &updated).await?)
+}
+
+/// Records the cloud ID in the `nixops.io/external-name` annotation (so a
+/// restore without status finds the resource) and clears the intent.
+pub async fn record_external_name<K: Reconciler>(api: &Api<K>, obj: &K, id: &str) -> Result<()> {
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        crate::api::EXTERNAL_NAME_ANNOTATION: id,
+        CREATE_PENDING_ANNOTATION: null,
+    }}});
+    api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+/// Annotation set between recording the intent to create and recording the result.
+pub const CREATE_PENDING_ANNOTATION: &str = "nixops.io/create-pending";
 
 /// Writes `status` with server-side apply if it differs from the stored one.
 /// Returns whether it wrote.

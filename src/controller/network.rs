@@ -1,7 +1,8 @@
 //! Network controller: publishes membership, and (with a cloud provider)
 //! owns the physical network. Deletion waits until no Machine uses it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::ObjectRef;
@@ -9,10 +10,13 @@ use kube::runtime::{Controller, watcher};
 use kube::{Client, ResourceExt};
 
 use super::status::{Conditions, is_true};
-use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status};
+use super::{Cleanup, Context, Outcome, Reconciler, Result, object_status, record_external_name};
 use crate::api::machine::Machine;
 use crate::api::network::{NetworkMember, NetworkStatus, ResourcePhase};
-use crate::api::{Network, condition};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Network, condition};
+use crate::provider::Owner;
+use crate::provider::aws::vpc;
+use kube::runtime::events::EventType;
 
 object_status!(NetworkStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
 
@@ -25,13 +29,34 @@ impl Reconciler for Network {
     }
 
     async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: NetworkStatus) -> Result<Outcome<NetworkStatus>> {
-        if let Some(provider) = &self.spec.provider
-            && provider.ec2.is_some()
-        {
-            return Err(Error::stalled(
-                "ProviderUnavailable",
-                "spec.provider.ec2: this operator has no ec2 network provider; remove spec.provider for a network of existing hosts",
-            ));
+        let owner = Owner {
+            namespace: self.namespace().unwrap_or_default(),
+            name: self.name_any(),
+            uid: self.uid().unwrap_or_default(),
+        };
+        if let Some(ec2) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref()) {
+            let aws = ctx.aws.for_network(&self).await?;
+            let ensured = vpc::ensure(&aws, &owner, ec2).await;
+            ctx.metrics.provider_call("ec2", "ensureNetwork", ensured.is_ok());
+            let resources = ensured?;
+            if self.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(&resources.vpc_id) {
+                let api = Api::<Network>::namespaced(ctx.client.clone(), &owner.namespace);
+                record_external_name(&api, &self, &resources.vpc_id).await?;
+                ctx.event(
+                    &*self,
+                    EventType::Normal,
+                    "Provisioned",
+                    format!("VPC {} in {}", resources.vpc_id, aws.region),
+                )
+                .await;
+            }
+            status.provider = Some("ec2".into());
+            status.vpc_id = Some(resources.vpc_id);
+            status.subnets = resources.subnets;
+            status.internet_gateway_id = resources.internet_gateway_id;
+            status.security_group_id = resources.security_group_id;
+        } else {
+            status.provider = None;
         }
         let members = members(&ctx.client, &self).await?;
         let ready = members
@@ -39,7 +64,6 @@ impl Reconciler for Network {
             .filter(|m| m.status.as_ref().is_some_and(|s| is_true(&s.conditions, condition::READY)))
             .count();
 
-        status.provider = None;
         status.machines = Some(members.len() as i32);
         status.ready_machines = Some(ready as i32);
         status.members = members
@@ -68,6 +92,19 @@ impl Reconciler for Network {
                 ),
             });
         }
+        if self.spec.deletion_policy == DeletionPolicy::Delete
+            && let Some(_) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref())
+        {
+            let owner = Owner {
+                namespace: self.namespace().unwrap_or_default(),
+                name: self.name_any(),
+                uid: self.uid().unwrap_or_default(),
+            };
+            let aws = ctx.aws.for_network(&self).await?;
+            let deleted = vpc::delete(&aws, &owner).await;
+            ctx.metrics.provider_call("ec2", "deleteNetwork", deleted.is_ok());
+            deleted?;
+        }
         Ok(Cleanup::Done)
     }
 }
@@ -87,9 +124,25 @@ async fn members(client: &Client, network: &Network) -> Result<Vec<Machine>> {
     Ok(machines)
 }
 
-/// The Network controller; Machines changing wake their Network.
+/// The Network controller. A Machine wakes its Network only when what the
+/// Network publishes about it changes (membership, addresses, host key,
+/// readiness), not on every status write.
 pub fn controller(networks: Api<Network>, machines: Api<Machine>, wc: watcher::Config) -> Controller<Network> {
-    Controller::new(networks, wc.clone()).watches(machines, wc, |machine| {
+    let seen = Mutex::new(HashMap::<String, String>::new());
+    Controller::new(networks, wc.clone()).watches(machines, wc, move |machine| {
+        let status = machine.status.clone().unwrap_or_default();
+        let projection = format!(
+            "{}|{:?}|{:?}|{}|{}",
+            machine.spec.network_ref.name,
+            status.addresses,
+            status.host_key,
+            is_true(&status.conditions, condition::READY),
+            machine.metadata.deletion_timestamp.is_some()
+        );
+        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.insert(super::object_key(&machine), projection.clone()).as_ref() == Some(&projection) {
+            return None;
+        }
         Some(ObjectRef::new(&machine.spec.network_ref.name).within(&machine.namespace().unwrap_or_default()))
     })
 }

@@ -2,6 +2,7 @@
 //! operations idempotent; the controllers pick an implementation from the
 //! [`Providers`] registry by the provider block a spec sets.
 
+pub mod aws;
 pub mod existing;
 
 use std::collections::BTreeMap;

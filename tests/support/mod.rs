@@ -340,3 +340,71 @@ pub fn kstatus<K: serde::Serialize>(obj: &K) -> String {
     assert!(out.status.success(), "kstatus failed");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// A moto server (the AWS EC2 and S3 APIs) on a free loopback port, shared
+/// by the tests of one binary and stopped when the test process exits.
+pub struct Moto {
+    pub endpoint: String,
+}
+
+/// The moto server of this test binary, started on first use.
+pub fn moto() -> &'static Moto {
+    static MOTO: OnceLock<Moto> = OnceLock::new();
+    MOTO.get_or_init(|| {
+        let out = Command::new(repo_root().join("hack/moto/install.sh")).output().expect("run hack/moto/install.sh");
+        assert!(out.status.success(), "hack/moto/install.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("moto-{}-{port}.log", std::process::id()));
+        // A detached shell keeps moto exactly as long as this process lives.
+        let script = format!(
+            "{}/moto_server -H 127.0.0.1 -p {port} >{} 2>&1 & child=$!; \
+             while kill -0 {} 2>/dev/null; do sleep 0.5; done; kill $child",
+            bin.display(),
+            log.display(),
+            std::process::id()
+        );
+        Command::new("setsid")
+            .args(["-f", "bash", "-c", &script])
+            .env("MOTO_ENABLE_AMI_VALIDATION", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("start moto_server");
+        for _ in 0..300 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Moto { endpoint: format!("http://127.0.0.1:{port}") };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("moto_server did not start; see {}", log.display());
+    })
+}
+
+/// Creates, in `ns`, a credentials Secret and an AWS Network named `name`
+/// whose endpoint is `endpoint` (moto, or a proxy in front of it).
+pub async fn aws_network(client: &Client, ns: &str, name: &str, endpoint: &str) {
+    use k8s_openapi::api::core::v1::Secret;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{name}-aws")},
+        "stringData": {"accessKeyId": "testing", "secretAccessKey": "testing"}
+    }))
+    .expect("secret");
+    let _ = secrets.create(&PostParams::default(), &secret).await;
+    let networks: Api<nixops_operator::api::Network> = Api::namespaced(client.clone(), ns);
+    let net: nixops_operator::api::Network = serde_json::from_value(serde_json::json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Network", "metadata": {"name": name},
+        "spec": {"provider": {"ec2": {
+            "region": "eu-west-1",
+            "endpoint": endpoint,
+            "credentialsSecretRef": {"name": format!("{name}-aws")},
+            "vpc": {"cidrBlock": "10.42.0.0/16"},
+            "subnets": [{"name": "public-a", "cidrBlock": "10.42.1.0/24", "zone": "eu-west-1a"}],
+            "securityGroup": {"ingress": [{"protocol": "tcp", "fromPort": 22, "toPort": 22, "cidrBlocks": ["0.0.0.0/0"]}]}
+        }}}
+    }))
+    .expect("network");
+    networks.create(&PostParams::default(), &net).await.expect("create network");
+}

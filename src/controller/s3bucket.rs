@@ -1,0 +1,162 @@
+//! S3Bucket controller: a bucket in the Network's account and region, kept
+//! as the spec says; a non-empty bucket is only deleted with forceDestroy.
+
+use std::sync::Arc;
+
+use kube::api::Api;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+
+use super::status::Conditions;
+use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name};
+use crate::api::network::ResourcePhase;
+use crate::api::s3bucket::{PublicAccessBlock, S3BucketStatus};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Network, S3Bucket};
+use crate::provider::Owner;
+use crate::provider::aws::{AwsClients, owner_tags, s3};
+
+object_status!(S3BucketStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
+
+impl S3Bucket {
+    /// The bucket's name in S3: spec.bucketName, else `<namespace>-<name>`.
+    pub fn bucket_name(&self) -> String {
+        self.spec
+            .bucket_name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", self.namespace().unwrap_or_default(), self.name_any()))
+    }
+}
+
+/// Parses spec.policy, or explains where it is broken.
+fn parse_policy(policy: Option<&str>) -> Result<Option<serde_json::Value>> {
+    let Some(text) = policy else { return Ok(None) };
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        Error::stalled(
+            "InvalidPolicy",
+            format!("spec.policy is not valid JSON ({e}); fix the document (it is sent to S3 as a bucket policy)"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(Error::stalled("InvalidPolicy", "spec.policy must be a JSON object with Version and Statement"));
+    }
+    Ok(Some(value))
+}
+
+async fn aws_for(ctx: &Context, bucket: &S3Bucket) -> Result<Arc<AwsClients>> {
+    let ns = bucket.namespace().unwrap_or_default();
+    let name = &bucket.spec.network_ref.name;
+    let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(name).await?.ok_or_else(|| {
+        Error::waiting(
+            "NetworkNotFound",
+            format!("Network {name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
+        )
+    })?;
+    Ok(ctx.aws.for_network(&network).await?)
+}
+
+impl Reconciler for S3Bucket {
+    type Status = S3BucketStatus;
+    const KIND: &'static str = "S3Bucket";
+
+    fn status(&self) -> Option<&S3BucketStatus> {
+        self.status.as_ref()
+    }
+
+    async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: S3BucketStatus) -> Result<Outcome<S3BucketStatus>> {
+        let policy = parse_policy(self.spec.policy.as_deref())?;
+        let aws = aws_for(&ctx, &self).await?;
+        let name = self.bucket_name();
+        let owner = Owner {
+            namespace: self.namespace().unwrap_or_default(),
+            name: self.name_any(),
+            uid: self.uid().unwrap_or_default(),
+        };
+        let mut tags = owner_tags(&owner, "S3Bucket");
+        tags.extend(self.spec.tags.clone());
+        let spec = s3::BucketSpec {
+            name: &name,
+            versioning: self.spec.versioning,
+            policy: policy.as_ref(),
+            public_access_block: self.spec.public_access_block.clone().unwrap_or(PublicAccessBlock {
+                block_public_acls: true,
+                ignore_public_acls: true,
+                block_public_policy: true,
+                restrict_public_buckets: true,
+            }),
+            tags,
+        };
+        let result = s3::ensure(&aws, &spec).await;
+        ctx.metrics.provider_call("s3", "ensure", result.is_ok());
+        let state = result?;
+        if self.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(&name) {
+            record_external_name(&Api::<S3Bucket>::namespaced(ctx.client.clone(), &owner.namespace), &self, &name)
+                .await?;
+        }
+        if state.created {
+            ctx.event(&*self, EventType::Normal, "Created", format!("created bucket {name} in {}", aws.region)).await;
+        } else if !state.changed.is_empty() {
+            ctx.event(
+                &*self,
+                EventType::Normal,
+                "Updated",
+                format!("updated {} of bucket {name}", state.changed.join(", ")),
+            )
+            .await;
+        }
+
+        status.bucket_name = Some(name.clone());
+        status.region = Some(aws.region.clone());
+        status.arn = Some(format!("arn:aws:s3:::{name}"));
+        status.phase = Some(ResourcePhase::Ready);
+        Conditions::new(&mut status.conditions, self.meta().generation)
+            .ready("Ready", format!("bucket {name} in {}", aws.region));
+        Ok(Outcome { status, requeue: None })
+    }
+
+    async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
+        if self.spec.deletion_policy == DeletionPolicy::Orphan {
+            return Ok(Cleanup::Done);
+        }
+        let aws = match aws_for(&ctx, &self).await {
+            Ok(aws) => aws,
+            Err(Error::Waiting { .. }) if self.annotations().get(EXTERNAL_NAME_ANNOTATION).is_none() => {
+                return Ok(Cleanup::Done);
+            }
+            Err(err) => return Err(err),
+        };
+        let name = self.bucket_name();
+        if !s3::exists(&aws, &name).await? {
+            return Ok(Cleanup::Done);
+        }
+        let objects = s3::object_count(&aws, &name).await?;
+        if objects > 0 && !self.spec.force_destroy {
+            return Ok(Cleanup::Stalled {
+                reason: "BucketNotEmpty",
+                message: format!(
+                    "bucket {name} still holds {objects} object version(s); empty it, set spec.forceDestroy: true to delete them \
+                     with the bucket, or set spec.deletionPolicy: Orphan to keep it"
+                ),
+            });
+        }
+        let deleted = s3::delete(&aws, &name, self.spec.force_destroy).await;
+        ctx.metrics.provider_call("s3", "delete", deleted.is_ok());
+        deleted?;
+        Ok(Cleanup::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_policy_json_names_the_field() {
+        let err = parse_policy(Some("{\"Version\": \"2012-10-17\",")).unwrap_err();
+        let Error::Stalled { reason, message } = err else { panic!("must stall") };
+        assert_eq!(reason, "InvalidPolicy");
+        assert!(message.starts_with("spec.policy is not valid JSON"), "{message}");
+        assert!(parse_policy(Some("[]")).is_err());
+        assert!(parse_policy(None).unwrap().is_none());
+        assert!(parse_policy(Some(r#"{"Version":"2012-10-17","Statement":[]}"#)).unwrap().is_some());
+    }
+}

@@ -1,0 +1,339 @@
+//! Volume controller: an EBS volume in the Network's account, attached to
+//! the Machine whose spec.volumes names it; detached before deletion.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::api::{Api, ListParams};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Resource, ResourceExt};
+
+use super::status::Conditions;
+use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name, record_intent};
+use crate::api::network::ResourcePhase;
+use crate::api::volume::{VolumeAttachmentStatus, VolumeStatus};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Machine, Network, Volume};
+use crate::provider::Owner;
+use crate::provider::aws::{AwsClients, ebs};
+
+object_status!(VolumeStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
+
+/// Volume-specific condition types.
+pub mod conditions {
+    /// The volume is attached where Machine.spec.volumes says (or nowhere).
+    pub const ATTACHED: &str = "Attached";
+}
+
+/// The instance ID in a providerID such as aws:///eu-west-1a/i-0abc.
+pub fn instance_id(provider_id: &str) -> Option<&str> {
+    provider_id.strip_prefix("aws:///")?.rsplit('/').next().filter(|id| id.starts_with("i-"))
+}
+
+/// Where the volume should be attached, from the Machines that name it.
+#[derive(Debug, PartialEq)]
+struct DesiredAttachment {
+    machine: String,
+    device: String,
+    /// None until the machine's instance exists.
+    instance_id: Option<String>,
+}
+
+fn desired_attachment(volume: &str, machines: &[Machine]) -> Result<Option<DesiredAttachment>> {
+    let users: Vec<(&Machine, &str)> = machines
+        .iter()
+        .filter(|m| m.metadata.deletion_timestamp.is_none())
+        .filter_map(|m| m.spec.volumes.iter().find(|v| v.volume_ref.name == volume).map(|v| (m, v.device.as_str())))
+        .collect();
+    match users.as_slice() {
+        [] => Ok(None),
+        [(m, device)] => Ok(Some(DesiredAttachment {
+            machine: m.name_any(),
+            device: (*device).to_owned(),
+            instance_id: m
+                .status
+                .as_ref()
+                .and_then(|s| s.provider_id.as_deref())
+                .and_then(instance_id)
+                .map(str::to_owned),
+        })),
+        several => Err(Error::stalled(
+            "AttachedBySeveral",
+            format!(
+                "machines {} all list this volume in spec.volumes; an EBS volume attaches to one machine, remove it from the others",
+                several.iter().map(|(m, _)| m.name_any()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
+async fn aws_for(ctx: &Context, volume: &Volume) -> Result<Arc<AwsClients>> {
+    let ns = volume.namespace().unwrap_or_default();
+    let name = &volume.spec.network_ref.name;
+    let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(name).await?.ok_or_else(|| {
+        Error::waiting(
+            "NetworkNotFound",
+            format!("Network {name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
+        )
+    })?;
+    Ok(ctx.aws.for_network(&network).await?)
+}
+
+fn owner(volume: &Volume) -> Owner {
+    Owner {
+        namespace: volume.namespace().unwrap_or_default(),
+        name: volume.name_any(),
+        uid: volume.uid().unwrap_or_default(),
+    }
+}
+
+impl Reconciler for Volume {
+    type Status = VolumeStatus;
+    const KIND: &'static str = "Volume";
+
+    fn status(&self) -> Option<&VolumeStatus> {
+        self.status.as_ref()
+    }
+
+    async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: VolumeStatus) -> Result<Outcome<VolumeStatus>> {
+        let generation = self.metadata.generation;
+        let ns = self.namespace().unwrap_or_default();
+        let spec = self
+            .spec
+            .provider
+            .ec2
+            .clone()
+            .ok_or_else(|| Error::stalled("NoProvider", "spec.provider.ec2 is not set"))?;
+        let aws = aws_for(&ctx, &self).await?;
+        let owner = owner(&self);
+        let machines = Api::<Machine>::namespaced(ctx.client.clone(), &ns).list(&ListParams::default()).await?.items;
+        let desired = desired_attachment(&self.name_any(), &machines)?;
+
+        let known_id = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
+        let found = ebs::find(&aws, &owner, known_id.as_deref()).await;
+        ctx.metrics.provider_call("ec2", "DescribeVolumes", found.is_ok());
+        let mut volume = match found? {
+            Some(v) => {
+                if known_id.is_none() {
+                    record_external_name(&Api::<Volume>::namespaced(ctx.client.clone(), &ns), &self, &v.id).await?;
+                }
+                v
+            }
+            None if known_id.is_some() => {
+                return Err(Error::stalled(
+                    "VolumeGone",
+                    format!(
+                        "volume {} named by the {EXTERNAL_NAME_ANNOTATION} annotation no longer exists; remove the annotation to create a new volume",
+                        known_id.unwrap_or_default()
+                    ),
+                ));
+            }
+            None => {
+                let api = Api::<Volume>::namespaced(ctx.client.clone(), &ns);
+                record_intent(&api, &self).await?;
+                let created = ebs::create(&aws, &owner, &spec).await;
+                ctx.metrics.provider_call("ec2", "CreateVolume", created.is_ok());
+                let created = created?;
+                record_external_name(&api, &self, &created.id).await?;
+                ctx.event(
+                    &*self,
+                    EventType::Normal,
+                    "Created",
+                    format!("created EBS volume {} in {}", created.id, created.zone),
+                )
+                .await;
+                created
+            }
+        };
+
+        // Grow, or change type / IOPS / throughput.
+        let want_type = ebs::type_name(spec.volume_type);
+        let grow = spec.size_gib.is_some_and(|s| s > volume.size_gib);
+        let retype = volume.volume_type.as_deref() != Some(want_type.as_str())
+            || (spec.iops.is_some() && spec.iops != volume.iops)
+            || (spec.throughput.is_some() && spec.throughput != volume.throughput);
+        if grow || retype {
+            let modified = ebs::modify(&aws, &volume.id, &spec).await;
+            ctx.metrics.provider_call("ec2", "ModifyVolume", modified.is_ok());
+            modified?;
+            ctx.event(
+                &*self,
+                EventType::Normal,
+                "Modified",
+                format!(
+                    "modified volume {} to {} GiB {want_type}",
+                    volume.id,
+                    spec.size_gib.unwrap_or(volume.size_gib)
+                ),
+            )
+            .await;
+            volume = ebs::find(&aws, &owner, Some(&volume.id)).await?.unwrap_or(volume);
+        }
+
+        // Attachments: detach from anything not desired (naming the instance), then attach.
+        let mut pending = None;
+        for a in volume.attachments.iter().filter(|a| a.state != "detached") {
+            if desired.as_ref().and_then(|d| d.instance_id.as_deref()) != Some(a.instance_id.as_str()) {
+                ebs::detach(&aws, &volume.id, &a.instance_id).await?;
+                ctx.event(&*self, EventType::Normal, "Detached", format!("detached from {}", a.instance_id)).await;
+                pending = Some(format!("detaching from {}", a.instance_id));
+            }
+        }
+        let current = volume.attachments.iter().find(|a| a.state != "detached");
+        if let Some(d) = &desired {
+            match (&d.instance_id, current) {
+                (None, _) => pending = Some(format!("waiting for machine {}'s instance before attaching", d.machine)),
+                (Some(i), Some(a)) if a.instance_id == *i && a.state == "attached" => {}
+                (Some(i), Some(a)) if a.instance_id == *i => pending = Some(format!("{} to {}", a.state, i)),
+                (Some(i), _) if pending.is_none() => {
+                    ebs::attach(&aws, &volume.id, i, &d.device).await?;
+                    ctx.event(
+                        &*self,
+                        EventType::Normal,
+                        "Attached",
+                        format!("attaching to machine {} ({i}) as {}", d.machine, d.device),
+                    )
+                    .await;
+                    pending = Some(format!("attaching to {i}"));
+                }
+                (Some(_), _) => {}
+            }
+        }
+
+        status.volume_id = Some(volume.id.clone());
+        status.size_gib = Some(volume.size_gib);
+        status.attached_to = desired
+            .as_ref()
+            .filter(|d| pending.is_none() && d.instance_id.is_some())
+            .map(|d| VolumeAttachmentStatus { machine: d.machine.clone(), device: d.device.clone() });
+        let mut conds = Conditions::new(&mut status.conditions, generation);
+        match (&pending, &desired) {
+            (Some(what), _) => {
+                conds.set(conditions::ATTACHED, false, "Attaching", what.clone());
+                conds.reconciling("Attaching", format!("volume {}: {what}", volume.id));
+                status.phase = Some(ResourcePhase::Provisioning);
+                return Ok(Outcome { status, requeue: Some(Duration::from_secs(2)) });
+            }
+            (None, Some(d)) => {
+                conds.set(
+                    conditions::ATTACHED,
+                    true,
+                    "Attached",
+                    format!("attached to machine {} as {}", d.machine, d.device),
+                );
+            }
+            (None, None) => {
+                conds.set(conditions::ATTACHED, false, "NotAttached", "no Machine lists this volume in spec.volumes");
+            }
+        }
+        conds.ready("Ready", format!("EBS volume {} ({} GiB, {})", volume.id, volume.size_gib, volume.state));
+        status.phase = Some(ResourcePhase::Ready);
+        Ok(Outcome { status, requeue: None })
+    }
+
+    async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
+        if self.spec.deletion_policy == DeletionPolicy::Orphan {
+            return Ok(Cleanup::Done);
+        }
+        let aws = match aws_for(&ctx, &self).await {
+            Ok(aws) => aws,
+            // Without its Network the account is unknown; nothing can be deleted.
+            Err(Error::Waiting { .. }) if self.annotations().get(EXTERNAL_NAME_ANNOTATION).is_none() => {
+                return Ok(Cleanup::Done);
+            }
+            Err(err) => return Err(err),
+        };
+        let known_id = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
+        let Some(volume) = ebs::find(&aws, &owner(&self), known_id.as_deref()).await? else {
+            return Ok(Cleanup::Done); // already gone, e.g. deleted out of band
+        };
+        let attached: Vec<_> = volume.attachments.iter().filter(|a| a.state != "detached").collect();
+        if !attached.is_empty() {
+            for a in &attached {
+                if a.state != "detaching" {
+                    ebs::detach(&aws, &volume.id, &a.instance_id).await?;
+                }
+            }
+            return Ok(Cleanup::Wait {
+                reason: "Detaching",
+                message: format!(
+                    "detaching volume {} from {} before deleting it",
+                    volume.id,
+                    attached.iter().map(|a| a.instance_id.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+        let deleted = ebs::delete(&aws, &volume.id).await;
+        ctx.metrics.provider_call("ec2", "DeleteVolume", deleted.is_ok());
+        deleted?;
+        Ok(Cleanup::Done)
+    }
+}
+
+/// The Volume controller; a Machine adding or dropping a volume, or getting
+/// its instance, wakes the volumes it names now and named before.
+pub fn controller(volumes: Api<Volume>, machines: Api<Machine>, wc: watcher::Config) -> Controller<Volume> {
+    let seen = Mutex::new(HashMap::<String, (BTreeSet<String>, Option<String>)>::new());
+    Controller::new(volumes, wc.clone()).watches(machines, wc, move |machine| {
+        let ns = machine.namespace().unwrap_or_default();
+        let now: BTreeSet<String> = if machine.meta().deletion_timestamp.is_some() {
+            BTreeSet::new()
+        } else {
+            machine.spec.volumes.iter().map(|v| v.volume_ref.name.clone()).collect()
+        };
+        let provider_id = machine.status.as_ref().and_then(|s| s.provider_id.clone());
+        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let before = seen.insert(super::object_key(&machine), (now.clone(), provider_id.clone()));
+        if before.as_ref() == Some(&(now.clone(), provider_id)) {
+            return Vec::new();
+        }
+        let mut names = now;
+        names.extend(before.map(|(b, _)| b).unwrap_or_default());
+        names.into_iter().map(|n| ObjectRef::new(&n).within(&ns)).collect::<Vec<_>>()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_ids_give_instance_ids() {
+        assert_eq!(instance_id("aws:///eu-west-1a/i-0abc123"), Some("i-0abc123"));
+        assert_eq!(instance_id("gce://p/z/n"), None);
+        assert_eq!(instance_id("aws:///eu-west-1a/"), None);
+    }
+
+    fn machine(name: &str, volumes: serde_json::Value, provider_id: Option<&str>) -> Machine {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name},
+            "spec": {"networkRef": {"name": "n"}, "volumes": volumes},
+            "status": {"providerID": provider_id}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn one_user_gives_the_attachment_and_two_stall() {
+        let a = machine(
+            "a",
+            serde_json::json!([{"volumeRef": {"name": "data"}, "device": "/dev/xvdf"}]),
+            Some("aws:///z/i-1"),
+        );
+        let b = machine("b", serde_json::json!([{"volumeRef": {"name": "data"}, "device": "/dev/xvdg"}]), None);
+        let c = machine("c", serde_json::json!([]), None);
+        assert_eq!(desired_attachment("data", std::slice::from_ref(&c)).unwrap(), None);
+        assert_eq!(
+            desired_attachment("data", &[a.clone(), c]).unwrap(),
+            Some(DesiredAttachment {
+                machine: "a".into(),
+                device: "/dev/xvdf".into(),
+                instance_id: Some("i-1".into())
+            })
+        );
+        let err = desired_attachment("data", &[a, b]).unwrap_err();
+        assert!(err.to_string().contains("machines a, b"), "{err}");
+    }
+}

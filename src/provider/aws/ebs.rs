@@ -1,0 +1,171 @@
+//! EBS volumes: found by ID or by the owner's UID tag, created with tags in
+//! the same call, grown, attached, detached (always naming the instance) and
+//! deleted.
+
+use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
+
+use super::{AwsClients, classify, error_code, tags};
+use crate::api::machine::EbsVolumeType;
+use crate::api::volume::EbsVolume;
+use crate::provider::{Owner, ProviderError};
+
+/// An EBS volume as EC2 reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub id: String,
+    pub zone: String,
+    pub size_gib: i32,
+    pub volume_type: Option<String>,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+    /// creating, available, in-use, deleting, …
+    pub state: String,
+    pub attachments: Vec<Attachment>,
+}
+
+/// One attachment of a volume.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attachment {
+    pub instance_id: String,
+    pub device: String,
+    /// attaching, attached, detaching, detached.
+    pub state: String,
+}
+
+fn api_type(t: EbsVolumeType) -> VolumeType {
+    match t {
+        EbsVolumeType::Gp3 => VolumeType::Gp3,
+        EbsVolumeType::Gp2 => VolumeType::Gp2,
+        EbsVolumeType::Io1 => VolumeType::Io1,
+        EbsVolumeType::Io2 => VolumeType::Io2,
+        EbsVolumeType::St1 => VolumeType::St1,
+        EbsVolumeType::Sc1 => VolumeType::Sc1,
+        EbsVolumeType::Standard => VolumeType::Standard,
+    }
+}
+
+/// The name EC2 uses for a volume type.
+pub fn type_name(t: EbsVolumeType) -> String {
+    api_type(t).as_str().to_owned()
+}
+
+fn observed(v: &aws_sdk_ec2::types::Volume) -> Observed {
+    Observed {
+        id: v.volume_id().unwrap_or_default().to_owned(),
+        zone: v.availability_zone().unwrap_or_default().to_owned(),
+        size_gib: v.size().unwrap_or_default(),
+        volume_type: v.volume_type().map(|t| t.as_str().to_owned()),
+        iops: v.iops(),
+        throughput: v.throughput(),
+        state: v.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        attachments: v
+            .attachments()
+            .iter()
+            .map(|a| Attachment {
+                instance_id: a.instance_id().unwrap_or_default().to_owned(),
+                device: a.device().unwrap_or_default().to_owned(),
+                state: a.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+/// Finds the volume: by its recorded ID if there is one, else by the owner's UID tag.
+pub async fn find(aws: &AwsClients, owner: &Owner, id: Option<&str>) -> Result<Option<Observed>, ProviderError> {
+    let request = match id {
+        Some(id) => aws.ec2.describe_volumes().volume_ids(id),
+        None => aws
+            .ec2
+            .describe_volumes()
+            .filters(Filter::builder().name(format!("tag:{}", tags::UID)).values(&owner.uid).build()),
+    };
+    match request.send().await {
+        Ok(out) => Ok(out.volumes().iter().map(observed).find(|v| v.state != "deleted")),
+        Err(err) if error_code(&err) == Some("InvalidVolume.NotFound") => Ok(None),
+        Err(err) => Err(classify(err, "DescribeVolumes")),
+    }
+}
+
+fn tag_spec(owner: &Owner, extra: &std::collections::BTreeMap<String, String>) -> TagSpecification {
+    let mut builder = TagSpecification::builder().resource_type(ResourceType::Volume);
+    for (k, v) in super::owner_tags(owner, "Volume").iter().chain(extra.iter()) {
+        builder = builder.tags(Tag::builder().key(k).value(v).build());
+    }
+    builder.build()
+}
+
+/// Creates the volume, tagged with its owner in the same call.
+pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result<Observed, ProviderError> {
+    let out = aws
+        .ec2
+        .create_volume()
+        .availability_zone(&spec.zone)
+        .set_size(spec.size_gib)
+        .volume_type(api_type(spec.volume_type))
+        .set_iops(spec.iops)
+        .set_throughput(spec.throughput)
+        .encrypted(spec.encrypted)
+        .set_kms_key_id(spec.kms_key_id.clone())
+        .set_snapshot_id(spec.snapshot_id.clone())
+        .tag_specifications(tag_spec(owner, &spec.tags))
+        .send()
+        .await
+        .map_err(|e| classify(e, "CreateVolume (spec.provider.ec2)"))?;
+    Ok(Observed {
+        id: out.volume_id().unwrap_or_default().to_owned(),
+        zone: out.availability_zone().unwrap_or_default().to_owned(),
+        size_gib: out.size().unwrap_or_default(),
+        volume_type: out.volume_type().map(|t| t.as_str().to_owned()),
+        iops: out.iops(),
+        throughput: out.throughput(),
+        state: out.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        attachments: Vec::new(),
+    })
+}
+
+/// Grows the volume or changes its type, IOPS or throughput.
+pub async fn modify(aws: &AwsClients, id: &str, spec: &EbsVolume) -> Result<(), ProviderError> {
+    aws.ec2
+        .modify_volume()
+        .volume_id(id)
+        .set_size(spec.size_gib)
+        .volume_type(api_type(spec.volume_type))
+        .set_iops(spec.iops)
+        .set_throughput(spec.throughput)
+        .send()
+        .await
+        .map_err(|e| classify(e, "ModifyVolume (spec.provider.ec2)"))?;
+    Ok(())
+}
+
+/// Attaches the volume to an instance as `device`.
+pub async fn attach(aws: &AwsClients, id: &str, instance_id: &str, device: &str) -> Result<(), ProviderError> {
+    aws.ec2
+        .attach_volume()
+        .volume_id(id)
+        .instance_id(instance_id)
+        .device(device)
+        .send()
+        .await
+        .map_err(|e| classify(e, &format!("AttachVolume {id} to {instance_id} as {device}")))?;
+    Ok(())
+}
+
+/// Detaches the volume from `instance_id` (always named: the API's
+/// instance-less form is ambiguous and some endpoints reject it).
+pub async fn detach(aws: &AwsClients, id: &str, instance_id: &str) -> Result<(), ProviderError> {
+    match aws.ec2.detach_volume().volume_id(id).instance_id(instance_id).send().await {
+        Ok(_) => Ok(()),
+        Err(err) if matches!(error_code(&err), Some("IncorrectState") | Some("InvalidAttachment.NotFound")) => Ok(()),
+        Err(err) => Err(classify(err, &format!("DetachVolume {id} from {instance_id}"))),
+    }
+}
+
+/// Deletes the volume; one already gone is success.
+pub async fn delete(aws: &AwsClients, id: &str) -> Result<(), ProviderError> {
+    match aws.ec2.delete_volume().volume_id(id).send().await {
+        Ok(_) => Ok(()),
+        Err(err) if error_code(&err) == Some("InvalidVolume.NotFound") => Ok(()),
+        Err(err) => Err(classify(err, &format!("DeleteVolume {id}"))),
+    }
+}

@@ -1,0 +1,212 @@
+//! Amazon Web Services: EC2 (VPC, instances, EBS volumes, key pairs) and S3.
+//!
+//! An account is named by a Network's `spec.provider.ec2`: region, optional
+//! endpoint, and a credentials Secret (or the default credential chain).
+//! Clients are cached per Network and rebuilt when its Secret changes.
+
+pub mod ebs;
+pub mod s3;
+pub mod vpc;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::{Client, ResourceExt};
+
+use super::ProviderError;
+use crate::api::Network;
+use crate::api::network::Ec2Network;
+
+/// Tag keys set on every cloud resource the operator creates. The UID tag
+/// finds a resource again after a crash, before anything is created twice.
+pub mod tags {
+    pub const UID: &str = "nixops.io/uid";
+    pub const NAME: &str = "nixops.io/name";
+    pub const NAMESPACE: &str = "nixops.io/namespace";
+    pub const KIND: &str = "nixops.io/kind";
+}
+
+/// The tags identifying `owner`, set on every resource created for it.
+pub fn owner_tags(owner: &crate::provider::Owner, kind: &str) -> std::collections::BTreeMap<String, String> {
+    [
+        (tags::UID, owner.uid.clone()),
+        (tags::NAME, owner.name.clone()),
+        (tags::NAMESPACE, owner.namespace.clone()),
+        (tags::KIND, kind.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// EC2 and S3 clients for one account and region.
+pub struct AwsClients {
+    pub ec2: aws_sdk_ec2::Client,
+    pub s3: aws_sdk_s3::Client,
+    pub region: String,
+}
+
+/// Builds and caches clients per Network.
+#[derive(Clone)]
+pub struct AwsAccounts {
+    client: Client,
+    cache: Arc<Mutex<HashMap<String, CachedClients>>>,
+}
+
+/// Clients with the version of the settings they were built from.
+type CachedClients = (String, Arc<AwsClients>);
+
+impl AwsAccounts {
+    pub fn new(client: Client) -> Self {
+        Self { client, cache: Arc::default() }
+    }
+
+    /// The clients for `network`'s account; a Stalled-worthy error names the
+    /// field to fix.
+    pub async fn for_network(&self, network: &Network) -> Result<Arc<AwsClients>, ProviderError> {
+        let name = network.name_any();
+        let ns = network.namespace().unwrap_or_default();
+        let ec2 = network.spec.provider.as_ref().and_then(|p| p.ec2.as_ref()).ok_or_else(|| {
+            ProviderError::permanent(
+                "NotAnAwsNetwork",
+                format!("Network {name} has no spec.provider.ec2, so it names no AWS account; reference a Network with spec.provider.ec2"),
+            )
+        })?;
+        let secret = match &ec2.credentials_secret_ref {
+            Some(r) => Some(Api::<Secret>::namespaced(self.client.clone(), &ns).get_opt(&r.name).await.map_err(|e| ProviderError::Transient(e.to_string()))?.ok_or_else(|| {
+                ProviderError::permanent(
+                    "CredentialsNotFound",
+                    format!("Secret {} named by Network {name} spec.provider.ec2.credentialsSecretRef does not exist; create it with keys accessKeyId and secretAccessKey", r.name),
+                )
+            })?),
+            None => None,
+        };
+        let key = format!("{ns}/{name}");
+        let version = format!(
+            "{}|{}|{:?}",
+            secret.as_ref().and_then(|s| s.resource_version()).unwrap_or_default(),
+            ec2.region,
+            ec2.endpoint
+        );
+        if let Some((v, clients)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+            && *v == version
+        {
+            return Ok(clients.clone());
+        }
+        let clients = Arc::new(build(ec2, secret.as_ref(), &name).await?);
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (version, clients.clone()));
+        Ok(clients)
+    }
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    let data = secret.data.as_ref()?.get(key)?;
+    String::from_utf8(data.0.clone()).ok().map(|s| s.trim().to_owned())
+}
+
+async fn build(ec2: &Ec2Network, secret: Option<&Secret>, network: &str) -> Result<AwsClients, ProviderError> {
+    let region = aws_config::Region::new(ec2.region.clone());
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region);
+    let mut endpoint = ec2.endpoint.clone();
+    if let Some(secret) = secret {
+        let name = secret.name_any();
+        let missing = |key: &str| {
+            ProviderError::permanent(
+                "CredentialsIncomplete",
+                format!("Secret {name} (credentials of Network {network}) has no key {key}; add it"),
+            )
+        };
+        let access = secret_value(secret, "accessKeyId").ok_or_else(|| missing("accessKeyId"))?;
+        let secret_key = secret_value(secret, "secretAccessKey").ok_or_else(|| missing("secretAccessKey"))?;
+        let token = secret_value(secret, "sessionToken");
+        loader = loader.credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            access,
+            secret_key,
+            token,
+            None,
+            "nixops-secret",
+        ));
+        endpoint = endpoint.or_else(|| secret_value(secret, "endpoint"));
+    }
+    if let Some(url) = &endpoint {
+        loader = loader.endpoint_url(url);
+    }
+    let config = loader.load().await;
+    let s3_config = aws_sdk_s3::config::Builder::from(&config).force_path_style(endpoint.is_some()).build();
+    Ok(AwsClients {
+        ec2: aws_sdk_ec2::Client::new(&config),
+        s3: aws_sdk_s3::Client::from_conf(s3_config),
+        region: ec2.region.clone(),
+    })
+}
+
+/// Classifies an AWS SDK error: throttling and transport trouble are retried,
+/// everything that needs a change (bad input, auth, quotas) stalls. The
+/// message carries the AWS error code and what was being done.
+pub fn classify<E, R>(err: aws_sdk_ec2::error::SdkError<E, R>, doing: &str) -> ProviderError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_ec2::error::SdkError;
+    match &err {
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            let code = e.code().unwrap_or("Unknown").to_owned();
+            let message = format!("{doing}: AWS {code}: {}", e.message().unwrap_or("no message"));
+            if is_transient_code(&code) {
+                ProviderError::Transient(message)
+            } else {
+                ProviderError::permanent("AwsError", message)
+            }
+        }
+        _ => ProviderError::Transient(format!("{doing}: {}", aws_sdk_ec2::error::DisplayErrorContext(&err))),
+    }
+}
+
+/// AWS error codes worth retrying.
+pub fn is_transient_code(code: &str) -> bool {
+    matches!(
+        code,
+        "RequestLimitExceeded"
+            | "Throttling"
+            | "ThrottlingException"
+            | "SlowDown"
+            | "InternalError"
+            | "InternalFailure"
+            | "ServiceUnavailable"
+            | "Unavailable"
+            | "RequestTimeout"
+            | "RequestTimeoutException"
+            | "IncorrectState"
+            | "IncorrectInstanceState"
+            | "VolumeInUse"
+            | "DependencyViolation"
+            | "OperationAborted"
+    )
+}
+
+/// The error code of an SDK error, if the service answered.
+pub fn error_code<E: ProvideErrorMetadata, R>(err: &aws_sdk_ec2::error::SdkError<E, R>) -> Option<&str> {
+    match err {
+        aws_sdk_ec2::error::SdkError::ServiceError(s) => s.err().code(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_is_retried_and_bad_input_is_not() {
+        assert!(is_transient_code("RequestLimitExceeded"));
+        assert!(is_transient_code("DependencyViolation"));
+        assert!(!is_transient_code("InvalidAMIID.NotFound"));
+        assert!(!is_transient_code("AuthFailure"));
+        assert!(!is_transient_code("InstanceLimitExceeded"), "a quota needs a human");
+    }
+}
