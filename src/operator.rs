@@ -21,7 +21,6 @@ use crate::controller::{self, Context, Reconciler, Settings};
 use crate::http::{self, Health};
 use crate::leader::{LeaseLock, LeaseTiming};
 use crate::metrics::Metrics;
-use crate::provider::Providers;
 
 /// How the operator runs.
 #[derive(Clone, Debug)]
@@ -96,7 +95,6 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
             Reporter { controller: "nixops-operator".into(), instance: Some(opts.identity.clone()) },
         ),
         metrics.clone(),
-        Providers::builtin(),
         opts.settings.clone(),
     ));
     let controllers = run_controllers(&client, &opts, ctx, stop_rx.clone());

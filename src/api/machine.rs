@@ -225,6 +225,19 @@ pub struct SshSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_pair_ref: Option<LocalObjectReference>,
 
+    /// Address the operator connects to instead of the one the provider
+    /// reports (a DNS name, a NAT or port forward). For ec2 the default is
+    /// the public IP, else the private one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::host())]
+    #[schemars(length(min = 1, max = 253))]
+    pub host: Option<String>,
+
+    /// Port for `host`; defaults to the provider's (22, or existing.port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+
     /// The host's SSH public key, as in /etc/ssh/ssh_host_ed25519_key.pub.
     /// When set, the operator refuses to talk to a host presenting any other
     /// key. When empty, the first key seen is recorded in status.hostKey and

@@ -17,7 +17,9 @@ use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status};
 use crate::api::keypair::KeyPairStatus;
 use crate::api::network::ResourcePhase;
-use crate::api::{DeletionPolicy, KeyPair};
+use crate::api::{DeletionPolicy, KeyPair, Network};
+use crate::provider::Owner;
+use crate::provider::aws::{AwsClients, keypair as aws_keypair};
 use crate::ssh::HostKey;
 
 object_status!(KeyPairStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
@@ -39,12 +41,6 @@ impl Reconciler for KeyPair {
     }
 
     async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: KeyPairStatus) -> Result<Outcome<KeyPairStatus>> {
-        if self.spec.provider.as_ref().is_some_and(|p| p.ec2.is_some()) {
-            return Err(Error::stalled(
-                "ProviderUnavailable",
-                "spec.provider.ec2: this operator has no ec2 key pair provider; remove spec.provider to keep the key in Kubernetes only",
-            ));
-        }
         let ns = self.namespace().unwrap_or_default();
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         let secret_name = &self.spec.secret_ref.name;
@@ -103,6 +99,23 @@ impl Reconciler for KeyPair {
             }
         };
 
+        status.cloud_key_name = None;
+        if self.spec.provider.as_ref().is_some_and(|p| p.ec2.is_some()) {
+            let aws = self.aws(&ctx).await?;
+            let name = self.ec2_key_name();
+            let imported = aws_keypair::ensure(&aws, &self.owner(), &name, &public.to_openssh()).await;
+            ctx.metrics.provider_call("ec2", "ensureKeyPair", imported.is_ok());
+            if imported? {
+                ctx.event(
+                    &*self,
+                    EventType::Normal,
+                    "Registered",
+                    format!("imported the public key into EC2 as key pair {name}"),
+                )
+                .await;
+            }
+            status.cloud_key_name = Some(name);
+        }
         status.public_key = Some(public.to_openssh());
         status.fingerprint = Some(public.fingerprint());
         status.phase = Some(ResourcePhase::Ready);
@@ -113,6 +126,14 @@ impl Reconciler for KeyPair {
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
         if self.spec.deletion_policy == DeletionPolicy::Orphan {
             return Ok(Cleanup::Done);
+        }
+        if self.spec.provider.as_ref().is_some_and(|p| p.ec2.is_some()) {
+            match self.aws(&ctx).await {
+                Ok(aws) => aws_keypair::delete(&aws, &self.owner(), &self.ec2_key_name()).await?,
+                // Without its Network the account is unknown: nothing to delete there.
+                Err(Error::Waiting { .. }) => {}
+                Err(err) => return Err(err),
+            }
         }
         let ns = self.namespace().unwrap_or_default();
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
@@ -127,6 +148,38 @@ impl Reconciler for KeyPair {
             }
         }
         Ok(Cleanup::Done)
+    }
+}
+
+impl KeyPair {
+    /// The name of the key pair in EC2: spec.provider.ec2.keyName, else `<namespace>-<name>`.
+    pub fn ec2_key_name(&self) -> String {
+        self.spec
+            .provider
+            .as_ref()
+            .and_then(|p| p.ec2.as_ref())
+            .and_then(|e| e.key_name.clone())
+            .unwrap_or_else(|| format!("{}-{}", self.namespace().unwrap_or_default(), self.name_any()))
+    }
+
+    fn owner(&self) -> Owner {
+        Owner {
+            namespace: self.namespace().unwrap_or_default(),
+            name: self.name_any(),
+            uid: self.uid().unwrap_or_default(),
+        }
+    }
+
+    async fn aws(&self, ctx: &Context) -> Result<Arc<AwsClients>> {
+        let ns = self.namespace().unwrap_or_default();
+        let name = self.spec.network_ref.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+        let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(&name).await?.ok_or_else(|| {
+            Error::waiting(
+                "NetworkNotFound",
+                format!("Network {name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
+            )
+        })?;
+        Ok(ctx.aws.for_network(&network).await?)
     }
 }
 

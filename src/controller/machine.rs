@@ -12,7 +12,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Resource, ResourceExt};
 
 use super::status::Conditions;
-use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status};
+use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name, record_intent};
 use crate::api::machine::{MachinePhase, MachineProvider as MachineProviderSpec, MachineStatus, SshSpec};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, Machine, Network};
 use crate::provider::{InstanceState, MachineTarget, Owner, ProviderError, Providers};
@@ -49,7 +49,10 @@ fn resolve(machine: &Machine, network: &Network) -> Result<Resolved> {
     let ssh = SshSpec {
         user: own.user.or(default_ssh.user),
         key_pair_ref: own.key_pair_ref.or(default_ssh.key_pair_ref),
-        host_key: own.host_key.or(default_ssh.host_key),
+        host_key: own.host_key,
+        // Per-host settings are never taken from the Network.
+        host: own.host,
+        port: own.port,
     };
     Ok(Resolved { provider, ssh })
 }
@@ -103,16 +106,26 @@ impl Reconciler for Machine {
                 None => users.remove(&super::object_key(&*self)),
             };
         }
+        let mut key_name = None;
         if let Some(key_ref) = &resolved.ssh.key_pair_ref {
-            Api::<KeyPair>::namespaced(ctx.client.clone(), &ns).get_opt(&key_ref.name).await?.ok_or_else(|| {
-                Error::waiting(
-                    "KeyPairNotFound",
-                    format!(
-                        "KeyPair {} (spec.ssh.keyPairRef.name) does not exist yet; create it or fix the reference",
-                        key_ref.name
-                    ),
-                )
-            })?;
+            let keypair =
+                Api::<KeyPair>::namespaced(ctx.client.clone(), &ns).get_opt(&key_ref.name).await?.ok_or_else(|| {
+                    Error::waiting(
+                        "KeyPairNotFound",
+                        format!(
+                            "KeyPair {} (spec.ssh.keyPairRef.name) does not exist yet; create it or fix the reference",
+                            key_ref.name
+                        ),
+                    )
+                })?;
+            let status = keypair.status.unwrap_or_default();
+            if !super::status::is_true(&status.conditions, crate::api::condition::READY) {
+                return Err(Error::waiting(
+                    "KeyPairNotReady",
+                    format!("KeyPair {} (spec.ssh.keyPairRef.name) is not Ready yet", key_ref.name),
+                ));
+            }
+            key_name = status.cloud_key_name;
         }
 
         // Provision.
@@ -123,13 +136,53 @@ impl Reconciler for Machine {
             provider: resolved.provider.clone(),
             running: self.spec.running,
             external_id: self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned(),
+            network: Some(network.clone()),
+            key_name,
         };
         let observed = provider.observe(&target).await;
         ctx.metrics.provider_call(provider.name(), "observe", observed.is_ok());
-        let instance = match observed? {
-            Some(current) => provider.update(&target, current).await?,
-            None => provider.create(&target).await?,
+        let mut instance = match observed? {
+            Some(current) => {
+                let updated = provider.update(&target, current).await;
+                ctx.metrics.provider_call(provider.name(), "update", updated.is_ok());
+                updated?
+            }
+            None if target.external_id.is_some() => {
+                return Err(Error::stalled(
+                    "InstanceGone",
+                    format!(
+                        "instance {} named by the {EXTERNAL_NAME_ANNOTATION} annotation no longer exists; remove the annotation to create a new one",
+                        target.external_id.clone().unwrap_or_default()
+                    ),
+                ));
+            }
+            None => {
+                // Record the intent first: a replica with a stale copy fails here
+                // instead of launching a second instance.
+                let api = Api::<Machine>::namespaced(ctx.client.clone(), &ns);
+                record_intent(&api, &self).await?;
+                let created = provider.create(&target).await;
+                ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
+                let created = created?;
+                if let Some(id) = created.provider_id.as_deref().and_then(|p| p.rsplit('/').next()) {
+                    record_external_name(&api, &self, id).await?;
+                }
+                ctx.event(
+                    &*self,
+                    EventType::Normal,
+                    "Created",
+                    format!("created {} instance {}", provider.name(), created.provider_id.clone().unwrap_or_default()),
+                )
+                .await;
+                created
+            }
         };
+        if let Some(host) = &resolved.ssh.host {
+            instance.ssh_host = host.clone();
+        }
+        if let Some(port) = resolved.ssh.port.and_then(|p| u16::try_from(p).ok()) {
+            instance.ssh_port = port;
+        }
         status.provider = Some(provider.name().to_owned());
         status.provider_id = instance.provider_id.clone();
         status.addresses = instance.addresses.clone();
@@ -219,6 +272,8 @@ impl Reconciler for Machine {
             provider: provider_spec,
             running: false,
             external_id: self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned(),
+            network,
+            key_name: None,
         };
         ctx.keypair_users.lock().unwrap_or_else(|e| e.into_inner()).remove(&super::object_key(&*self));
         let deleted = provider.delete(&target).await;

@@ -143,8 +143,9 @@ pub struct Context {
 pub type KeyPairUsers = Arc<Mutex<HashMap<String, String>>>;
 
 impl Context {
-    pub fn new(client: Client, recorder: Recorder, metrics: Metrics, providers: Providers, settings: Settings) -> Self {
+    pub fn new(client: Client, recorder: Recorder, metrics: Metrics, settings: Settings) -> Self {
         let aws = AwsAccounts::new(client.clone());
+        let providers = Providers::builtin(aws.clone());
         Self {
             client,
             recorder,

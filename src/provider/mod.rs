@@ -47,6 +47,10 @@ pub struct MachineTarget {
     pub running: bool,
     /// Cloud ID recorded earlier (status or the external-name annotation).
     pub external_id: Option<String>,
+    /// The machine's Network (cloud providers take the account from it).
+    pub network: Option<crate::api::Network>,
+    /// Cloud key pair new instances accept.
+    pub key_name: Option<String>,
 }
 
 /// A machine as its provider sees it.
@@ -93,10 +97,11 @@ pub struct Providers {
 }
 
 impl Providers {
-    /// The providers that need no configuration.
-    pub fn builtin() -> Self {
+    /// Every provider this build has: existing hosts, and EC2 through `accounts`.
+    pub fn builtin(accounts: aws::AwsAccounts) -> Self {
         let mut providers = Self::default();
         providers.add_machine_provider(Arc::new(existing::ExistingHosts));
+        providers.add_machine_provider(aws::ec2::Ec2Machines::new(accounts));
         providers
     }
 

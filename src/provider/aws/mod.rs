@@ -5,6 +5,8 @@
 //! Clients are cached per Network and rebuilt when its Secret changes.
 
 pub mod ebs;
+pub mod ec2;
+pub mod keypair;
 pub mod s3;
 pub mod vpc;
 

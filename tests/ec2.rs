@@ -1,0 +1,309 @@
+//! The AWS provider end to end against moto: a Network's VPC, a Machine with
+//! a key pair and a volume, start/stop, bad AMIs, and crash safety.
+//!
+//! moto's instances have no SSH server (and their addresses are not ours to
+//! contact), so every Machine here sets spec.ssh.host to a local sshd.
+
+mod support;
+
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use nixops_operator::api::machine::MachinePhase;
+use nixops_operator::api::{KeyPair, Machine, Network, Volume};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+async fn ec2() -> aws_sdk_ec2::Client {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("eu-west-1"))
+        .endpoint_url(&support::moto().endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
+        .load()
+        .await;
+    aws_sdk_ec2::Client::new(&config)
+}
+
+fn tag_filter(uid: &str) -> aws_sdk_ec2::types::Filter {
+    aws_sdk_ec2::types::Filter::builder().name("tag:nixops.io/uid").values(uid).build()
+}
+
+/// Live (not terminated) instances tagged with `uid`.
+async fn instances(ec2: &aws_sdk_ec2::Client, uid: &str) -> Vec<aws_sdk_ec2::types::Instance> {
+    let out = ec2.describe_instances().filters(tag_filter(uid)).send().await.unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances().iter().cloned())
+        .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated"))
+        .collect()
+}
+
+async fn volumes(ec2: &aws_sdk_ec2::Client, uid: &str) -> Vec<aws_sdk_ec2::types::Volume> {
+    ec2.describe_volumes().filters(tag_filter(uid)).send().await.unwrap().volumes().to_vec()
+}
+
+/// An AMI moto knows (it validates AMIs here).
+async fn some_ami(ec2: &aws_sdk_ec2::Client) -> String {
+    let images = ec2.describe_images().send().await.unwrap();
+    images.images().iter().find_map(|i| i.image_id().map(str::to_owned)).expect("moto lists AMIs")
+}
+
+fn ready(conditions: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>) -> bool {
+    conditions.is_some_and(|c| support::condition(c, "Ready").as_deref() == Some("True"))
+}
+
+fn machine(name: &str, ami: &str, host: &support::SshHost, extra: serde_json::Value) -> Machine {
+    let mut spec = json!({
+        "networkRef": {"name": "aws"},
+        "provider": {"ec2": {"instanceType": "t3.small", "ami": ami, "subnet": "public-a", "rootVolume": {"sizeGiB": 12}}},
+        "ssh": {"host": host.host, "port": host.port},
+    });
+    spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    serde_json::from_value(
+        json!({"apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name}, "spec": spec}),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn network_vpc_converges_and_is_deleted() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "ec2-net").await;
+    let _operator = support::Operator::start(&ns, &[]);
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let networks: Api<Network> = Api::namespaced(client.clone(), &ns);
+    let ec2 = ec2().await;
+
+    support::wait_for(&networks, "aws", TIMEOUT, "Ready", |n| ready(n.status.as_ref().map(|s| &s.conditions))).await;
+    let net = networks.get("aws").await.unwrap();
+    let status = net.status.clone().unwrap();
+    let uid = net.metadata.uid.clone().unwrap();
+    assert_eq!(status.provider.as_deref(), Some("ec2"));
+    let vpcs = ec2.describe_vpcs().filters(tag_filter(&uid)).send().await.unwrap();
+    assert_eq!(vpcs.vpcs().len(), 1, "exactly one VPC for the Network");
+    assert_eq!(vpcs.vpcs()[0].cidr_block(), Some("10.42.0.0/16"));
+    assert_eq!(status.vpc_id.as_deref(), vpcs.vpcs()[0].vpc_id());
+    assert_eq!(status.subnets.len(), 1);
+    let sg = status.security_group_id.clone().unwrap();
+    let ports = |g: &aws_sdk_ec2::types::SecurityGroup| -> Vec<i32> {
+        g.ip_permissions().iter().filter_map(|p| p.from_port()).collect()
+    };
+    let group = ec2.describe_security_groups().group_ids(&sg).send().await.unwrap().security_groups()[0].clone();
+    assert_eq!(ports(&group), vec![22]);
+
+    // Rules converge: 443 added, 22 removed.
+    let patch = json!({"spec": {"provider": {"ec2": {"securityGroup": {"ingress": [
+        {"protocol": "tcp", "fromPort": 443, "toPort": 443, "cidrBlocks": ["0.0.0.0/0"]}]}}}}});
+    networks.patch("aws", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let group = ec2.describe_security_groups().group_ids(&sg).send().await.unwrap().security_groups()[0].clone();
+        if ports(&group) == vec![443] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "rules did not converge: {:?}", ports(&group));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    networks.delete("aws", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&networks, "aws", TIMEOUT).await;
+    assert!(
+        ec2.describe_vpcs().filters(tag_filter(&uid)).send().await.unwrap().vpcs().is_empty(),
+        "the VPC must be deleted"
+    );
+}
+
+#[tokio::test]
+async fn machine_with_key_pair_and_volume_in_a_new_vpc() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "ec2-machine").await;
+    let _operator = support::Operator::start(&ns, &[]);
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let ec2 = ec2().await;
+    let ami = some_ami(&ec2).await;
+    let host = support::SshHost::start();
+    let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
+    let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
+    let volumes_api: Api<Volume> = Api::namespaced(client.clone(), &ns);
+
+    let kp: KeyPair = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "KeyPair", "metadata": {"name": "deployer"},
+        "spec": {"secretRef": {"name": "deployer"}, "networkRef": {"name": "aws"}, "provider": {"ec2": {}}}
+    }))
+    .unwrap();
+    keypairs.create(&PostParams::default(), &kp).await.unwrap();
+    let vol: Volume = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Volume", "metadata": {"name": "data"},
+        "spec": {"networkRef": {"name": "aws"}, "provider": {"ec2": {"zone": "eu-west-1a", "sizeGiB": 10}}}
+    }))
+    .unwrap();
+    volumes_api.create(&PostParams::default(), &vol).await.unwrap();
+    let m = machine(
+        "db-1",
+        &ami,
+        &host,
+        json!({
+            "ssh": {"host": host.host, "port": host.port, "keyPairRef": {"name": "deployer"}},
+            "volumes": [{"volumeRef": {"name": "data"}, "device": "/dev/xvdf"}]
+        }),
+    );
+    machines.create(&PostParams::default(), &m).await.unwrap();
+
+    support::wait_for(&machines, "db-1", TIMEOUT, "Ready", |m| ready(m.status.as_ref().map(|s| &s.conditions))).await;
+    let m = machines.get("db-1").await.unwrap();
+    let uid = m.metadata.uid.clone().unwrap();
+    let status = m.status.clone().unwrap();
+    assert_eq!(status.provider.as_deref(), Some("ec2"));
+    let live = instances(&ec2, &uid).await;
+    assert_eq!(live.len(), 1, "exactly one instance for the Machine");
+    let id = live[0].instance_id().unwrap().to_owned();
+    assert!(status.provider_id.as_deref().unwrap().ends_with(&id), "{:?}", status.provider_id);
+    assert_eq!(m.metadata.annotations.as_ref().unwrap()["nixops.io/external-name"], id);
+    assert_eq!(live[0].key_name(), Some(format!("{ns}-deployer").as_str()), "the instance accepts the registered key");
+    assert!(status.addresses.iter().any(|a| a.address_type == "InternalIP"));
+
+    // The key pair is registered; the private half never leaves its Secret.
+    let kp = keypairs.get("deployer").await.unwrap();
+    assert_eq!(kp.status.unwrap().cloud_key_name, Some(format!("{ns}-deployer")));
+    let registered = ec2.describe_key_pairs().key_names(format!("{ns}-deployer")).send().await.unwrap();
+    assert_eq!(registered.key_pairs().len(), 1);
+
+    // The volume attaches to the machine's instance.
+    support::wait_for(&volumes_api, "data", TIMEOUT, "attached to db-1", |v| {
+        v.status
+            .as_ref()
+            .and_then(|s| s.attached_to.as_ref())
+            .is_some_and(|a| a.machine == "db-1" && a.device == "/dev/xvdf")
+    })
+    .await;
+    let vol_uid = volumes_api.get("data").await.unwrap().metadata.uid.unwrap();
+    let vols = volumes(&ec2, &vol_uid).await;
+    assert_eq!(vols.len(), 1);
+    assert_eq!(vols[0].attachments().first().and_then(|a| a.instance_id()), Some(id.as_str()));
+
+    // running: false stops the instance; true starts it again.
+    machines.patch("db-1", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"running": false}}))).await.unwrap();
+    support::wait_for(&machines, "db-1", TIMEOUT, "Stopped", |m| {
+        m.status.as_ref().and_then(|s| s.phase) == Some(MachinePhase::Stopped)
+    })
+    .await;
+    let state = instances(&ec2, &uid).await[0].state().and_then(|s| s.name()).map(|n| n.as_str().to_owned());
+    assert_eq!(state.as_deref(), Some("stopped"));
+    machines.patch("db-1", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"running": true}}))).await.unwrap();
+    support::wait_for(&machines, "db-1", TIMEOUT, "Running", |m| {
+        m.status.as_ref().and_then(|s| s.phase) == Some(MachinePhase::Running)
+    })
+    .await;
+
+    // Deleting the volume detaches it first; deleting the machine terminates it.
+    volumes_api.delete("data", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&volumes_api, "data", TIMEOUT).await;
+    assert!(volumes(&ec2, &vol_uid).await.is_empty(), "the volume must be deleted");
+    machines.delete("db-1", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&machines, "db-1", TIMEOUT).await;
+    assert!(instances(&ec2, &uid).await.is_empty(), "the instance must be terminated");
+    keypairs.delete("deployer", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&keypairs, "deployer", TIMEOUT).await;
+    assert!(
+        ec2.describe_key_pairs().key_names(format!("{ns}-deployer")).send().await.is_err(),
+        "the EC2 key pair must be deleted"
+    );
+}
+
+#[tokio::test]
+async fn unknown_ami_stalls_with_the_aws_error_code() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "ec2-ami").await;
+    let _operator = support::Operator::start(&ns, &[]);
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let host = support::SshHost::start();
+    let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
+    machines.create(&PostParams::default(), &machine("bad", "ami-0000000000000dead", &host, json!({}))).await.unwrap();
+    support::wait_for(&machines, "bad", TIMEOUT, "Stalled", |m| {
+        m.status.as_ref().is_some_and(|s| support::condition(&s.conditions, "Stalled").as_deref() == Some("True"))
+    })
+    .await;
+    let status = machines.get("bad").await.unwrap().status.unwrap();
+    let msg = support::condition_message(&status.conditions, "Stalled");
+    assert!(msg.contains("InvalidAMIID"), "the message must carry the AWS error code: {msg}");
+    assert!(msg.contains("spec.provider.ec2"), "the message must name the field: {msg}");
+    let ec2 = ec2().await;
+    let uid = machines.get("bad").await.unwrap().metadata.uid.unwrap();
+    assert!(instances(&ec2, &uid).await.is_empty());
+}
+
+#[tokio::test]
+async fn kill_9_during_provisioning_leaves_exactly_one_instance_and_volume() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "ec2-crash").await;
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let ec2 = ec2().await;
+    let ami = some_ami(&ec2).await;
+    let host = support::SshHost::start();
+    let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
+    let volumes_api: Api<Volume> = Api::namespaced(client.clone(), &ns);
+    let networks: Api<Network> = Api::namespaced(client.clone(), &ns);
+    {
+        let _operator = support::Operator::start(&ns, &[]);
+        support::wait_for(&networks, "aws", TIMEOUT, "Ready", |n| ready(n.status.as_ref().map(|s| &s.conditions)))
+            .await;
+    }
+
+    // Kill the operator at several points of a Machine's and a Volume's creation.
+    for (i, delay_ms) in [0u64, 150, 300, 600, 1200].into_iter().enumerate() {
+        let name = format!("crash-{i}");
+        let vol: Volume = serde_json::from_value(json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "Volume", "metadata": {"name": name},
+            "spec": {"networkRef": {"name": "aws"}, "provider": {"ec2": {"zone": "eu-west-1a", "sizeGiB": 4}}}
+        }))
+        .unwrap();
+        volumes_api.create(&PostParams::default(), &vol).await.unwrap();
+        machines.create(&PostParams::default(), &machine(&name, &ami, &host, json!({}))).await.unwrap();
+        let operator = support::Operator::start(&ns, &[]);
+        tokio::time::sleep(Duration::from_millis(500 + delay_ms)).await;
+        operator.signal("KILL");
+        drop(operator);
+    }
+    let _operator = support::Operator::start(&ns, &[]);
+    for i in 0..5 {
+        let name = format!("crash-{i}");
+        support::wait_for(&machines, &name, TIMEOUT, "Ready", |m| ready(m.status.as_ref().map(|s| &s.conditions)))
+            .await;
+        support::wait_for(&volumes_api, &name, TIMEOUT, "Ready", |v| ready(v.status.as_ref().map(|s| &s.conditions)))
+            .await;
+        let m_uid = machines.get(&name).await.unwrap().metadata.uid.unwrap();
+        let v_uid = volumes_api.get(&name).await.unwrap().metadata.uid.unwrap();
+        assert_eq!(instances(&ec2, &m_uid).await.len(), 1, "{name}: exactly one instance");
+        assert_eq!(volumes(&ec2, &v_uid).await.len(), 1, "{name}: exactly one volume");
+    }
+    let uids: Vec<(String, String)> = {
+        let mut v = Vec::new();
+        for i in 0..5 {
+            let name = format!("crash-{i}");
+            v.push((
+                machines.get(&name).await.unwrap().metadata.uid.unwrap(),
+                volumes_api.get(&name).await.unwrap().metadata.uid.unwrap(),
+            ));
+        }
+        v
+    };
+    for i in 0..5 {
+        let name = format!("crash-{i}");
+        machines.delete(&name, &DeleteParams::default()).await.unwrap();
+        volumes_api.delete(&name, &DeleteParams::default()).await.unwrap();
+    }
+    for i in 0..5 {
+        let name = format!("crash-{i}");
+        support::wait_gone(&machines, &name, TIMEOUT).await;
+        support::wait_gone(&volumes_api, &name, TIMEOUT).await;
+    }
+    for (m_uid, v_uid) in uids {
+        assert!(instances(&ec2, &m_uid).await.is_empty(), "an instance leaked");
+        assert!(volumes(&ec2, &v_uid).await.is_empty(), "a volume leaked");
+    }
+}
