@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::network::ResourcePhase;
-use super::{Condition, DeletionPolicy, LocalObjectReference, rules};
+use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, rules};
 
 /// An SSH key pair, the counterpart of NixOps `resources.sshKeyPairs` and
 /// `resources.ec2KeyPairs`.
@@ -61,6 +61,13 @@ pub struct KeyPairSpec {
     /// Register the public key with a cloud. Omit to keep it in Kubernetes only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<KeyPairProvider>,
+
+    /// `Default` creates, updates and deletes the cloud resource; `Observe`
+    /// only reads the existing one named by the `nixops.io/external-name`
+    /// annotation and never changes or deletes it. With that annotation and
+    /// `Default`, an existing resource is adopted instead of created.
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
 
     /// `Delete` removes the key from the cloud (and a generated Secret) with
     /// this object; `Orphan` leaves both.

@@ -4,7 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::{Condition, DeletionPolicy, LocalObjectReference, SecretKeyReference, Tags, rules};
+use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, SecretKeyReference, Tags, rules};
 
 /// A NixOS machine in a Network, the counterpart of a machine in a NixOps
 /// deployment. `spec.nixos`, `keys` and `volumes` say what the machine is;
@@ -74,6 +74,13 @@ pub struct MachineSpec {
     #[schemars(length(max = 32))]
     #[x_kube(merge_strategy = rules::list_map("device"))]
     pub volumes: Vec<VolumeAttachment>,
+
+    /// `Default` creates, updates and deletes the cloud resource; `Observe`
+    /// only reads the existing one named by the `nixops.io/external-name`
+    /// annotation and never changes or deletes it. With that annotation and
+    /// `Default`, an existing resource is adopted instead of created.
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
 
     /// What happens to the cloud instance when this Machine is deleted:
     /// `Delete` terminates it, `Orphan` leaves it running. Existing hosts are

@@ -75,6 +75,17 @@ pub enum DeletionPolicy {
     Orphan,
 }
 
+/// How far the operator manages the cloud resource behind an object.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ManagementPolicy {
+    /// Create, update and delete it.
+    #[default]
+    Default,
+    /// Only read the existing resource named by the `nixops.io/external-name`
+    /// annotation and report it in status; never change or delete it.
+    Observe,
+}
+
 /// Cloud resource tags, applied in addition to the ones the operator sets
 /// (`nixops.io/uid`, `nixops.io/name`, `nixops.io/namespace`).
 pub type Tags = BTreeMap<String, String>;

@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::machine::{MachineAddress, MachineProvider, SshSpec};
-use super::{Condition, DeletionPolicy, LocalObjectReference, Tags, rules};
+use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, Tags, rules};
 
 /// A logical group of machines, the counterpart of a NixOps deployment.
 #[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, KubeSchema)]
@@ -48,6 +48,13 @@ pub struct NetworkSpec {
     /// How many machines change at once when several need a new closure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
+
+    /// `Default` creates, updates and deletes the cloud resource; `Observe`
+    /// only reads the existing one named by the `nixops.io/external-name`
+    /// annotation and never changes or deletes it. With that annotation and
+    /// `Default`, an existing resource is adopted instead of created.
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
 
     /// What happens to the VPC, subnets and security group when this Network
     /// is deleted. The Network waits until no Machine uses it.

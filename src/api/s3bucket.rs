@@ -4,7 +4,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::network::ResourcePhase;
-use super::{Condition, DeletionPolicy, LocalObjectReference, Tags, rules};
+use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, Tags, rules};
 
 /// An S3 bucket, the counterpart of NixOps `resources.s3Buckets`.
 #[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, KubeSchema)]
@@ -66,6 +66,13 @@ pub struct S3BucketSpec {
     /// Without it, deleting a non-empty bucket waits with a Stalled condition.
     #[serde(default)]
     pub force_destroy: bool,
+
+    /// `Default` creates, updates and deletes the cloud resource; `Observe`
+    /// only reads the existing one named by the `nixops.io/external-name`
+    /// annotation and never changes or deletes it. With that annotation and
+    /// `Default`, an existing resource is adopted instead of created.
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
 
     /// `Delete` deletes the bucket with this object; `Orphan` keeps it and its data.
     #[serde(default)]

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::machine::EbsVolumeType;
 use super::network::ResourcePhase;
-use super::{Condition, DeletionPolicy, LocalObjectReference, Tags, rules};
+use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, Tags, rules};
 
 /// A block device, the counterpart of NixOps `resources.ebsVolumes`.
 #[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, KubeSchema)]
@@ -39,6 +39,13 @@ pub struct VolumeSpec {
 
     /// Where the volume lives. Exactly one block is set.
     pub provider: VolumeProvider,
+
+    /// `Default` creates, updates and deletes the cloud resource; `Observe`
+    /// only reads the existing one named by the `nixops.io/external-name`
+    /// annotation and never changes or deletes it. With that annotation and
+    /// `Default`, an existing resource is adopted instead of created.
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
 
     /// `Delete` deletes the volume with this object; `Orphan` keeps it and its data.
     #[serde(default)]

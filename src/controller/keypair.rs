@@ -17,7 +17,7 @@ use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status};
 use crate::api::keypair::KeyPairStatus;
 use crate::api::network::ResourcePhase;
-use crate::api::{DeletionPolicy, KeyPair, Network};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, ManagementPolicy, Network};
 use crate::provider::Owner;
 use crate::provider::aws::{AwsClients, keypair as aws_keypair};
 use crate::ssh::HostKey;
@@ -103,7 +103,27 @@ impl Reconciler for KeyPair {
         if self.spec.provider.as_ref().is_some_and(|p| p.ec2.is_some()) {
             let aws = self.aws(&ctx).await?;
             let name = self.ec2_key_name();
-            let imported = aws_keypair::ensure(&aws, &self.owner(), &name, &public.to_openssh()).await;
+            if self.spec.management_policy == ManagementPolicy::Observe {
+                if !aws_keypair::exists(&aws, &name).await? {
+                    return Err(Error::stalled(
+                        "KeyPairNotFound",
+                        format!(
+                            "EC2 key pair {name} does not exist; managementPolicy Observe only reads an existing one"
+                        ),
+                    ));
+                }
+                status.cloud_key_name = Some(name.clone());
+                status.public_key = Some(public.to_openssh());
+                status.fingerprint = Some(public.fingerprint());
+                status.phase = Some(ResourcePhase::Ready);
+                Conditions::new(&mut status.conditions, self.metadata.generation).ready(
+                    "Observing",
+                    format!("observing EC2 key pair {name}; managementPolicy Observe never changes or deletes it"),
+                );
+                return Ok(Outcome { status, requeue: None });
+            }
+            let adopt = self.annotations().get(EXTERNAL_NAME_ANNOTATION) == Some(&name);
+            let imported = aws_keypair::ensure(&aws, &self.owner(), &name, &public.to_openssh(), adopt).await;
             ctx.metrics.provider_call("ec2", "ensureKeyPair", imported.is_ok());
             if imported? {
                 ctx.event(
@@ -125,6 +145,9 @@ impl Reconciler for KeyPair {
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
         if self.spec.deletion_policy == DeletionPolicy::Orphan {
+            return Ok(Cleanup::Done);
+        }
+        if self.spec.management_policy == ManagementPolicy::Observe {
             return Ok(Cleanup::Done);
         }
         if self.spec.provider.as_ref().is_some_and(|p| p.ec2.is_some()) {
@@ -159,6 +182,7 @@ impl KeyPair {
             .as_ref()
             .and_then(|p| p.ec2.as_ref())
             .and_then(|e| e.key_name.clone())
+            .or_else(|| self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned())
             .unwrap_or_else(|| format!("{}-{}", self.namespace().unwrap_or_default(), self.name_any()))
     }
 

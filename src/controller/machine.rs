@@ -14,7 +14,7 @@ use kube::{Resource, ResourceExt};
 use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name, record_intent};
 use crate::api::machine::{MachinePhase, MachineProvider as MachineProviderSpec, MachineStatus, SshSpec};
-use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, Machine, Network};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, Machine, ManagementPolicy, Network};
 use crate::provider::{InstanceState, MachineTarget, Owner, ProviderError, Providers};
 use crate::ssh::{self, HostKey};
 
@@ -142,10 +142,19 @@ impl Reconciler for Machine {
         let observed = provider.observe(&target).await;
         ctx.metrics.provider_call(provider.name(), "observe", observed.is_ok());
         let mut instance = match observed? {
+            Some(current) if self.spec.management_policy == ManagementPolicy::Observe => current,
             Some(current) => {
                 let updated = provider.update(&target, current).await;
                 ctx.metrics.provider_call(provider.name(), "update", updated.is_ok());
                 updated?
+            }
+            None if self.spec.management_policy == ManagementPolicy::Observe => {
+                return Err(Error::stalled(
+                    "InstanceNotFound",
+                    format!(
+                        "managementPolicy Observe needs the {EXTERNAL_NAME_ANNOTATION} annotation naming an existing instance"
+                    ),
+                ));
             }
             None if target.external_id.is_some() => {
                 return Err(Error::stalled(
@@ -254,7 +263,9 @@ impl Reconciler for Machine {
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
-        if self.spec.deletion_policy == DeletionPolicy::Orphan {
+        if self.spec.deletion_policy == DeletionPolicy::Orphan
+            || self.spec.management_policy == ManagementPolicy::Observe
+        {
             return Ok(Cleanup::Done);
         }
         let ns = self.namespace().unwrap_or_default();

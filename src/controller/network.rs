@@ -10,10 +10,10 @@ use kube::runtime::{Controller, watcher};
 use kube::{Client, ResourceExt};
 
 use super::status::{Conditions, is_true};
-use super::{Cleanup, Context, Outcome, Reconciler, Result, object_status, record_external_name};
+use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name};
 use crate::api::machine::Machine;
 use crate::api::network::{NetworkMember, NetworkStatus, ResourcePhase};
-use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Network, condition};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, Network, condition};
 use crate::provider::Owner;
 use crate::provider::aws::vpc;
 use kube::runtime::events::EventType;
@@ -36,9 +36,23 @@ impl Reconciler for Network {
         };
         if let Some(ec2) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref()) {
             let aws = ctx.aws.for_network(&self).await?;
-            let ensured = vpc::ensure(&aws, &owner, ec2).await;
-            ctx.metrics.provider_call("ec2", "ensureNetwork", ensured.is_ok());
-            let resources = ensured?;
+            let known = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
+            let resources = if self.spec.management_policy == ManagementPolicy::Observe {
+                let id = known.clone().ok_or_else(|| {
+                    Error::stalled("ExternalNameRequired", format!("spec.managementPolicy Observe needs the {EXTERNAL_NAME_ANNOTATION} annotation naming the VPC (vpc-…)"))
+                })?;
+                let found = vpc::find_vpc(&aws, &owner, Some(&id)).await?.ok_or_else(|| {
+                    Error::stalled(
+                        "VpcNotFound",
+                        format!("VPC {id} named by the {EXTERNAL_NAME_ANNOTATION} annotation does not exist"),
+                    )
+                })?;
+                vpc::NetworkResources { vpc_id: found, ..Default::default() }
+            } else {
+                let ensured = vpc::ensure(&aws, &owner, ec2, known.as_deref()).await;
+                ctx.metrics.provider_call("ec2", "ensureNetwork", ensured.is_ok());
+                ensured?
+            };
             if self.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(&resources.vpc_id) {
                 let api = Api::<Network>::namespaced(ctx.client.clone(), &owner.namespace);
                 record_external_name(&api, &self, &resources.vpc_id).await?;
@@ -93,6 +107,7 @@ impl Reconciler for Network {
             });
         }
         if self.spec.deletion_policy == DeletionPolicy::Delete
+            && self.spec.management_policy != ManagementPolicy::Observe
             && let Some(_) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref())
         {
             let owner = Owner {
@@ -101,7 +116,8 @@ impl Reconciler for Network {
                 uid: self.uid().unwrap_or_default(),
             };
             let aws = ctx.aws.for_network(&self).await?;
-            let deleted = vpc::delete(&aws, &owner).await;
+            let known = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
+            let deleted = vpc::delete(&aws, &owner, known.as_deref()).await;
             ctx.metrics.provider_call("ec2", "deleteNetwork", deleted.is_ok());
             deleted?;
         }

@@ -11,7 +11,7 @@ use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name};
 use crate::api::network::ResourcePhase;
 use crate::api::s3bucket::{PublicAccessBlock, S3BucketStatus};
-use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Network, S3Bucket};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, Network, S3Bucket};
 use crate::provider::Owner;
 use crate::provider::aws::{AwsClients, owner_tags, s3};
 
@@ -85,6 +85,23 @@ impl Reconciler for S3Bucket {
             }),
             tags,
         };
+        if self.spec.management_policy == ManagementPolicy::Observe {
+            if !s3::exists(&aws, &name).await? {
+                return Err(Error::stalled(
+                    "BucketNotFound",
+                    format!("bucket {name} does not exist; managementPolicy Observe only reads an existing bucket"),
+                ));
+            }
+            status.bucket_name = Some(name.clone());
+            status.region = Some(aws.region.clone());
+            status.arn = Some(format!("arn:aws:s3:::{name}"));
+            status.phase = Some(ResourcePhase::Ready);
+            Conditions::new(&mut status.conditions, self.meta().generation).ready(
+                "Observing",
+                format!("observing bucket {name}; managementPolicy Observe never changes or deletes it"),
+            );
+            return Ok(Outcome { status, requeue: None });
+        }
         let result = s3::ensure(&aws, &spec).await;
         ctx.metrics.provider_call("s3", "ensure", result.is_ok());
         let state = result?;
@@ -114,7 +131,9 @@ impl Reconciler for S3Bucket {
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
-        if self.spec.deletion_policy == DeletionPolicy::Orphan {
+        if self.spec.deletion_policy == DeletionPolicy::Orphan
+            || self.spec.management_policy == ManagementPolicy::Observe
+        {
             return Ok(Cleanup::Done);
         }
         let aws = match aws_for(&ctx, &self).await {

@@ -15,7 +15,7 @@ use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name, record_intent};
 use crate::api::network::ResourcePhase;
 use crate::api::volume::{VolumeAttachmentStatus, VolumeStatus};
-use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Machine, Network, Volume};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Machine, ManagementPolicy, Network, Volume};
 use crate::provider::Owner;
 use crate::provider::aws::{AwsClients, ebs};
 
@@ -112,6 +112,15 @@ impl Reconciler for Volume {
         let desired = desired_attachment(&self.name_any(), &machines)?;
 
         let known_id = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
+        let observe_only = self.spec.management_policy == ManagementPolicy::Observe;
+        if observe_only && known_id.is_none() {
+            return Err(Error::stalled(
+                "ExternalNameRequired",
+                format!(
+                    "spec.managementPolicy Observe needs the {EXTERNAL_NAME_ANNOTATION} annotation naming the volume to observe (vol-…)"
+                ),
+            ));
+        }
         let found = ebs::find(&aws, &owner, known_id.as_deref()).await;
         ctx.metrics.provider_call("ec2", "DescribeVolumes", found.is_ok());
         let mut volume = match found? {
@@ -122,10 +131,12 @@ impl Reconciler for Volume {
                 v
             }
             None if known_id.is_some() => {
+                let fix =
+                    if observe_only { "fix the annotation" } else { "remove the annotation to create a new volume" };
                 return Err(Error::stalled(
-                    "VolumeGone",
+                    "VolumeNotFound",
                     format!(
-                        "volume {} named by the {EXTERNAL_NAME_ANNOTATION} annotation no longer exists; remove the annotation to create a new volume",
+                        "volume {} named by the {EXTERNAL_NAME_ANNOTATION} annotation does not exist; {fix}",
                         known_id.unwrap_or_default()
                     ),
                 ));
@@ -147,6 +158,21 @@ impl Reconciler for Volume {
                 created
             }
         };
+
+        if observe_only {
+            status.volume_id = Some(volume.id.clone());
+            status.size_gib = Some(volume.size_gib);
+            status.attached_to = None;
+            status.phase = Some(ResourcePhase::Ready);
+            Conditions::new(&mut status.conditions, generation).ready(
+                "Observing",
+                format!(
+                    "observing EBS volume {} ({} GiB, {}); managementPolicy Observe never changes or deletes it",
+                    volume.id, volume.size_gib, volume.state
+                ),
+            );
+            return Ok(Outcome { status, requeue: None });
+        }
 
         // Grow, or change type / IOPS / throughput.
         let want_type = ebs::type_name(spec.volume_type);
@@ -234,7 +260,9 @@ impl Reconciler for Volume {
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
-        if self.spec.deletion_policy == DeletionPolicy::Orphan {
+        if self.spec.deletion_policy == DeletionPolicy::Orphan
+            || self.spec.management_policy == ManagementPolicy::Observe
+        {
             return Ok(Cleanup::Done);
         }
         let aws = match aws_for(&ctx, &self).await {

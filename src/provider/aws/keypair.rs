@@ -8,15 +8,22 @@ use super::{AwsClients, classify, error_code, owner_tags, tags};
 use crate::provider::{Owner, ProviderError};
 
 /// Imports `public_key` as `name` unless it is there already. A key of that
-/// name that another owner created is an error naming the field to change.
-pub async fn ensure(aws: &AwsClients, owner: &Owner, name: &str, public_key: &str) -> Result<bool, ProviderError> {
+/// name that another owner created is an error naming the field to change,
+/// unless `adopt` (the external-name annotation names it).
+pub async fn ensure(
+    aws: &AwsClients,
+    owner: &Owner,
+    name: &str,
+    public_key: &str,
+    adopt: bool,
+) -> Result<bool, ProviderError> {
     match aws.ec2.describe_key_pairs().key_names(name).send().await {
         Ok(out) => {
             let ours = out
                 .key_pairs()
                 .iter()
                 .any(|k| k.tags().iter().any(|t| t.key() == Some(tags::UID) && t.value() == Some(owner.uid.as_str())));
-            if ours {
+            if ours || adopt {
                 return Ok(false);
             }
             return Err(ProviderError::permanent(
@@ -64,4 +71,13 @@ pub async fn delete(aws: &AwsClients, owner: &Owner, name: &str) -> Result<(), P
             .map_err(|e| classify(e, &format!("DeleteKeyPair {name}")))?;
     }
     Ok(())
+}
+
+/// Whether a key pair of that name exists.
+pub async fn exists(aws: &AwsClients, name: &str) -> Result<bool, ProviderError> {
+    match aws.ec2.describe_key_pairs().key_names(name).send().await {
+        Ok(out) => Ok(!out.key_pairs().is_empty()),
+        Err(err) if error_code(&err) == Some("InvalidKeyPair.NotFound") => Ok(false),
+        Err(err) => Err(classify(err, "DescribeKeyPairs")),
+    }
 }

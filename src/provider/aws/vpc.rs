@@ -74,17 +74,38 @@ fn permission((proto, from, to, cidr): &Rule) -> IpPermission {
         .build()
 }
 
-/// Finds what exists for the Network (by its UID tag).
-pub async fn find_vpc(aws: &AwsClients, owner: &Owner) -> Result<Option<String>, ProviderError> {
-    let out = aws.ec2.describe_vpcs().filters(by_owner(owner)).send().await.map_err(|e| classify(e, "DescribeVpcs"))?;
-    Ok(out.vpcs().iter().find_map(|v| v.vpc_id().map(str::to_owned)))
+/// Finds the Network's VPC: the one named by `known` (adoption), else by the UID tag.
+pub async fn find_vpc(aws: &AwsClients, owner: &Owner, known: Option<&str>) -> Result<Option<String>, ProviderError> {
+    let request = match known {
+        Some(id) => aws.ec2.describe_vpcs().vpc_ids(id),
+        None => aws.ec2.describe_vpcs().filters(by_owner(owner)),
+    };
+    match request.send().await {
+        Ok(out) => Ok(out.vpcs().iter().find_map(|v| v.vpc_id().map(str::to_owned))),
+        Err(err) if error_code(&err) == Some("InvalidVpcID.NotFound") => Ok(None),
+        Err(err) => Err(classify(err, "DescribeVpcs")),
+    }
 }
 
 /// Creates what is missing and converges what exists.
-pub async fn ensure(aws: &AwsClients, owner: &Owner, spec: &Ec2Network) -> Result<NetworkResources, ProviderError> {
+pub async fn ensure(
+    aws: &AwsClients,
+    owner: &Owner,
+    spec: &Ec2Network,
+    known: Option<&str>,
+) -> Result<NetworkResources, ProviderError> {
     // VPC.
-    let vpc_id = match find_vpc(aws, owner).await? {
+    let vpc_id = match find_vpc(aws, owner, known).await? {
         Some(id) => id,
+        None if known.is_some() => {
+            return Err(ProviderError::permanent(
+                "VpcNotFound",
+                format!(
+                    "VPC {} named by the nixops.io/external-name annotation does not exist; fix or remove the annotation",
+                    known.unwrap_or_default()
+                ),
+            ));
+        }
         None => {
             let out = aws
                 .ec2
@@ -277,8 +298,8 @@ pub async fn ensure(aws: &AwsClients, owner: &Owner, spec: &Ec2Network) -> Resul
 }
 
 /// Deletes the Network's resources in dependency order; what is already gone is skipped.
-pub async fn delete(aws: &AwsClients, owner: &Owner) -> Result<(), ProviderError> {
-    let Some(vpc_id) = find_vpc(aws, owner).await? else { return Ok(()) };
+pub async fn delete(aws: &AwsClients, owner: &Owner, known: Option<&str>) -> Result<(), ProviderError> {
+    let Some(vpc_id) = find_vpc(aws, owner, known).await? else { return Ok(()) };
     let groups = aws
         .ec2
         .describe_security_groups()
