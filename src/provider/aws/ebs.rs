@@ -73,8 +73,10 @@ fn observed(v: &aws_sdk_ec2::types::Volume) -> Observed {
 /// Finds the volume: by its recorded ID if there is one, else by the owner's UID tag.
 pub async fn find(aws: &AwsClients, owner: &Owner, id: Option<&str>) -> Result<Option<Observed>, ProviderError> {
     let request = match id {
-        Some(id) => aws.ec2.describe_volumes().volume_ids(id),
+        Some(id) => aws.reading().await.ec2.describe_volumes().volume_ids(id),
         None => aws
+            .reading()
+            .await
             .ec2
             .describe_volumes()
             .filters(Filter::builder().name(format!("tag:{}", tags::UID)).values(&owner.uid).build()),
@@ -97,6 +99,8 @@ fn tag_spec(owner: &Owner, extra: &std::collections::BTreeMap<String, String>) -
 /// Creates the volume, tagged with its owner in the same call.
 pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result<Observed, ProviderError> {
     let out = aws
+        .writing()
+        .await
         .ec2
         .create_volume()
         .availability_zone(&spec.zone)
@@ -125,7 +129,9 @@ pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result
 
 /// Grows the volume or changes its type, IOPS or throughput.
 pub async fn modify(aws: &AwsClients, id: &str, spec: &EbsVolume) -> Result<(), ProviderError> {
-    aws.ec2
+    aws.writing()
+        .await
+        .ec2
         .modify_volume()
         .volume_id(id)
         .set_size(spec.size_gib)
@@ -140,7 +146,9 @@ pub async fn modify(aws: &AwsClients, id: &str, spec: &EbsVolume) -> Result<(), 
 
 /// Attaches the volume to an instance as `device`.
 pub async fn attach(aws: &AwsClients, id: &str, instance_id: &str, device: &str) -> Result<(), ProviderError> {
-    aws.ec2
+    aws.writing()
+        .await
+        .ec2
         .attach_volume()
         .volume_id(id)
         .instance_id(instance_id)
@@ -154,7 +162,7 @@ pub async fn attach(aws: &AwsClients, id: &str, instance_id: &str, device: &str)
 /// Detaches the volume from `instance_id` (always named: the API's
 /// instance-less form is ambiguous and some endpoints reject it).
 pub async fn detach(aws: &AwsClients, id: &str, instance_id: &str) -> Result<(), ProviderError> {
-    match aws.ec2.detach_volume().volume_id(id).instance_id(instance_id).send().await {
+    match aws.writing().await.ec2.detach_volume().volume_id(id).instance_id(instance_id).send().await {
         Ok(_) => Ok(()),
         Err(err) if matches!(error_code(&err), Some("IncorrectState") | Some("InvalidAttachment.NotFound")) => Ok(()),
         Err(err) => Err(classify(err, &format!("DetachVolume {id} from {instance_id}"))),
@@ -163,7 +171,7 @@ pub async fn detach(aws: &AwsClients, id: &str, instance_id: &str) -> Result<(),
 
 /// Deletes the volume; one already gone is success.
 pub async fn delete(aws: &AwsClients, id: &str) -> Result<(), ProviderError> {
-    match aws.ec2.delete_volume().volume_id(id).send().await {
+    match aws.writing().await.ec2.delete_volume().volume_id(id).send().await {
         Ok(_) => Ok(()),
         Err(err) if error_code(&err) == Some("InvalidVolume.NotFound") => Ok(()),
         Err(err) => Err(classify(err, &format!("DeleteVolume {id}"))),

@@ -82,8 +82,10 @@ async fn find(
         .values("stopped")
         .build();
     let request = match &target.external_id {
-        Some(id) => aws.ec2.describe_instances().instance_ids(id).filters(live),
+        Some(id) => aws.reading().await.ec2.describe_instances().instance_ids(id).filters(live),
         None => aws
+            .reading()
+            .await
             .ec2
             .describe_instances()
             .filters(Filter::builder().name(format!("tag:{}", tags::UID)).values(&target.owner.uid).build())
@@ -134,6 +136,8 @@ impl MachineProvider for Ec2Machines {
             tag_volume = tag_volume.tags(Tag::builder().key(k).value(v).build());
         }
         let mut run = aws
+            .writing()
+            .await
             .ec2
             .run_instances()
             .image_id(&spec.ami)
@@ -177,7 +181,9 @@ impl MachineProvider for Ec2Machines {
         };
         match (target.running, current.state) {
             (false, InstanceState::Running | InstanceState::Pending) => {
-                aws.ec2
+                aws.writing()
+                    .await
+                    .ec2
                     .stop_instances()
                     .instance_ids(&id)
                     .send()
@@ -185,7 +191,9 @@ impl MachineProvider for Ec2Machines {
                     .map_err(|e| classify(e, "StopInstances (spec.running: false)"))?;
             }
             (true, InstanceState::Stopped) => {
-                aws.ec2
+                aws.writing()
+                    .await
+                    .ec2
                     .start_instances()
                     .instance_ids(&id)
                     .send()
@@ -204,7 +212,7 @@ impl MachineProvider for Ec2Machines {
         if ids.is_empty() {
             return Ok(());
         }
-        match aws.ec2.terminate_instances().set_instance_ids(Some(ids)).send().await {
+        match aws.writing().await.ec2.terminate_instances().set_instance_ids(Some(ids)).send().await {
             Ok(_) => Ok(()),
             Err(err) if error_code(&err) == Some("InvalidInstanceID.NotFound") => Ok(()),
             Err(err) => Err(classify(err, "TerminateInstances")),

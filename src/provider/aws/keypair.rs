@@ -17,7 +17,7 @@ pub async fn ensure(
     public_key: &str,
     adopt: bool,
 ) -> Result<bool, ProviderError> {
-    match aws.ec2.describe_key_pairs().key_names(name).send().await {
+    match aws.reading().await.ec2.describe_key_pairs().key_names(name).send().await {
         Ok(out) => {
             let ours = out
                 .key_pairs()
@@ -40,7 +40,9 @@ pub async fn ensure(
     for (k, v) in owner_tags(owner, "KeyPair") {
         spec = spec.tags(Tag::builder().key(k).value(v).build());
     }
-    aws.ec2
+    aws.writing()
+        .await
+        .ec2
         .import_key_pair()
         .key_name(name)
         .public_key_material(Blob::new(public_key.as_bytes()))
@@ -53,7 +55,7 @@ pub async fn ensure(
 
 /// Deletes the key pair if this owner created it; one already gone is success.
 pub async fn delete(aws: &AwsClients, owner: &Owner, name: &str) -> Result<(), ProviderError> {
-    let out = match aws.ec2.describe_key_pairs().key_names(name).send().await {
+    let out = match aws.reading().await.ec2.describe_key_pairs().key_names(name).send().await {
         Ok(out) => out,
         Err(err) if error_code(&err) == Some("InvalidKeyPair.NotFound") => return Ok(()),
         Err(err) => return Err(classify(err, "DescribeKeyPairs")),
@@ -63,7 +65,9 @@ pub async fn delete(aws: &AwsClients, owner: &Owner, name: &str) -> Result<(), P
         .iter()
         .any(|k| k.tags().iter().any(|t| t.key() == Some(tags::UID) && t.value() == Some(owner.uid.as_str())));
     if ours {
-        aws.ec2
+        aws.writing()
+            .await
+            .ec2
             .delete_key_pair()
             .key_name(name)
             .send()
@@ -75,7 +79,7 @@ pub async fn delete(aws: &AwsClients, owner: &Owner, name: &str) -> Result<(), P
 
 /// Whether a key pair of that name exists.
 pub async fn exists(aws: &AwsClients, name: &str) -> Result<bool, ProviderError> {
-    match aws.ec2.describe_key_pairs().key_names(name).send().await {
+    match aws.reading().await.ec2.describe_key_pairs().key_names(name).send().await {
         Ok(out) => Ok(!out.key_pairs().is_empty()),
         Err(err) if error_code(&err) == Some("InvalidKeyPair.NotFound") => Ok(false),
         Err(err) => Err(classify(err, "DescribeKeyPairs")),

@@ -49,6 +49,42 @@ pub struct AwsClients {
     pub ec2: aws_sdk_ec2::Client,
     pub s3: aws_sdk_s3::Client,
     pub region: String,
+    limits: Arc<RateLimits>,
+}
+
+/// Client-side rate limits of one account and region, shared by every
+/// Network that uses it: AWS throttles per account and region, and mutating
+/// calls (RunInstances, CreateVolume, …) far more than Describe calls.
+pub struct RateLimits {
+    reads: governor::DefaultDirectRateLimiter,
+    writes: governor::DefaultDirectRateLimiter,
+}
+
+impl RateLimits {
+    fn new() -> Self {
+        use governor::{Quota, RateLimiter};
+        use std::num::NonZeroU32;
+        let quota = |per_second: u32, burst: u32| {
+            Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
+        };
+        Self { reads: RateLimiter::direct(quota(20, 40)), writes: RateLimiter::direct(quota(5, 10)) }
+    }
+}
+
+impl AwsClients {
+    /// Waits for a slot for a read-only call (Describe*, Get*, Head*, List*):
+    /// `aws.reading().await.ec2.describe_vpcs()…`.
+    pub async fn reading(&self) -> &Self {
+        self.limits.reads.until_ready().await;
+        self
+    }
+
+    /// Waits for a slot for a mutating call: `aws.writing().await.ec2.run_instances()…`.
+    pub async fn writing(&self) -> &Self {
+        self.limits.writes.until_ready().await;
+        self
+    }
 }
 
 /// Builds and caches clients per Network.
@@ -56,6 +92,8 @@ pub struct AwsClients {
 pub struct AwsAccounts {
     client: Client,
     cache: Arc<Mutex<HashMap<String, CachedClients>>>,
+    /// Rate limits by account (access key or "default chain"), region and endpoint.
+    limits: Arc<Mutex<HashMap<String, Arc<RateLimits>>>>,
 }
 
 /// Clients with the version of the settings they were built from.
@@ -63,7 +101,7 @@ type CachedClients = (String, Arc<AwsClients>);
 
 impl AwsAccounts {
     pub fn new(client: Client) -> Self {
-        Self { client, cache: Arc::default() }
+        Self { client, cache: Arc::default(), limits: Arc::default() }
     }
 
     /// The clients for `network`'s account; a Stalled-worthy error names the
@@ -98,7 +136,16 @@ impl AwsAccounts {
         {
             return Ok(clients.clone());
         }
-        let clients = Arc::new(build(ec2, secret.as_ref(), &name).await?);
+        let account =
+            secret.as_ref().and_then(|s| secret_value(s, "accessKeyId")).unwrap_or_else(|| "default-chain".into());
+        let limits = self
+            .limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(format!("{account}|{}|{:?}", ec2.region, ec2.endpoint))
+            .or_insert_with(|| Arc::new(RateLimits::new()))
+            .clone();
+        let clients = Arc::new(build(ec2, secret.as_ref(), &name, limits).await?);
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (version, clients.clone()));
         Ok(clients)
     }
@@ -109,9 +156,17 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     String::from_utf8(data.0.clone()).ok().map(|s| s.trim().to_owned())
 }
 
-async fn build(ec2: &Ec2Network, secret: Option<&Secret>, network: &str) -> Result<AwsClients, ProviderError> {
+async fn build(
+    ec2: &Ec2Network,
+    secret: Option<&Secret>,
+    network: &str,
+    limits: Arc<RateLimits>,
+) -> Result<AwsClients, ProviderError> {
     let region = aws_config::Region::new(ec2.region.clone());
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region);
+    // Adaptive retries back off on throttling (RequestLimitExceeded, SlowDown)
+    // with a client-side token bucket, on top of the controllers' own backoff.
+    let retry = aws_config::retry::RetryConfig::adaptive().with_max_attempts(4);
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region).retry_config(retry);
     let mut endpoint = ec2.endpoint.clone();
     if let Some(secret) = secret {
         let name = secret.name_any();
@@ -142,6 +197,7 @@ async fn build(ec2: &Ec2Network, secret: Option<&Secret>, network: &str) -> Resu
         ec2: aws_sdk_ec2::Client::new(&config),
         s3: aws_sdk_s3::Client::from_conf(s3_config),
         region: ec2.region.clone(),
+        limits,
     })
 }
 
@@ -202,6 +258,15 @@ pub fn error_code<E: ProvideErrorMetadata, R>(err: &aws_sdk_ec2::error::SdkError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mutating_calls_get_a_smaller_budget_than_reads() {
+        let limits = RateLimits::new();
+        let writes = (0..100).take_while(|_| limits.writes.check().is_ok()).count();
+        let reads = (0..100).take_while(|_| limits.reads.check().is_ok()).count();
+        assert_eq!(writes, 10, "burst of mutating calls");
+        assert_eq!(reads, 40, "burst of read calls");
+    }
 
     #[test]
     fn throttling_is_retried_and_bad_input_is_not() {

@@ -35,7 +35,7 @@ fn code<E: aws_sdk_s3::error::ProvideErrorMetadata, R>(err: &aws_sdk_s3::error::
 
 /// Whether the bucket exists and is ours to manage.
 pub async fn exists(aws: &AwsClients, name: &str) -> Result<bool, ProviderError> {
-    match aws.s3.head_bucket().bucket(name).send().await {
+    match aws.reading().await.s3.head_bucket().bucket(name).send().await {
         Ok(_) => Ok(true),
         Err(err) => match err.raw_response().map(|r| r.status().as_u16()) {
             Some(404) => Ok(false),
@@ -53,7 +53,7 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
     let name = spec.name;
     let mut state = BucketState { created: false, changed: Vec::new() };
     if !exists(aws, name).await? {
-        let mut create = aws.s3.create_bucket().bucket(name);
+        let mut create = aws.writing().await.s3.create_bucket().bucket(name);
         if aws.region != "us-east-1" {
             create = create.create_bucket_configuration(
                 CreateBucketConfiguration::builder()
@@ -75,12 +75,21 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
     }
 
     // Versioning: Enabled, or Suspended once it was ever enabled.
-    let current =
-        aws.s3.get_bucket_versioning().bucket(name).send().await.map_err(|e| classify(e, "GetBucketVersioning"))?;
+    let current = aws
+        .reading()
+        .await
+        .s3
+        .get_bucket_versioning()
+        .bucket(name)
+        .send()
+        .await
+        .map_err(|e| classify(e, "GetBucketVersioning"))?;
     let enabled = current.status() == Some(&BucketVersioningStatus::Enabled);
     if enabled != spec.versioning && (spec.versioning || current.status().is_some()) {
         let status = if spec.versioning { BucketVersioningStatus::Enabled } else { BucketVersioningStatus::Suspended };
-        aws.s3
+        aws.writing()
+            .await
+            .s3
             .put_bucket_versioning()
             .bucket(name)
             .versioning_configuration(VersioningConfiguration::builder().status(status).build())
@@ -98,13 +107,15 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
         .block_public_policy(pab.block_public_policy)
         .restrict_public_buckets(pab.restrict_public_buckets)
         .build();
-    let current = match aws.s3.get_public_access_block().bucket(name).send().await {
+    let current = match aws.reading().await.s3.get_public_access_block().bucket(name).send().await {
         Ok(out) => out.public_access_block_configuration().cloned(),
         Err(err) if code(&err).as_deref() == Some("NoSuchPublicAccessBlockConfiguration") => None,
         Err(err) => return Err(classify(err, "GetPublicAccessBlock")),
     };
     if current.as_ref() != Some(&desired) {
-        aws.s3
+        aws.writing()
+            .await
+            .s3
             .put_public_access_block()
             .bucket(name)
             .public_access_block_configuration(desired)
@@ -115,7 +126,7 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
     }
 
     // Policy, compared as JSON values.
-    let current = match aws.s3.get_bucket_policy().bucket(name).send().await {
+    let current = match aws.reading().await.s3.get_bucket_policy().bucket(name).send().await {
         Ok(out) => out.policy().and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok()),
         Err(err) if code(&err).as_deref() == Some("NoSuchBucketPolicy") => None,
         Err(err) => return Err(classify(err, "GetBucketPolicy")),
@@ -123,7 +134,9 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
     match (spec.policy, current) {
         (Some(want), Some(have)) if *want == have => {}
         (Some(want), _) => {
-            aws.s3
+            aws.writing()
+                .await
+                .s3
                 .put_bucket_policy()
                 .bucket(name)
                 .policy(want.to_string())
@@ -133,14 +146,22 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
             state.changed.push("policy");
         }
         (None, Some(_)) => {
-            aws.s3.delete_bucket_policy().bucket(name).send().await.map_err(|e| classify(e, "DeleteBucketPolicy"))?;
+            aws.writing()
+                .await
+                .s3
+                .delete_bucket_policy()
+                .bucket(name)
+                .send()
+                .await
+                .map_err(|e| classify(e, "DeleteBucketPolicy"))?;
             state.changed.push("policy");
         }
         (None, None) => {}
     }
 
     // Tags.
-    let current: BTreeMap<String, String> = match aws.s3.get_bucket_tagging().bucket(name).send().await {
+    let current: BTreeMap<String, String> = match aws.reading().await.s3.get_bucket_tagging().bucket(name).send().await
+    {
         Ok(out) => out.tag_set().iter().map(|t| (t.key().to_owned(), t.value().to_owned())).collect(),
         Err(err) if code(&err).as_deref() == Some("NoSuchTagSet") => BTreeMap::new(),
         Err(err) => return Err(classify(err, "GetBucketTagging")),
@@ -151,7 +172,9 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
             .set_tag_set(Some(tags.map_err(|e| ProviderError::permanent("InvalidTag", format!("spec.tags: {e}")))?))
             .build()
             .map_err(|e| ProviderError::permanent("InvalidTag", format!("spec.tags: {e}")))?;
-        aws.s3
+        aws.writing()
+            .await
+            .s3
             .put_bucket_tagging()
             .bucket(name)
             .tagging(tagging)
@@ -165,7 +188,15 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
 
 /// Number of object versions and delete markers in the bucket (up to one page).
 pub async fn object_count(aws: &AwsClients, name: &str) -> Result<usize, ProviderError> {
-    let out = aws.s3.list_object_versions().bucket(name).send().await.map_err(|e| classify(e, "ListObjectVersions"))?;
+    let out = aws
+        .reading()
+        .await
+        .s3
+        .list_object_versions()
+        .bucket(name)
+        .send()
+        .await
+        .map_err(|e| classify(e, "ListObjectVersions"))?;
     Ok(out.versions().len() + out.delete_markers().len())
 }
 
@@ -177,6 +208,8 @@ pub async fn delete(aws: &AwsClients, name: &str, force: bool) -> Result<(), Pro
     if force {
         loop {
             let out = aws
+                .reading()
+                .await
                 .s3
                 .list_object_versions()
                 .bucket(name)
@@ -203,7 +236,9 @@ pub async fn delete(aws: &AwsClients, name: &str, force: bool) -> Result<(), Pro
                 .quiet(true)
                 .build()
                 .map_err(|e| ProviderError::Transient(format!("DeleteObjects: {e}")))?;
-            aws.s3
+            aws.writing()
+                .await
+                .s3
                 .delete_objects()
                 .bucket(name)
                 .delete(delete)
@@ -212,7 +247,7 @@ pub async fn delete(aws: &AwsClients, name: &str, force: bool) -> Result<(), Pro
                 .map_err(|e| classify(e, "DeleteObjects"))?;
         }
     }
-    match aws.s3.delete_bucket().bucket(name).send().await {
+    match aws.writing().await.s3.delete_bucket().bucket(name).send().await {
         Ok(_) => Ok(()),
         Err(err) if code(&err).as_deref() == Some("NoSuchBucket") => Ok(()),
         Err(err) => Err(classify(err, &format!("DeleteBucket {name}"))),

@@ -77,8 +77,8 @@ fn permission((proto, from, to, cidr): &Rule) -> IpPermission {
 /// Finds the Network's VPC: the one named by `known` (adoption), else by the UID tag.
 pub async fn find_vpc(aws: &AwsClients, owner: &Owner, known: Option<&str>) -> Result<Option<String>, ProviderError> {
     let request = match known {
-        Some(id) => aws.ec2.describe_vpcs().vpc_ids(id),
-        None => aws.ec2.describe_vpcs().filters(by_owner(owner)),
+        Some(id) => aws.reading().await.ec2.describe_vpcs().vpc_ids(id),
+        None => aws.reading().await.ec2.describe_vpcs().filters(by_owner(owner)),
     };
     match request.send().await {
         Ok(out) => Ok(out.vpcs().iter().find_map(|v| v.vpc_id().map(str::to_owned))),
@@ -108,6 +108,8 @@ pub async fn ensure(
         }
         None => {
             let out = aws
+                .writing()
+                .await
                 .ec2
                 .create_vpc()
                 .cidr_block(&spec.vpc.cidr_block)
@@ -120,8 +122,15 @@ pub async fn ensure(
     };
 
     // Subnets, matched by name tag; ones no longer in the spec are deleted.
-    let existing =
-        aws.ec2.describe_subnets().filters(in_vpc(&vpc_id)).send().await.map_err(|e| classify(e, "DescribeSubnets"))?;
+    let existing = aws
+        .reading()
+        .await
+        .ec2
+        .describe_subnets()
+        .filters(in_vpc(&vpc_id))
+        .send()
+        .await
+        .map_err(|e| classify(e, "DescribeSubnets"))?;
     let named = |s: &aws_sdk_ec2::types::Subnet| {
         s.tags().iter().find(|t| t.key() == Some(SUBNET_TAG)).and_then(|t| t.value()).map(str::to_owned)
     };
@@ -131,6 +140,8 @@ pub async fn ensure(
             Some(s) => s.subnet_id().unwrap_or_default().to_owned(),
             None => {
                 let out = aws
+                    .writing()
+                    .await
                     .ec2
                     .create_subnet()
                     .vpc_id(&vpc_id)
@@ -142,7 +153,9 @@ pub async fn ensure(
                     .map_err(|e| classify(e, &format!("CreateSubnet {} (spec.provider.ec2.subnets)", want.name)))?;
                 let id = out.subnet().and_then(|s| s.subnet_id()).unwrap_or_default().to_owned();
                 if want.public {
-                    aws.ec2
+                    aws.writing()
+                        .await
+                        .ec2
                         .modify_subnet_attribute()
                         .subnet_id(&id)
                         .map_public_ip_on_launch(
@@ -161,7 +174,7 @@ pub async fn ensure(
         existing.subnets().iter().filter(|s| named(s).is_some_and(|n| !spec.subnets.iter().any(|w| w.name == n)))
     {
         let id = stale.subnet_id().unwrap_or_default();
-        match aws.ec2.delete_subnet().subnet_id(id).send().await {
+        match aws.writing().await.ec2.delete_subnet().subnet_id(id).send().await {
             Ok(_) => {}
             Err(err) if error_code(&err) == Some("InvalidSubnetID.NotFound") => {}
             Err(err) => {
@@ -175,6 +188,8 @@ pub async fn ensure(
     if spec.subnets.iter().any(|s| s.public) {
         let attached = Filter::builder().name("attachment.vpc-id").values(&vpc_id).build();
         let igws = aws
+            .reading()
+            .await
             .ec2
             .describe_internet_gateways()
             .filters(attached)
@@ -185,6 +200,8 @@ pub async fn ensure(
             Some(id) => id.to_owned(),
             None => {
                 let out = aws
+                    .writing()
+                    .await
                     .ec2
                     .create_internet_gateway()
                     .tag_specifications(tag_spec(owner, ResourceType::InternetGateway, &[]))
@@ -192,7 +209,9 @@ pub async fn ensure(
                     .await
                     .map_err(|e| classify(e, "CreateInternetGateway"))?;
                 let id = out.internet_gateway().and_then(|g| g.internet_gateway_id()).unwrap_or_default().to_owned();
-                aws.ec2
+                aws.writing()
+                    .await
+                    .ec2
                     .attach_internet_gateway()
                     .internet_gateway_id(&id)
                     .vpc_id(&vpc_id)
@@ -204,6 +223,8 @@ pub async fn ensure(
         };
         let main = Filter::builder().name("association.main").values("true").build();
         let tables = aws
+            .reading()
+            .await
             .ec2
             .describe_route_tables()
             .filters(in_vpc(&vpc_id))
@@ -215,6 +236,8 @@ pub async fn ensure(
             let has_default = table.routes().iter().any(|r| r.destination_cidr_block() == Some("0.0.0.0/0"));
             if !has_default {
                 match aws
+                    .writing()
+                    .await
                     .ec2
                     .create_route()
                     .route_table_id(table.route_table_id().unwrap_or_default())
@@ -236,6 +259,8 @@ pub async fn ensure(
     let group_name = security_group_name(owner);
     let by_name = Filter::builder().name("group-name").values(&group_name).build();
     let groups = aws
+        .reading()
+        .await
         .ec2
         .describe_security_groups()
         .filters(in_vpc(&vpc_id))
@@ -260,6 +285,8 @@ pub async fn ensure(
         }
         None => {
             let out = aws
+                .writing()
+                .await
                 .ec2
                 .create_security_group()
                 .group_name(&group_name)
@@ -276,7 +303,9 @@ pub async fn ensure(
     let add: Vec<IpPermission> = desired.difference(&current).map(permission).collect();
     let remove: Vec<IpPermission> = current.difference(&desired).map(permission).collect();
     if !add.is_empty() {
-        aws.ec2
+        aws.writing()
+            .await
+            .ec2
             .authorize_security_group_ingress()
             .group_id(&sg_id)
             .set_ip_permissions(Some(add))
@@ -285,7 +314,9 @@ pub async fn ensure(
             .map_err(|e| classify(e, "AuthorizeSecurityGroupIngress (spec.provider.ec2.securityGroup)"))?;
     }
     if !remove.is_empty() {
-        aws.ec2
+        aws.writing()
+            .await
+            .ec2
             .revoke_security_group_ingress()
             .group_id(&sg_id)
             .set_ip_permissions(Some(remove))
@@ -301,6 +332,8 @@ pub async fn ensure(
 pub async fn delete(aws: &AwsClients, owner: &Owner, known: Option<&str>) -> Result<(), ProviderError> {
     let Some(vpc_id) = find_vpc(aws, owner, known).await? else { return Ok(()) };
     let groups = aws
+        .reading()
+        .await
         .ec2
         .describe_security_groups()
         .filters(in_vpc(&vpc_id))
@@ -308,16 +341,23 @@ pub async fn delete(aws: &AwsClients, owner: &Owner, known: Option<&str>) -> Res
         .await
         .map_err(|e| classify(e, "DescribeSecurityGroups"))?;
     for g in groups.security_groups().iter().filter(|g| g.group_name() != Some("default")) {
-        match aws.ec2.delete_security_group().group_id(g.group_id().unwrap_or_default()).send().await {
+        match aws.writing().await.ec2.delete_security_group().group_id(g.group_id().unwrap_or_default()).send().await {
             Ok(_) => {}
             Err(err) if error_code(&err) == Some("InvalidGroup.NotFound") => {}
             Err(err) => return Err(classify(err, "DeleteSecurityGroup")),
         }
     }
-    let subnets =
-        aws.ec2.describe_subnets().filters(in_vpc(&vpc_id)).send().await.map_err(|e| classify(e, "DescribeSubnets"))?;
+    let subnets = aws
+        .reading()
+        .await
+        .ec2
+        .describe_subnets()
+        .filters(in_vpc(&vpc_id))
+        .send()
+        .await
+        .map_err(|e| classify(e, "DescribeSubnets"))?;
     for s in subnets.subnets() {
-        match aws.ec2.delete_subnet().subnet_id(s.subnet_id().unwrap_or_default()).send().await {
+        match aws.writing().await.ec2.delete_subnet().subnet_id(s.subnet_id().unwrap_or_default()).send().await {
             Ok(_) => {}
             Err(err) if error_code(&err) == Some("InvalidSubnetID.NotFound") => {}
             Err(err) => return Err(classify(err, "DeleteSubnet")),
@@ -325,6 +365,8 @@ pub async fn delete(aws: &AwsClients, owner: &Owner, known: Option<&str>) -> Res
     }
     let attached = Filter::builder().name("attachment.vpc-id").values(&vpc_id).build();
     let igws = aws
+        .reading()
+        .await
         .ec2
         .describe_internet_gateways()
         .filters(attached)
@@ -333,14 +375,14 @@ pub async fn delete(aws: &AwsClients, owner: &Owner, known: Option<&str>) -> Res
         .map_err(|e| classify(e, "DescribeInternetGateways"))?;
     for g in igws.internet_gateways() {
         let id = g.internet_gateway_id().unwrap_or_default();
-        let _ = aws.ec2.detach_internet_gateway().internet_gateway_id(id).vpc_id(&vpc_id).send().await;
-        match aws.ec2.delete_internet_gateway().internet_gateway_id(id).send().await {
+        let _ = aws.writing().await.ec2.detach_internet_gateway().internet_gateway_id(id).vpc_id(&vpc_id).send().await;
+        match aws.writing().await.ec2.delete_internet_gateway().internet_gateway_id(id).send().await {
             Ok(_) => {}
             Err(err) if error_code(&err) == Some("InvalidInternetGatewayID.NotFound") => {}
             Err(err) => return Err(classify(err, "DeleteInternetGateway")),
         }
     }
-    match aws.ec2.delete_vpc().vpc_id(&vpc_id).send().await {
+    match aws.writing().await.ec2.delete_vpc().vpc_id(&vpc_id).send().await {
         Ok(_) => Ok(()),
         Err(err) if error_code(&err) == Some("InvalidVpcID.NotFound") => Ok(()),
         Err(err) => Err(classify(err, "DeleteVpc")),
