@@ -26,3 +26,4 @@ fi
 "$root/hack/controlplane/build.sh" >/dev/null
 "$root/hack/kstatus/build.sh" >/dev/null
 "$root/hack/moto/install.sh" >/dev/null
+"$root/hack/toxiproxy/build.sh" >/dev/null

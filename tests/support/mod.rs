@@ -408,3 +408,78 @@ pub async fn aws_network(client: &Client, ns: &str, name: &str, endpoint: &str) 
     .expect("network");
     networks.create(&PostParams::default(), &net).await.expect("create network");
 }
+
+/// A toxiproxy server (built by hack/toxiproxy) on a free loopback port,
+/// stopped when the test process exits.
+pub struct Toxiproxy {
+    api_port: u16,
+}
+
+/// Starts a toxiproxy server for this test.
+pub fn toxiproxy() -> Toxiproxy {
+    let out = Command::new(repo_root().join("hack/toxiproxy/build.sh")).output().expect("run hack/toxiproxy/build.sh");
+    assert!(out.status.success(), "hack/toxiproxy/build.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    let bin = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let api_port = free_port();
+    let script = format!(
+        "{bin} -host 127.0.0.1 -port {api_port} >/dev/null 2>&1 & child=$!; \
+         while kill -0 {} 2>/dev/null; do sleep 0.5; done; kill $child",
+        std::process::id()
+    );
+    Command::new("setsid")
+        .args(["-f", "bash", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("start toxiproxy");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok() {
+            return Toxiproxy { api_port };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("toxiproxy did not start");
+}
+
+impl Toxiproxy {
+    /// Sends a request to toxiproxy's HTTP API; panics unless it succeeds.
+    fn call(&self, method: &str, path: &str, body: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.api_port)).expect("connect to toxiproxy");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        let code: u16 = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        assert!((200..300).contains(&code), "toxiproxy {method} {path}: {response}");
+        response
+    }
+
+    /// Creates a proxy from a free loopback port to `upstream`; returns its address.
+    pub fn proxy(&self, name: &str, upstream: &str) -> String {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        self.call(
+            "POST",
+            "/proxies",
+            &serde_json::json!({"name": name, "listen": listen, "upstream": upstream}).to_string(),
+        );
+        listen
+    }
+
+    /// Adds a toxic (latency, reset_peer, timeout, bandwidth, …) to a proxy.
+    pub fn toxic(&self, proxy: &str, name: &str, kind: &str, toxicity: f64, attributes: serde_json::Value) {
+        let body = serde_json::json!({"name": name, "type": kind, "stream": "downstream", "toxicity": toxicity, "attributes": attributes});
+        self.call("POST", &format!("/proxies/{proxy}/toxics"), &body.to_string());
+    }
+
+    /// Removes a toxic.
+    pub fn remove_toxic(&self, proxy: &str, name: &str) {
+        self.call("DELETE", &format!("/proxies/{proxy}/toxics/{name}"), "");
+    }
+}

@@ -112,6 +112,8 @@ pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result
         .set_kms_key_id(spec.kms_key_id.clone())
         .set_snapshot_id(spec.snapshot_id.clone())
         .tag_specifications(tag_spec(owner, &spec.tags))
+        .customize()
+        .config_override(super::single_attempt())
         .send()
         .await
         .map_err(|e| classify(e, "CreateVolume (spec.provider.ec2)"))?;

@@ -166,7 +166,12 @@ impl MachineProvider for Ec2Machines {
         if let Some(data) = &spec.user_data {
             run = run.user_data(base64_encode(data.as_bytes()));
         }
-        let out = run.send().await.map_err(|e| classify(e, "RunInstances (spec.provider.ec2)"))?;
+        let out = run
+            .customize()
+            .config_override(super::single_attempt())
+            .send()
+            .await
+            .map_err(|e| classify(e, "RunInstances (spec.provider.ec2)"))?;
         let created = out
             .instances()
             .first()

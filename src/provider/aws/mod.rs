@@ -201,6 +201,15 @@ async fn build(
     })
 }
 
+/// Config for calls that create something and are not idempotent on every
+/// endpoint (RunInstances, CreateVolume, CreateVpc, …): the SDK must not
+/// retry them by itself, since an endpoint that ignores ClientToken would
+/// create a second resource when a response was lost. The controller
+/// retries instead, after looking the resource up by its UID tag.
+pub fn single_attempt() -> aws_sdk_ec2::config::Builder {
+    aws_sdk_ec2::config::Builder::new().retry_config(aws_config::retry::RetryConfig::disabled())
+}
+
 /// Classifies an AWS SDK error: throttling and transport trouble are retried,
 /// everything that needs a change (bad input, auth, quotas) stalls. The
 /// message carries the AWS error code and what was being done.

@@ -114,6 +114,8 @@ pub async fn ensure(
                 .create_vpc()
                 .cidr_block(&spec.vpc.cidr_block)
                 .tag_specifications(tag_spec(owner, ResourceType::Vpc, &[]))
+                .customize()
+                .config_override(super::single_attempt())
                 .send()
                 .await
                 .map_err(|e| classify(e, "CreateVpc (spec.provider.ec2.vpc)"))?;
@@ -148,6 +150,8 @@ pub async fn ensure(
                     .cidr_block(&want.cidr_block)
                     .availability_zone(&want.zone)
                     .tag_specifications(tag_spec(owner, ResourceType::Subnet, &[(SUBNET_TAG, &want.name)]))
+                    .customize()
+                    .config_override(super::single_attempt())
                     .send()
                     .await
                     .map_err(|e| classify(e, &format!("CreateSubnet {} (spec.provider.ec2.subnets)", want.name)))?;
@@ -205,6 +209,8 @@ pub async fn ensure(
                     .ec2
                     .create_internet_gateway()
                     .tag_specifications(tag_spec(owner, ResourceType::InternetGateway, &[]))
+                    .customize()
+                    .config_override(super::single_attempt())
                     .send()
                     .await
                     .map_err(|e| classify(e, "CreateInternetGateway"))?;
@@ -293,6 +299,8 @@ pub async fn ensure(
                 .description(format!("nixops-operator Network {}/{}", owner.namespace, owner.name))
                 .vpc_id(&vpc_id)
                 .tag_specifications(tag_spec(owner, ResourceType::SecurityGroup, &[]))
+                .customize()
+                .config_override(super::single_attempt())
                 .send()
                 .await
                 .map_err(|e| classify(e, "CreateSecurityGroup"))?;
