@@ -307,3 +307,25 @@ async fn kill_9_during_provisioning_leaves_exactly_one_instance_and_volume() {
         assert!(volumes(&ec2, &v_uid).await.is_empty(), "a volume leaked");
     }
 }
+
+#[tokio::test]
+async fn orphaned_machine_keeps_its_instance() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "ec2-orphan").await;
+    let _operator = support::Operator::start(&ns, &[]);
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let ec2 = ec2().await;
+    let ami = some_ami(&ec2).await;
+    let host = support::SshHost::start();
+    let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
+    machines
+        .create(&PostParams::default(), &machine("kept", &ami, &host, json!({"deletionPolicy": "Orphan"})))
+        .await
+        .unwrap();
+    support::wait_for(&machines, "kept", TIMEOUT, "Ready", |m| ready(m.status.as_ref().map(|s| &s.conditions))).await;
+    let uid = machines.get("kept").await.unwrap().metadata.uid.unwrap();
+    machines.delete("kept", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&machines, "kept", TIMEOUT).await;
+    assert_eq!(instances(&ec2, &uid).await.len(), 1, "Orphan must leave the instance running");
+}
