@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks for building and testing: Debian
-# packages, the Rust lint components, and the Go-built control plane
-# (hack/controlplane/build.sh, cached outside the repository).
+# packages (openssh-server for test hosts, …), the Rust lint components, and,
+# cached outside the repository: the Go-built control plane
+# (kube-apiserver, kubectl, etcd), kstatus and toxiproxy, and moto server in
+# a Python virtualenv.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -10,6 +12,7 @@ for cmd_pkg in openssl:openssl curl:curl python3:python3 git:git sshd:openssh-se
   command -v "${cmd_pkg%%:*}" >/dev/null || need_apt+=("${cmd_pkg#*:}")
 done
 [[ -e /etc/ssl/certs/ca-certificates.crt ]] || need_apt+=(ca-certificates)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if (( ${#need_apt[@]} )); then
   echo "install-deps: apt-get install ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
