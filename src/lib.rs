@@ -14,6 +14,7 @@ pub mod crdgen;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod nix;
 pub mod operator;
 pub mod provider;
 pub mod ssh;
