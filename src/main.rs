@@ -74,6 +74,10 @@ struct RunArgs {
     #[arg(long, env = "NIXOPS_SSH_TIMEOUT_SECONDS", default_value_t = 10)]
     ssh_timeout_seconds: u64,
 
+    /// Seconds to let reconciliations in flight finish after SIGTERM.
+    #[arg(long, env = "NIXOPS_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
+    shutdown_grace_seconds: u64,
+
     /// Log format.
     #[arg(long, env = "NIXOPS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -117,6 +121,7 @@ async fn run(args: RunArgs) -> Result<(), operator::RunError> {
             retry: Duration::from_secs(args.lease_retry_seconds),
         },
         identity: identity(),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
         settings: Settings {
             resync: Duration::from_secs(args.resync_seconds),
             ssh_timeout: Duration::from_secs(args.ssh_timeout_seconds),

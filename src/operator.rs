@@ -35,6 +35,8 @@ pub struct Options {
     pub lease: LeaseTiming,
     pub identity: String,
     pub settings: Settings,
+    /// Longest wait for reconciliations in flight after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 /// Errors that stop the operator.
@@ -97,14 +99,23 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         metrics.clone(),
         opts.settings.clone(),
     ));
-    let controllers = run_controllers(&client, &opts, ctx, stop_rx.clone());
+    let controllers = run_controllers(&client, &opts, ctx.clone(), stop_rx.clone());
     tokio::pin!(controllers);
 
     let result = tokio::select! {
         _ = &mut signal => {
-            tracing::info!("shutting down: finishing reconciliations in flight");
+            tracing::info!(in_flight = ctx.in_flight(), "shutting down: finishing reconciliations in flight");
             let _ = stop_tx.send(true);
-            controllers.await;
+            // The controllers stop taking new work; wait until they are done,
+            // or nothing is in flight any more, or the grace period is over
+            // (every step is idempotent, so abandoned work resumes safely).
+            tokio::select! {
+                _ = &mut controllers => {}
+                _ = until_idle(&ctx) => {}
+                _ = tokio::time::sleep(opts.shutdown_grace) => {
+                    tracing::warn!(in_flight = ctx.in_flight(), "grace period over; abandoning reconciliations in flight");
+                }
+            }
             Ok(())
         }
         _ = async { match &lease { Some(l) => l.hold().await, None => std::future::pending().await } } => {
@@ -124,6 +135,20 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         tracing::warn!(%err, "HTTP server failed");
     }
     result
+}
+
+/// Resolves once no reconciliation has been running for a moment.
+async fn until_idle(ctx: &Context) {
+    let mut idle_since = None;
+    loop {
+        match (ctx.in_flight(), idle_since) {
+            (0, None) => idle_since = Some(std::time::Instant::now()),
+            (0, Some(t)) if t.elapsed() >= Duration::from_millis(300) => return,
+            (0, Some(_)) => {}
+            _ => idle_since = None,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>

@@ -17,6 +17,7 @@ pub mod volume;
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -137,6 +138,8 @@ pub struct Context {
     pub keypair_users: KeyPairUsers,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Reconciliations running now, so shutdown can wait for exactly those.
+    in_flight: AtomicUsize,
 }
 
 /// Machine ("namespace/name") → the KeyPair name it uses.
@@ -155,6 +158,7 @@ impl Context {
             settings,
             keypair_users: KeyPairUsers::default(),
             failures: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -165,6 +169,11 @@ impl Context {
         if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(%err, reason, "cannot publish event");
         }
+    }
+
+    /// Number of reconciliations running now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     fn backoff(&self, key: &str) -> Duration {
@@ -250,6 +259,7 @@ pub fn is_paused<K: Resource>(obj: &K) -> bool {
 
 /// The reconcile function handed to `kube::runtime::Controller`.
 pub async fn reconcile<K: Reconciler>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    let _running = InFlight::enter(&ctx);
     let started = Instant::now();
     let key = object_key(&*obj);
     let result = reconcile_inner(obj, ctx.clone()).await;
@@ -260,6 +270,22 @@ pub async fn reconcile<K: Reconciler>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
         Err(err) => tracing::warn!(kind = K::KIND, object = %key, error = %err, "reconcile failed; retrying"),
     }
     result
+}
+
+/// Counts a reconciliation as running until dropped (also on panic).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(ctx: &'a Context) -> Self {
+        ctx.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self(&ctx.in_flight)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Requeue policy for failed reconciliations: capped exponential backoff per object.
