@@ -4,7 +4,7 @@
 # Sets up everything the tests need (Debian packages, the Go-built control
 # plane) and runs every test, including those against the real API server.
 test: deps
-	cargo test --all-targets --locked
+	cargo test --locked --lib --bins --tests
 
 deps:
 	hack/install-deps.sh
