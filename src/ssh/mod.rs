@@ -1,5 +1,9 @@
-//! SSH with russh: host keys, pinning, and (later) the sessions that push
-//! closures.
+//! SSH with russh: host keys, pinning, the probe that learns a host's key,
+//! and authenticated sessions to pinned hosts.
+
+pub mod session;
+
+pub use session::{CommandOutput, Session};
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -14,6 +18,10 @@ pub enum SshError {
     Connect { addr: String, reason: String },
     #[error("no SSH answer from {addr} within {seconds} s")]
     Timeout { addr: String, seconds: u64 },
+    #[error("{addr} presented host key {presented}, but {pinned} is pinned; refusing to talk to it")]
+    HostKeyMismatch { addr: String, presented: String, pinned: String },
+    #[error("{addr} rejected the key for user {user}; authorise the KeyPair's public key for that user")]
+    AuthRejected { addr: String, user: String },
     #[error("{what} is not an OpenSSH public key: {reason}")]
     BadKey { what: String, reason: String },
 }

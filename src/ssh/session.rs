@@ -1,0 +1,113 @@
+//! Authenticated SSH sessions to machines, only ever to a host whose key
+//! matches the pinned one: the key check happens during key exchange,
+//! before the operator authenticates or sends anything.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::ChannelMsg;
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+
+use super::{HostKey, SshError, format_addr};
+
+/// Accepts the server only if it proves the pinned key.
+struct PinnedHost {
+    pinned: HostKey,
+    presented: Arc<Mutex<Option<PublicKey>>>,
+}
+
+impl russh::client::Handler for PinnedHost {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let key = key.public_key();
+        let ok = key.key_data() == self.pinned.public_key().key_data();
+        if let Ok(mut presented) = self.presented.lock() {
+            *presented = Some(key);
+        }
+        Ok(ok)
+    }
+}
+
+/// What a remote command returned.
+#[derive(Debug, Default)]
+pub struct CommandOutput {
+    /// Exit status; None if the server sent none (e.g. killed by a signal).
+    pub status: Option<u32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// An authenticated connection to one machine.
+pub struct Session {
+    handle: russh::client::Handle<PinnedHost>,
+    addr: String,
+}
+
+impl Session {
+    /// Connects to `host:port`, checks the host key against `pinned`, and
+    /// logs in as `user` with `key`.
+    pub async fn connect(
+        host: &str,
+        port: u16,
+        user: &str,
+        key: &PrivateKey,
+        pinned: &HostKey,
+        timeout: Duration,
+    ) -> Result<Self, SshError> {
+        let addr = format_addr(host, port);
+        let presented = Arc::new(Mutex::new(None));
+        let handler = PinnedHost { pinned: pinned.clone(), presented: presented.clone() };
+        let config = Arc::new(russh::client::Config {
+            inactivity_timeout: Some(timeout.max(Duration::from_secs(60))),
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 4,
+            ..russh::client::Config::default()
+        });
+        let connecting = russh::client::connect(config, (host, port), handler);
+        let mut handle = match tokio::time::timeout(timeout, connecting).await {
+            Err(_) => return Err(SshError::Timeout { addr, seconds: timeout.as_secs() }),
+            Ok(Ok(handle)) => handle,
+            Ok(Err(err)) => {
+                let seen = presented.lock().ok().and_then(|mut k| k.take()).map(HostKey);
+                return Err(match seen {
+                    Some(seen) if &seen != pinned => {
+                        SshError::HostKeyMismatch { addr, presented: seen.to_string(), pinned: pinned.to_string() }
+                    }
+                    _ => SshError::Connect { addr, reason: err.to_string() },
+                });
+            }
+        };
+        let hash = handle.best_supported_rsa_hash().await.ok().flatten().flatten();
+        let auth = handle
+            .authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(key.clone()), hash))
+            .await
+            .map_err(|e| SshError::Connect { addr: addr.clone(), reason: e.to_string() })?;
+        if !auth.success() {
+            return Err(SshError::AuthRejected { addr, user: user.to_owned() });
+        }
+        Ok(Self { handle, addr })
+    }
+
+    /// Runs `command` and collects its output and exit status.
+    pub async fn exec(&self, command: &str) -> Result<CommandOutput, SshError> {
+        let failed = |e: russh::Error| SshError::Connect { addr: self.addr.clone(), reason: e.to_string() };
+        let mut channel = self.handle.channel_open_session().await.map_err(failed)?;
+        channel.exec(true, command).await.map_err(failed)?;
+        let mut out = CommandOutput::default();
+        while let Some(msg) = channel.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
+                ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
+                ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+    }
+}
