@@ -18,8 +18,8 @@ use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status}
 use crate::api::keypair::KeyPairStatus;
 use crate::api::network::ResourcePhase;
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, ManagementPolicy, Network};
+use crate::provider::CloudTarget;
 use crate::provider::Owner;
-use crate::provider::aws::{AwsClients, keypair as aws_keypair};
 use crate::ssh::HostKey;
 
 object_status!(KeyPairStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
@@ -101,10 +101,11 @@ impl Reconciler for KeyPair {
 
         status.cloud_key_name = None;
         if self.spec.provider.as_ref().is_some_and(|p| p.ec2.is_some()) {
-            let aws = self.aws(&ctx).await?;
+            let target = self.target(&ctx).await?;
+            let provider = ctx.providers.keypair("ec2")?;
             let name = self.ec2_key_name();
             if self.spec.management_policy == ManagementPolicy::Observe {
-                if !aws_keypair::exists(&aws, &name).await? {
+                if !provider.exists(&target, &name).await? {
                     return Err(Error::stalled(
                         "KeyPairNotFound",
                         format!(
@@ -123,8 +124,8 @@ impl Reconciler for KeyPair {
                 return Ok(Outcome { status, requeue: None });
             }
             let adopt = self.annotations().get(EXTERNAL_NAME_ANNOTATION) == Some(&name);
-            let imported = aws_keypair::ensure(&aws, &self.owner(), &name, &public.to_openssh(), adopt).await;
-            ctx.metrics.provider_call("ec2", "ensureKeyPair", imported.is_ok());
+            let imported = provider.ensure(&target, &name, &public.to_openssh(), adopt).await;
+            ctx.metrics.provider_call(provider.name(), "ensure", imported.is_ok());
             if imported? {
                 ctx.event(
                     &*self,
@@ -151,8 +152,8 @@ impl Reconciler for KeyPair {
             return Ok(Cleanup::Done);
         }
         if self.spec.provider.as_ref().is_some_and(|p| p.ec2.is_some()) {
-            match self.aws(&ctx).await {
-                Ok(aws) => aws_keypair::delete(&aws, &self.owner(), &self.ec2_key_name()).await?,
+            match self.target(&ctx).await {
+                Ok(target) => ctx.providers.keypair("ec2")?.delete(&target, &self.ec2_key_name()).await?,
                 // Without its Network the account is unknown: nothing to delete there.
                 Err(Error::Waiting { .. }) => {}
                 Err(err) => return Err(err),
@@ -194,7 +195,8 @@ impl KeyPair {
         }
     }
 
-    async fn aws(&self, ctx: &Context) -> Result<Arc<AwsClients>> {
+    /// The key pair's identity and its Network (the account).
+    async fn target(&self, ctx: &Context) -> Result<CloudTarget> {
         let ns = self.namespace().unwrap_or_default();
         let name = self.spec.network_ref.as_ref().map(|r| r.name.clone()).unwrap_or_default();
         let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(&name).await?.ok_or_else(|| {
@@ -203,7 +205,7 @@ impl KeyPair {
                 format!("Network {name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
             )
         })?;
-        Ok(ctx.aws.for_network(&network).await?)
+        Ok(CloudTarget { owner: self.owner(), network })
     }
 }
 

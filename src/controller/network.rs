@@ -14,8 +14,7 @@ use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status,
 use crate::api::machine::Machine;
 use crate::api::network::{NetworkMember, NetworkStatus, ResourcePhase};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, Network, condition};
-use crate::provider::Owner;
-use crate::provider::aws::vpc;
+use crate::provider::{CloudTarget, NetworkResources, Owner};
 use kube::runtime::events::EventType;
 
 object_status!(NetworkStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
@@ -35,22 +34,23 @@ impl Reconciler for Network {
             uid: self.uid().unwrap_or_default(),
         };
         if let Some(ec2) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref()) {
-            let aws = ctx.aws.for_network(&self).await?;
+            let provider = ctx.providers.network("ec2")?;
+            let target = CloudTarget { owner: owner.clone(), network: (*self).clone() };
             let known = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
             let resources = if self.spec.management_policy == ManagementPolicy::Observe {
                 let id = known.clone().ok_or_else(|| {
                     Error::stalled("ExternalNameRequired", format!("spec.managementPolicy Observe needs the {EXTERNAL_NAME_ANNOTATION} annotation naming the VPC (vpc-…)"))
                 })?;
-                let found = vpc::find_vpc(&aws, &owner, Some(&id)).await?.ok_or_else(|| {
+                let found = provider.find(&target, Some(&id)).await?.ok_or_else(|| {
                     Error::stalled(
                         "VpcNotFound",
                         format!("VPC {id} named by the {EXTERNAL_NAME_ANNOTATION} annotation does not exist"),
                     )
                 })?;
-                vpc::NetworkResources { vpc_id: found, ..Default::default() }
+                NetworkResources { vpc_id: found, ..Default::default() }
             } else {
-                let ensured = vpc::ensure(&aws, &owner, ec2, known.as_deref()).await;
-                ctx.metrics.provider_call("ec2", "ensureNetwork", ensured.is_ok());
+                let ensured = provider.ensure(&target, known.as_deref()).await;
+                ctx.metrics.provider_call(provider.name(), "ensure", ensured.is_ok());
                 ensured?
             };
             if self.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(&resources.vpc_id) {
@@ -60,7 +60,7 @@ impl Reconciler for Network {
                     &*self,
                     EventType::Normal,
                     "Provisioned",
-                    format!("VPC {} in {}", resources.vpc_id, aws.region),
+                    format!("VPC {} in {}", resources.vpc_id, ec2.region),
                 )
                 .await;
             }
@@ -115,10 +115,11 @@ impl Reconciler for Network {
                 name: self.name_any(),
                 uid: self.uid().unwrap_or_default(),
             };
-            let aws = ctx.aws.for_network(&self).await?;
+            let provider = ctx.providers.network("ec2")?;
+            let target = CloudTarget { owner, network: (*self).clone() };
             let known = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
-            let deleted = vpc::delete(&aws, &owner, known.as_deref()).await;
-            ctx.metrics.provider_call("ec2", "deleteNetwork", deleted.is_ok());
+            let deleted = provider.delete(&target, known.as_deref()).await;
+            ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
             deleted?;
         }
         Ok(Cleanup::Done)

@@ -12,8 +12,8 @@ use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status,
 use crate::api::network::ResourcePhase;
 use crate::api::s3bucket::{PublicAccessBlock, S3BucketStatus};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, Network, S3Bucket};
-use crate::provider::Owner;
-use crate::provider::aws::{AwsClients, owner_tags, s3};
+use crate::provider::aws::owner_tags;
+use crate::provider::{BucketSpec, CloudTarget, Owner};
 
 object_status!(S3BucketStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
 
@@ -42,7 +42,8 @@ fn parse_policy(policy: Option<&str>) -> Result<Option<serde_json::Value>> {
     Ok(Some(value))
 }
 
-async fn aws_for(ctx: &Context, bucket: &S3Bucket) -> Result<Arc<AwsClients>> {
+/// The bucket's identity and its Network (the account).
+async fn target(ctx: &Context, bucket: &S3Bucket) -> Result<CloudTarget> {
     let ns = bucket.namespace().unwrap_or_default();
     let name = &bucket.spec.network_ref.name;
     let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(name).await?.ok_or_else(|| {
@@ -51,7 +52,8 @@ async fn aws_for(ctx: &Context, bucket: &S3Bucket) -> Result<Arc<AwsClients>> {
             format!("Network {name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
         )
     })?;
-    Ok(ctx.aws.for_network(&network).await?)
+    let owner = Owner { namespace: ns, name: bucket.name_any(), uid: bucket.uid().unwrap_or_default() };
+    Ok(CloudTarget { owner, network })
 }
 
 impl Reconciler for S3Bucket {
@@ -64,7 +66,8 @@ impl Reconciler for S3Bucket {
 
     async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: S3BucketStatus) -> Result<Outcome<S3BucketStatus>> {
         let policy = parse_policy(self.spec.policy.as_deref())?;
-        let aws = aws_for(&ctx, &self).await?;
+        let target = target(&ctx, &self).await?;
+        let provider = ctx.providers.bucket()?;
         let name = self.bucket_name();
         let owner = Owner {
             namespace: self.namespace().unwrap_or_default(),
@@ -73,7 +76,7 @@ impl Reconciler for S3Bucket {
         };
         let mut tags = owner_tags(&owner, "S3Bucket");
         tags.extend(self.spec.tags.clone());
-        let spec = s3::BucketSpec {
+        let spec = BucketSpec {
             name: &name,
             versioning: self.spec.versioning,
             policy: policy.as_ref(),
@@ -86,15 +89,16 @@ impl Reconciler for S3Bucket {
             tags,
         };
         if self.spec.management_policy == ManagementPolicy::Observe {
-            if !s3::exists(&aws, &name).await? {
+            if !provider.exists(&target, &name).await? {
                 return Err(Error::stalled(
                     "BucketNotFound",
                     format!("bucket {name} does not exist; managementPolicy Observe only reads an existing bucket"),
                 ));
             }
             status.bucket_name = Some(name.clone());
-            status.region = Some(aws.region.clone());
-            status.arn = Some(format!("arn:aws:s3:::{name}"));
+            let (region, arn) = provider.location(&target, &name);
+            status.region = Some(region);
+            status.arn = Some(arn);
             status.phase = Some(ResourcePhase::Ready);
             Conditions::new(&mut status.conditions, self.meta().generation).ready(
                 "Observing",
@@ -102,15 +106,21 @@ impl Reconciler for S3Bucket {
             );
             return Ok(Outcome { status, requeue: None });
         }
-        let result = s3::ensure(&aws, &spec).await;
-        ctx.metrics.provider_call("s3", "ensure", result.is_ok());
+        let result = provider.ensure(&target, &spec).await;
+        ctx.metrics.provider_call(provider.name(), "ensure", result.is_ok());
         let state = result?;
         if self.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(&name) {
             record_external_name(&Api::<S3Bucket>::namespaced(ctx.client.clone(), &owner.namespace), &self, &name)
                 .await?;
         }
         if state.created {
-            ctx.event(&*self, EventType::Normal, "Created", format!("created bucket {name} in {}", aws.region)).await;
+            ctx.event(
+                &*self,
+                EventType::Normal,
+                "Created",
+                format!("created bucket {name} in {}", provider.location(&target, &name).0),
+            )
+            .await;
         } else if !state.changed.is_empty() {
             ctx.event(
                 &*self,
@@ -122,11 +132,12 @@ impl Reconciler for S3Bucket {
         }
 
         status.bucket_name = Some(name.clone());
-        status.region = Some(aws.region.clone());
-        status.arn = Some(format!("arn:aws:s3:::{name}"));
+        let (region, arn) = provider.location(&target, &name);
+        status.region = Some(region.clone());
+        status.arn = Some(arn);
         status.phase = Some(ResourcePhase::Ready);
         Conditions::new(&mut status.conditions, self.meta().generation)
-            .ready("Ready", format!("bucket {name} in {}", aws.region));
+            .ready("Ready", format!("bucket {name} in {region}"));
         Ok(Outcome { status, requeue: None })
     }
 
@@ -136,18 +147,19 @@ impl Reconciler for S3Bucket {
         {
             return Ok(Cleanup::Done);
         }
-        let aws = match aws_for(&ctx, &self).await {
-            Ok(aws) => aws,
+        let provider = ctx.providers.bucket()?;
+        let target = match target(&ctx, &self).await {
+            Ok(target) => target,
             Err(Error::Waiting { .. }) if self.annotations().get(EXTERNAL_NAME_ANNOTATION).is_none() => {
                 return Ok(Cleanup::Done);
             }
             Err(err) => return Err(err),
         };
         let name = self.bucket_name();
-        if !s3::exists(&aws, &name).await? {
+        if !provider.exists(&target, &name).await? {
             return Ok(Cleanup::Done);
         }
-        let objects = s3::object_count(&aws, &name).await?;
+        let objects = provider.object_count(&target, &name).await?;
         if objects > 0 && !self.spec.force_destroy {
             return Ok(Cleanup::Stalled {
                 reason: "BucketNotEmpty",
@@ -157,8 +169,8 @@ impl Reconciler for S3Bucket {
                 ),
             });
         }
-        let deleted = s3::delete(&aws, &name, self.spec.force_destroy).await;
-        ctx.metrics.provider_call("s3", "delete", deleted.is_ok());
+        let deleted = provider.delete(&target, &name, self.spec.force_destroy).await;
+        ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
         deleted?;
         Ok(Cleanup::Done)
     }

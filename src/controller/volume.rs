@@ -16,8 +16,7 @@ use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status,
 use crate::api::network::ResourcePhase;
 use crate::api::volume::{VolumeAttachmentStatus, VolumeStatus};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Machine, ManagementPolicy, Network, Volume};
-use crate::provider::Owner;
-use crate::provider::aws::{AwsClients, ebs};
+use crate::provider::{CloudTarget, Owner};
 
 object_status!(VolumeStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
 
@@ -69,7 +68,8 @@ fn desired_attachment(volume: &str, machines: &[Machine]) -> Result<Option<Desir
     }
 }
 
-async fn aws_for(ctx: &Context, volume: &Volume) -> Result<Arc<AwsClients>> {
+/// The volume's identity and its Network (the account).
+async fn target(ctx: &Context, volume: &Volume) -> Result<CloudTarget> {
     let ns = volume.namespace().unwrap_or_default();
     let name = &volume.spec.network_ref.name;
     let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(name).await?.ok_or_else(|| {
@@ -78,7 +78,7 @@ async fn aws_for(ctx: &Context, volume: &Volume) -> Result<Arc<AwsClients>> {
             format!("Network {name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
         )
     })?;
-    Ok(ctx.aws.for_network(&network).await?)
+    Ok(CloudTarget { owner: owner(volume), network })
 }
 
 fn owner(volume: &Volume) -> Owner {
@@ -100,14 +100,9 @@ impl Reconciler for Volume {
     async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: VolumeStatus) -> Result<Outcome<VolumeStatus>> {
         let generation = self.metadata.generation;
         let ns = self.namespace().unwrap_or_default();
-        let spec = self
-            .spec
-            .provider
-            .ec2
-            .clone()
-            .ok_or_else(|| Error::stalled("NoProvider", "spec.provider.ec2 is not set"))?;
-        let aws = aws_for(&ctx, &self).await?;
-        let owner = owner(&self);
+        let spec = &self.spec.provider;
+        let provider = ctx.providers.volume(spec)?;
+        let target = target(&ctx, &self).await?;
         let machines = Api::<Machine>::namespaced(ctx.client.clone(), &ns).list(&ListParams::default()).await?.items;
         let desired = desired_attachment(&self.name_any(), &machines)?;
 
@@ -121,8 +116,8 @@ impl Reconciler for Volume {
                 ),
             ));
         }
-        let found = ebs::find(&aws, &owner, known_id.as_deref()).await;
-        ctx.metrics.provider_call("ec2", "DescribeVolumes", found.is_ok());
+        let found = provider.find(&target, known_id.as_deref()).await;
+        ctx.metrics.provider_call(provider.name(), "find", found.is_ok());
         let mut volume = match found? {
             Some(v) => {
                 if known_id.is_none() {
@@ -144,8 +139,8 @@ impl Reconciler for Volume {
             None => {
                 let api = Api::<Volume>::namespaced(ctx.client.clone(), &ns);
                 record_intent(&api, &self).await?;
-                let created = ebs::create(&aws, &owner, &spec).await;
-                ctx.metrics.provider_call("ec2", "CreateVolume", created.is_ok());
+                let created = provider.create(&target, spec).await;
+                ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
                 let created = created?;
                 record_external_name(&api, &self, &created.id).await?;
                 ctx.event(
@@ -175,34 +170,21 @@ impl Reconciler for Volume {
         }
 
         // Grow, or change type / IOPS / throughput.
-        let want_type = ebs::type_name(spec.volume_type);
-        let grow = spec.size_gib.is_some_and(|s| s > volume.size_gib);
-        let retype = volume.volume_type.as_deref() != Some(want_type.as_str())
-            || (spec.iops.is_some() && spec.iops != volume.iops)
-            || (spec.throughput.is_some() && spec.throughput != volume.throughput);
-        if grow || retype {
-            let modified = ebs::modify(&aws, &volume.id, &spec).await;
-            ctx.metrics.provider_call("ec2", "ModifyVolume", modified.is_ok());
+        if provider.needs_update(spec, &volume) {
+            let modified = provider.update(&target, &volume.id, spec).await;
+            ctx.metrics.provider_call(provider.name(), "update", modified.is_ok());
             modified?;
-            ctx.event(
-                &*self,
-                EventType::Normal,
-                "Modified",
-                format!(
-                    "modified volume {} to {} GiB {want_type}",
-                    volume.id,
-                    spec.size_gib.unwrap_or(volume.size_gib)
-                ),
-            )
-            .await;
-            volume = ebs::find(&aws, &owner, Some(&volume.id)).await?.unwrap_or(volume);
+            let size = spec.ec2.as_ref().and_then(|e| e.size_gib).unwrap_or(volume.size_gib);
+            ctx.event(&*self, EventType::Normal, "Modified", format!("modified volume {} ({size} GiB)", volume.id))
+                .await;
+            volume = provider.find(&target, Some(&volume.id)).await?.unwrap_or(volume);
         }
 
         // Attachments: detach from anything not desired (naming the instance), then attach.
         let mut pending = None;
         for a in volume.attachments.iter().filter(|a| a.state != "detached") {
             if desired.as_ref().and_then(|d| d.instance_id.as_deref()) != Some(a.instance_id.as_str()) {
-                ebs::detach(&aws, &volume.id, &a.instance_id).await?;
+                provider.detach(&target, &volume.id, &a.instance_id).await?;
                 ctx.event(&*self, EventType::Normal, "Detached", format!("detached from {}", a.instance_id)).await;
                 pending = Some(format!("detaching from {}", a.instance_id));
             }
@@ -214,7 +196,7 @@ impl Reconciler for Volume {
                 (Some(i), Some(a)) if a.instance_id == *i && a.state == "attached" => {}
                 (Some(i), Some(a)) if a.instance_id == *i => pending = Some(format!("{} to {}", a.state, i)),
                 (Some(i), _) if pending.is_none() => {
-                    ebs::attach(&aws, &volume.id, i, &d.device).await?;
+                    provider.attach(&target, &volume.id, i, &d.device).await?;
                     ctx.event(
                         &*self,
                         EventType::Normal,
@@ -265,23 +247,24 @@ impl Reconciler for Volume {
         {
             return Ok(Cleanup::Done);
         }
-        let aws = match aws_for(&ctx, &self).await {
-            Ok(aws) => aws,
+        let target = match target(&ctx, &self).await {
+            Ok(target) => target,
             // Without its Network the account is unknown; nothing can be deleted.
             Err(Error::Waiting { .. }) if self.annotations().get(EXTERNAL_NAME_ANNOTATION).is_none() => {
                 return Ok(Cleanup::Done);
             }
             Err(err) => return Err(err),
         };
+        let provider = ctx.providers.volume(&self.spec.provider)?;
         let known_id = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
-        let Some(volume) = ebs::find(&aws, &owner(&self), known_id.as_deref()).await? else {
+        let Some(volume) = provider.find(&target, known_id.as_deref()).await? else {
             return Ok(Cleanup::Done); // already gone, e.g. deleted out of band
         };
         let attached: Vec<_> = volume.attachments.iter().filter(|a| a.state != "detached").collect();
         if !attached.is_empty() {
             for a in &attached {
                 if a.state != "detaching" {
-                    ebs::detach(&aws, &volume.id, &a.instance_id).await?;
+                    provider.detach(&target, &volume.id, &a.instance_id).await?;
                 }
             }
             return Ok(Cleanup::Wait {
@@ -293,8 +276,8 @@ impl Reconciler for Volume {
                 ),
             });
         }
-        let deleted = ebs::delete(&aws, &volume.id).await;
-        ctx.metrics.provider_call("ec2", "DeleteVolume", deleted.is_ok());
+        let deleted = provider.delete(&target, &volume.id).await;
+        ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
         deleted?;
         Ok(Cleanup::Done)
     }

@@ -90,19 +90,148 @@ pub trait MachineProvider: Send + Sync {
     async fn delete(&self, target: &MachineTarget) -> Result<(), ProviderError>;
 }
 
+/// What a cloud provider acts for: the object's identity and the Network
+/// naming the account.
+#[derive(Clone, Debug)]
+pub struct CloudTarget {
+    pub owner: Owner,
+    pub network: crate::api::Network,
+}
+
+/// A block device as its provider sees it.
+pub use aws::ebs::{Attachment as VolumeAttachment, Observed as VolumeState};
+/// What a bucket provider is asked for, and what it did.
+pub use aws::s3::{BucketSpec, BucketState};
+/// The physical network of a Network.
+pub use aws::vpc::NetworkResources;
+
+/// Block devices (`Volume`). All operations are idempotent.
+#[async_trait]
+pub trait VolumeProvider: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The volume recorded as `id`, else the one tagged with the owner's UID.
+    async fn find(&self, target: &CloudTarget, id: Option<&str>) -> Result<Option<VolumeState>, ProviderError>;
+    /// Creates the volume, tagged with its owner in the same call.
+    async fn create(
+        &self,
+        target: &CloudTarget,
+        spec: &crate::api::volume::VolumeProvider,
+    ) -> Result<VolumeState, ProviderError>;
+    /// Whether `current` differs from `spec` in what can change in place (size up, type, performance).
+    fn needs_update(&self, spec: &crate::api::volume::VolumeProvider, current: &VolumeState) -> bool;
+    /// Changes the volume in place.
+    async fn update(
+        &self,
+        target: &CloudTarget,
+        id: &str,
+        spec: &crate::api::volume::VolumeProvider,
+    ) -> Result<(), ProviderError>;
+    async fn attach(&self, target: &CloudTarget, id: &str, instance: &str, device: &str) -> Result<(), ProviderError>;
+    /// Detaches from `instance` (always named).
+    async fn detach(&self, target: &CloudTarget, id: &str, instance: &str) -> Result<(), ProviderError>;
+    /// Deletes the volume; one already gone is success.
+    async fn delete(&self, target: &CloudTarget, id: &str) -> Result<(), ProviderError>;
+}
+
+/// Object storage buckets (`S3Bucket`).
+#[async_trait]
+pub trait BucketProvider: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The region the bucket lives in, and its ARN.
+    fn location(&self, target: &CloudTarget, bucket: &str) -> (String, String);
+    async fn exists(&self, target: &CloudTarget, bucket: &str) -> Result<bool, ProviderError>;
+    /// Creates or converges the bucket.
+    async fn ensure(&self, target: &CloudTarget, spec: &BucketSpec<'_>) -> Result<BucketState, ProviderError>;
+    async fn object_count(&self, target: &CloudTarget, bucket: &str) -> Result<usize, ProviderError>;
+    /// Deletes the bucket (its objects first when `force`); one already gone is success.
+    async fn delete(&self, target: &CloudTarget, bucket: &str, force: bool) -> Result<(), ProviderError>;
+}
+
+/// Physical networks (`Network`).
+#[async_trait]
+pub trait NetworkProvider: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The network's ID: the one recorded as `known`, else the one tagged with the owner's UID.
+    async fn find(&self, target: &CloudTarget, known: Option<&str>) -> Result<Option<String>, ProviderError>;
+    /// Creates what is missing and converges what exists.
+    async fn ensure(&self, target: &CloudTarget, known: Option<&str>) -> Result<NetworkResources, ProviderError>;
+    /// Deletes everything the Network owns; what is already gone is skipped.
+    async fn delete(&self, target: &CloudTarget, known: Option<&str>) -> Result<(), ProviderError>;
+}
+
+/// Cloud key pairs (`KeyPair` with a provider).
+#[async_trait]
+pub trait KeyPairProvider: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Registers `public_key` as `key_name` unless it is there; `adopt` accepts one not created for this owner.
+    async fn ensure(
+        &self,
+        target: &CloudTarget,
+        key_name: &str,
+        public_key: &str,
+        adopt: bool,
+    ) -> Result<bool, ProviderError>;
+    async fn exists(&self, target: &CloudTarget, key_name: &str) -> Result<bool, ProviderError>;
+    /// Deletes the key if this owner created it.
+    async fn delete(&self, target: &CloudTarget, key_name: &str) -> Result<(), ProviderError>;
+}
+
 /// The providers this process can use, by provider block name.
 #[derive(Clone, Default)]
 pub struct Providers {
     machines: BTreeMap<&'static str, Arc<dyn MachineProvider>>,
+    volumes: BTreeMap<&'static str, Arc<dyn VolumeProvider>>,
+    buckets: BTreeMap<&'static str, Arc<dyn BucketProvider>>,
+    networks: BTreeMap<&'static str, Arc<dyn NetworkProvider>>,
+    keypairs: BTreeMap<&'static str, Arc<dyn KeyPairProvider>>,
+}
+
+/// Looks a provider up by block name, or explains which ones exist.
+fn lookup<T: ?Sized>(map: &BTreeMap<&'static str, Arc<T>>, field: &str, kind: &str) -> Result<Arc<T>, ProviderError> {
+    map.get(kind).cloned().ok_or_else(|| {
+        ProviderError::permanent(
+            "ProviderUnavailable",
+            format!(
+                "{field}.{kind}: this operator has no {kind} provider for it (available: {})",
+                map.keys().copied().collect::<Vec<_>>().join(", ")
+            ),
+        )
+    })
 }
 
 impl Providers {
-    /// Every provider this build has: existing hosts, and EC2 through `accounts`.
+    /// Every provider this build has: existing hosts, and AWS through `accounts`.
     pub fn builtin(accounts: aws::AwsAccounts) -> Self {
         let mut providers = Self::default();
         providers.add_machine_provider(Arc::new(existing::ExistingHosts));
-        providers.add_machine_provider(aws::ec2::Ec2Machines::new(accounts));
+        providers.add_machine_provider(aws::ec2::Ec2Machines::new(accounts.clone()));
+        let aws = Arc::new(aws::providers::Aws::new(accounts));
+        providers.volumes.insert(VolumeProvider::name(&*aws), aws.clone());
+        providers.buckets.insert(BucketProvider::name(&*aws), aws.clone());
+        providers.networks.insert(NetworkProvider::name(&*aws), aws.clone());
+        providers.keypairs.insert(KeyPairProvider::name(&*aws), aws);
         providers
+    }
+
+    /// The provider for a Volume's `spec.provider`.
+    pub fn volume(&self, spec: &crate::api::volume::VolumeProvider) -> Result<Arc<dyn VolumeProvider>, ProviderError> {
+        let kind = if spec.ec2.is_some() { "ec2" } else { "" };
+        lookup(&self.volumes, "spec.provider", kind)
+    }
+
+    /// The provider for S3Buckets.
+    pub fn bucket(&self) -> Result<Arc<dyn BucketProvider>, ProviderError> {
+        lookup(&self.buckets, "spec", "ec2")
+    }
+
+    /// The provider for a Network's `spec.provider` block, by name.
+    pub fn network(&self, kind: &str) -> Result<Arc<dyn NetworkProvider>, ProviderError> {
+        lookup(&self.networks, "spec.provider", kind)
+    }
+
+    /// The provider for a KeyPair's `spec.provider` block, by name.
+    pub fn keypair(&self, kind: &str) -> Result<Arc<dyn KeyPairProvider>, ProviderError> {
+        lookup(&self.keypairs, "spec.provider", kind)
     }
 
     pub fn add_machine_provider(&mut self, provider: Arc<dyn MachineProvider>) {

@@ -7,6 +7,7 @@
 pub mod ebs;
 pub mod ec2;
 pub mod keypair;
+pub mod providers;
 pub mod s3;
 pub mod vpc;
 

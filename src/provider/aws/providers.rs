@@ -1,0 +1,157 @@
+//! The AWS implementations of the per-kind provider traits: each resolves
+//! the account from the target's Network and calls the module for its
+//! resource (ebs, s3, vpc, keypair).
+
+use async_trait::async_trait;
+
+use super::{AwsAccounts, AwsClients, ebs, keypair, s3, vpc};
+use crate::api::volume::VolumeProvider as VolumeSpec;
+use crate::provider::{
+    BucketProvider, BucketSpec, BucketState, CloudTarget, KeyPairProvider, NetworkProvider, NetworkResources,
+    ProviderError, VolumeProvider, VolumeState,
+};
+
+/// Amazon Web Services for volumes, buckets, networks and key pairs.
+pub struct Aws {
+    accounts: AwsAccounts,
+}
+
+impl Aws {
+    pub fn new(accounts: AwsAccounts) -> Self {
+        Self { accounts }
+    }
+
+    async fn clients(&self, target: &CloudTarget) -> Result<std::sync::Arc<AwsClients>, ProviderError> {
+        self.accounts.for_network(&target.network).await
+    }
+}
+
+fn ebs_spec(spec: &VolumeSpec) -> Result<&crate::api::volume::EbsVolume, ProviderError> {
+    spec.ec2.as_ref().ok_or_else(|| ProviderError::permanent("NoProvider", "spec.provider.ec2 is not set"))
+}
+
+#[async_trait]
+impl VolumeProvider for Aws {
+    fn name(&self) -> &'static str {
+        "ec2"
+    }
+
+    async fn find(&self, target: &CloudTarget, id: Option<&str>) -> Result<Option<VolumeState>, ProviderError> {
+        ebs::find(&*self.clients(target).await?, &target.owner, id).await
+    }
+
+    async fn create(&self, target: &CloudTarget, spec: &VolumeSpec) -> Result<VolumeState, ProviderError> {
+        ebs::create(&*self.clients(target).await?, &target.owner, ebs_spec(spec)?).await
+    }
+
+    fn needs_update(&self, spec: &VolumeSpec, current: &VolumeState) -> bool {
+        let Some(spec) = spec.ec2.as_ref() else { return false };
+        let want_type = ebs::type_name(spec.volume_type);
+        spec.size_gib.is_some_and(|s| s > current.size_gib)
+            || current.volume_type.as_deref() != Some(want_type.as_str())
+            || (spec.iops.is_some() && spec.iops != current.iops)
+            || (spec.throughput.is_some() && spec.throughput != current.throughput)
+    }
+
+    async fn update(&self, target: &CloudTarget, id: &str, spec: &VolumeSpec) -> Result<(), ProviderError> {
+        ebs::modify(&*self.clients(target).await?, id, ebs_spec(spec)?).await
+    }
+
+    async fn attach(&self, target: &CloudTarget, id: &str, instance: &str, device: &str) -> Result<(), ProviderError> {
+        ebs::attach(&*self.clients(target).await?, id, instance, device).await
+    }
+
+    async fn detach(&self, target: &CloudTarget, id: &str, instance: &str) -> Result<(), ProviderError> {
+        ebs::detach(&*self.clients(target).await?, id, instance).await
+    }
+
+    async fn delete(&self, target: &CloudTarget, id: &str) -> Result<(), ProviderError> {
+        ebs::delete(&*self.clients(target).await?, id).await
+    }
+}
+
+#[async_trait]
+impl BucketProvider for Aws {
+    fn name(&self) -> &'static str {
+        "ec2"
+    }
+
+    fn location(&self, target: &CloudTarget, bucket: &str) -> (String, String) {
+        let region = target
+            .network
+            .spec
+            .provider
+            .as_ref()
+            .and_then(|p| p.ec2.as_ref())
+            .map(|e| e.region.clone())
+            .unwrap_or_default();
+        (region, format!("arn:aws:s3:::{bucket}"))
+    }
+
+    async fn exists(&self, target: &CloudTarget, bucket: &str) -> Result<bool, ProviderError> {
+        s3::exists(&*self.clients(target).await?, bucket).await
+    }
+
+    async fn ensure(&self, target: &CloudTarget, spec: &BucketSpec<'_>) -> Result<BucketState, ProviderError> {
+        s3::ensure(&*self.clients(target).await?, spec).await
+    }
+
+    async fn object_count(&self, target: &CloudTarget, bucket: &str) -> Result<usize, ProviderError> {
+        s3::object_count(&*self.clients(target).await?, bucket).await
+    }
+
+    async fn delete(&self, target: &CloudTarget, bucket: &str, force: bool) -> Result<(), ProviderError> {
+        s3::delete(&*self.clients(target).await?, bucket, force).await
+    }
+}
+
+#[async_trait]
+impl NetworkProvider for Aws {
+    fn name(&self) -> &'static str {
+        "ec2"
+    }
+
+    async fn find(&self, target: &CloudTarget, known: Option<&str>) -> Result<Option<String>, ProviderError> {
+        vpc::find_vpc(&*self.clients(target).await?, &target.owner, known).await
+    }
+
+    async fn ensure(&self, target: &CloudTarget, known: Option<&str>) -> Result<NetworkResources, ProviderError> {
+        let spec = target
+            .network
+            .spec
+            .provider
+            .as_ref()
+            .and_then(|p| p.ec2.as_ref())
+            .ok_or_else(|| ProviderError::permanent("NoProvider", "spec.provider.ec2 is not set"))?;
+        vpc::ensure(&*self.clients(target).await?, &target.owner, spec, known).await
+    }
+
+    async fn delete(&self, target: &CloudTarget, known: Option<&str>) -> Result<(), ProviderError> {
+        vpc::delete(&*self.clients(target).await?, &target.owner, known).await
+    }
+}
+
+#[async_trait]
+impl KeyPairProvider for Aws {
+    fn name(&self) -> &'static str {
+        "ec2"
+    }
+
+    async fn ensure(
+        &self,
+        target: &CloudTarget,
+        key_name: &str,
+        public_key: &str,
+        adopt: bool,
+    ) -> Result<bool, ProviderError> {
+        keypair::ensure(&*self.clients(target).await?, &target.owner, key_name, public_key, adopt).await
+    }
+
+    async fn exists(&self, target: &CloudTarget, key_name: &str) -> Result<bool, ProviderError> {
+        keypair::exists(&*self.clients(target).await?, key_name).await
+    }
+
+    async fn delete(&self, target: &CloudTarget, key_name: &str) -> Result<(), ProviderError> {
+        keypair::delete(&*self.clients(target).await?, &target.owner, key_name).await
+    }
+}
