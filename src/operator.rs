@@ -226,6 +226,3 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
 }
-
-/// Default lease timing (client-go's defaults are 15 s / 2 s).
-pub const DEFAULT_LEASE: LeaseTiming = LeaseTiming { duration: Duration::from_secs(15), retry: Duration::from_secs(2) };

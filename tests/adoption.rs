@@ -13,17 +13,6 @@ use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn clients() -> (aws_sdk_ec2::Client, aws_sdk_s3::Client) {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("eu-west-1"))
-        .endpoint_url(&support::moto().endpoint)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
-        .load()
-        .await;
-    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
-    (aws_sdk_ec2::Client::new(&config), s3)
-}
-
 fn volume(name: &str, id: &str, policy: &str, size: i32) -> Volume {
     serde_json::from_value(json!({
         "apiVersion": "nixops.io/v1alpha1", "kind": "Volume",
@@ -35,7 +24,7 @@ fn volume(name: &str, id: &str, policy: &str, size: i32) -> Volume {
 }
 
 fn ready(v: &Volume) -> bool {
-    v.status.as_ref().is_some_and(|s| support::condition(&s.conditions, "Ready").as_deref() == Some("True"))
+    v.status.as_ref().is_some_and(|s| support::is_ready(&s.conditions))
 }
 
 async fn size_of(ec2: &aws_sdk_ec2::Client, id: &str) -> Option<i32> {
@@ -49,7 +38,7 @@ async fn observe_reads_and_adoption_takes_over_existing_volumes_and_buckets() {
     let ns = support::namespace(&client, "adopt").await;
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let _operator = support::Operator::start(&ns, &[]);
-    let (ec2, s3) = clients().await;
+    let (ec2, s3) = (support::ec2_client().await, support::s3_client().await);
     let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);
 
     let made_elsewhere = |size| {

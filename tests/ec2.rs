@@ -15,16 +15,6 @@ use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-async fn ec2() -> aws_sdk_ec2::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("eu-west-1"))
-        .endpoint_url(&support::moto().endpoint)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
-        .load()
-        .await;
-    aws_sdk_ec2::Client::new(&config)
-}
-
 fn tag_filter(uid: &str) -> aws_sdk_ec2::types::Filter {
     aws_sdk_ec2::types::Filter::builder().name("tag:nixops.io/uid").values(uid).build()
 }
@@ -50,7 +40,7 @@ async fn some_ami(ec2: &aws_sdk_ec2::Client) -> String {
 }
 
 fn ready(conditions: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>) -> bool {
-    conditions.is_some_and(|c| support::condition(c, "Ready").as_deref() == Some("True"))
+    conditions.is_some_and(|c| support::is_ready(c))
 }
 
 fn machine(name: &str, ami: &str, host: &support::SshHost, extra: serde_json::Value) -> Machine {
@@ -74,7 +64,7 @@ async fn network_vpc_converges_and_is_deleted() {
     let _operator = support::Operator::start(&ns, &[]);
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let networks: Api<Network> = Api::namespaced(client.clone(), &ns);
-    let ec2 = ec2().await;
+    let ec2 = support::ec2_client().await;
 
     support::wait_for(&networks, "aws", TIMEOUT, "Ready", |n| ready(n.status.as_ref().map(|s| &s.conditions))).await;
     let net = networks.get("aws").await.unwrap();
@@ -122,7 +112,7 @@ async fn machine_with_key_pair_and_volume_in_a_new_vpc() {
     let ns = support::namespace(&client, "ec2-machine").await;
     let _operator = support::Operator::start(&ns, &[]);
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
-    let ec2 = ec2().await;
+    let ec2 = support::ec2_client().await;
     let ami = some_ami(&ec2).await;
     let host = support::SshHost::start();
     let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
@@ -231,7 +221,7 @@ async fn unknown_ami_stalls_with_the_aws_error_code() {
     let msg = support::condition_message(&status.conditions, "Stalled");
     assert!(msg.contains("InvalidAMIID"), "the message must carry the AWS error code: {msg}");
     assert!(msg.contains("spec.provider.ec2"), "the message must name the field: {msg}");
-    let ec2 = ec2().await;
+    let ec2 = support::ec2_client().await;
     let uid = machines.get("bad").await.unwrap().metadata.uid.unwrap();
     assert!(instances(&ec2, &uid).await.is_empty());
 }
@@ -242,7 +232,7 @@ async fn kill_9_during_provisioning_leaves_exactly_one_instance_and_volume() {
     support::install_crds(&client).await;
     let ns = support::namespace(&client, "ec2-crash").await;
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
-    let ec2 = ec2().await;
+    let ec2 = support::ec2_client().await;
     let ami = some_ami(&ec2).await;
     let host = support::SshHost::start();
     let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
@@ -315,7 +305,7 @@ async fn orphaned_machine_keeps_its_instance() {
     let ns = support::namespace(&client, "ec2-orphan").await;
     let _operator = support::Operator::start(&ns, &[]);
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
-    let ec2 = ec2().await;
+    let ec2 = support::ec2_client().await;
     let ami = some_ami(&ec2).await;
     let host = support::SshHost::start();
     let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);

@@ -13,7 +13,7 @@ use serde_json::json;
 const TIMEOUT: Duration = Duration::from_secs(240);
 
 fn ready(c: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>) -> bool {
-    c.is_some_and(|c| support::condition(c, "Ready").as_deref() == Some("True"))
+    c.is_some_and(|c| support::is_ready(c))
 }
 
 #[tokio::test]
@@ -26,13 +26,7 @@ async fn faults_are_retried_and_leave_exactly_one_resource() {
     let listen = toxi.proxy("moto", &moto);
     support::aws_network(&client, &ns, "aws", &format!("http://{listen}")).await;
 
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("eu-west-1"))
-        .endpoint_url(&support::moto().endpoint)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
-        .load()
-        .await;
-    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let ec2 = support::ec2_client().await;
     let ami = ec2.describe_images().send().await.unwrap().images()[0].image_id().unwrap().to_owned();
 
     // Slow answers everywhere; a share of connections reset or hung.

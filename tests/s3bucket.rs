@@ -23,16 +23,6 @@ fn cond(b: &S3Bucket, t: &str) -> Option<String> {
     b.status.as_ref().and_then(|s| support::condition(&s.conditions, t))
 }
 
-async fn s3() -> aws_sdk_s3::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("eu-west-1"))
-        .endpoint_url(&support::moto().endpoint)
-        .credentials_provider(aws_sdk_s3::config::Credentials::new("testing", "testing", None, None, "test"))
-        .load()
-        .await;
-    aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build())
-}
-
 #[tokio::test]
 async fn bucket_lifecycle_with_versioning_policy_tags_and_deletion_rules() {
     let client = support::client().await;
@@ -41,7 +31,7 @@ async fn bucket_lifecycle_with_versioning_policy_tags_and_deletion_rules() {
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let _operator = support::Operator::start(&ns, &[]);
     let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
-    let s3 = s3().await;
+    let s3 = support::s3_client().await;
     let cache = format!("{ns}-cache");
 
     let policy = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*",

@@ -20,17 +20,7 @@ fn volume(name: &str, size: i32, policy: &str) -> Volume {
 }
 
 fn ready(v: &Volume) -> bool {
-    v.status.as_ref().is_some_and(|s| support::condition(&s.conditions, "Ready").as_deref() == Some("True"))
-}
-
-async fn ec2() -> aws_sdk_ec2::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("eu-west-1"))
-        .endpoint_url(&support::moto().endpoint)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
-        .load()
-        .await;
-    aws_sdk_ec2::Client::new(&config)
+    v.status.as_ref().is_some_and(|s| support::is_ready(&s.conditions))
 }
 
 async fn volumes_tagged(ec2: &aws_sdk_ec2::Client, uid: &str) -> Vec<aws_sdk_ec2::types::Volume> {
@@ -46,7 +36,7 @@ async fn volume_is_created_grown_and_deleted_or_orphaned() {
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let _operator = support::Operator::start(&ns, &[]);
     let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);
-    let ec2 = ec2().await;
+    let ec2 = support::ec2_client().await;
 
     volumes.create(&PostParams::default(), &volume("data", 10, "Delete")).await.unwrap();
     volumes.create(&PostParams::default(), &volume("kept", 5, "Orphan")).await.unwrap();
@@ -91,7 +81,7 @@ async fn a_volume_deleted_out_of_band_does_not_block_deletion() {
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let _operator = support::Operator::start(&ns, &[]);
     let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);
-    let ec2 = ec2().await;
+    let ec2 = support::ec2_client().await;
 
     volumes.create(&PostParams::default(), &volume("gone", 8, "Delete")).await.unwrap();
     support::wait_for(&volumes, "gone", TIMEOUT, "Ready", ready).await;

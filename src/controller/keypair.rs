@@ -17,12 +17,12 @@ use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status};
 use crate::api::keypair::KeyPairStatus;
 use crate::api::network::ResourcePhase;
-use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, ManagementPolicy, Network};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, ManagementPolicy};
 use crate::provider::CloudTarget;
 use crate::provider::Owner;
 use crate::ssh::HostKey;
 
-object_status!(KeyPairStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
+object_status!(KeyPairStatus, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
 
 /// Secret key holding the private key (the kubernetes.io/ssh-auth convention).
 pub const PRIVATE_KEY: &str = "ssh-privatekey";
@@ -188,23 +188,14 @@ impl KeyPair {
     }
 
     fn owner(&self) -> Owner {
-        Owner {
-            namespace: self.namespace().unwrap_or_default(),
-            name: self.name_any(),
-            uid: self.uid().unwrap_or_default(),
-        }
+        Owner::of(self)
     }
 
     /// The key pair's identity and its Network (the account).
     async fn target(&self, ctx: &Context) -> Result<CloudTarget> {
         let ns = self.namespace().unwrap_or_default();
         let name = self.spec.network_ref.as_ref().map(|r| r.name.clone()).unwrap_or_default();
-        let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(&name).await?.ok_or_else(|| {
-            Error::waiting(
-                "NetworkNotFound",
-                format!("Network {name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
-            )
-        })?;
+        let network = super::resolve_network(ctx, &ns, &name, "spec.networkRef.name").await?;
         Ok(CloudTarget { owner: self.owner(), network })
     }
 }

@@ -5,20 +5,20 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
-use kube::{Resource, ResourceExt};
 
 use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name, record_intent};
 use crate::api::machine::{MachinePhase, MachineProvider as MachineProviderSpec, MachineStatus, SshSpec};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, Machine, ManagementPolicy, Network};
-use crate::provider::{InstanceState, MachineTarget, Owner, ProviderError, Providers};
+use crate::provider::{InstanceState, MachineTarget, Owner, ProviderError};
 use crate::ssh::{self, HostKey};
 
-object_status!(MachineStatus, MachinePhase, failed = MachinePhase::Failed, deleting = MachinePhase::Deleting);
+object_status!(MachineStatus, failed = MachinePhase::Failed, deleting = MachinePhase::Deleting);
 
 /// Machine-specific condition types.
 pub mod conditions {
@@ -92,12 +92,7 @@ impl Reconciler for Machine {
 
         // Resolve references.
         let network_name = &self.spec.network_ref.name;
-        let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(network_name).await?.ok_or_else(|| {
-            Error::waiting(
-                "NetworkNotFound",
-                format!("Network {network_name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
-            )
-        })?;
+        let network = super::resolve_network(&ctx, &ns, network_name, "spec.networkRef.name").await?;
         let resolved = resolve(&self, &network)?;
         {
             let mut users = ctx.keypair_users.lock().unwrap_or_else(|e| e.into_inner());
@@ -129,10 +124,9 @@ impl Reconciler for Machine {
         }
 
         // Provision.
-        let providers: &Providers = &ctx.providers;
-        let provider = providers.machine(&resolved.provider)?;
+        let provider = ctx.providers.machine(&resolved.provider)?;
         let target = MachineTarget {
-            owner: Owner { namespace: ns.clone(), name: self.name_any(), uid: self.uid().unwrap_or_default() },
+            owner: Owner::of(&*self),
             provider: resolved.provider.clone(),
             running: self.spec.running,
             external_id: self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned(),
@@ -279,7 +273,7 @@ impl Reconciler for Machine {
         let Some(provider_spec) = provider_spec else { return Ok(Cleanup::Done) };
         let provider = ctx.providers.machine(&provider_spec)?;
         let target = MachineTarget {
-            owner: Owner { namespace: ns, name: self.name_any(), uid: self.meta().uid.clone().unwrap_or_default() },
+            owner: Owner::of(&*self),
             provider: provider_spec,
             running: false,
             external_id: self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned(),
@@ -331,10 +325,11 @@ pub fn controller(
             // or through the Network's defaults), including those waiting for it.
             let ns = keypair.namespace().unwrap_or_default();
             let name = keypair.name_any();
+            let prefix = format!("{ns}/");
             let users = keypair_users.lock().unwrap_or_else(|e| e.into_inner());
             users
                 .iter()
-                .filter(|(machine, keypair)| **keypair == name && machine.starts_with(&format!("{ns}/")))
+                .filter(|(machine, keypair)| **keypair == name && machine.starts_with(&prefix))
                 .filter_map(|(machine, _)| machine.split_once('/').map(|(ns, n)| ObjectRef::new(n).within(ns)))
                 .collect::<Vec<_>>()
         })

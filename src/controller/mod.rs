@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -58,8 +58,13 @@ pub enum Error {
     #[error(transparent)]
     Provider(#[from] ProviderError),
 
+    /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
-    Finalizer(String),
+    Finalizer(#[source] kube::Error),
+
+    /// The finalizer helper could not act (an object without a name).
+    #[error("finalizer: {0}")]
+    FinalizerHelper(String),
 }
 
 impl Error {
@@ -76,9 +81,8 @@ impl Error {
     fn is_conflict(&self) -> bool {
         match self {
             Self::Kube(kube::Error::Api(s)) => s.code == 409,
-            Self::Finalizer(message) => {
-                message.contains("409") || message.contains("422") || message.contains("Invalid")
-            }
+            // The finalizer patch tests the resourceVersion it read; a stale copy fails with 422.
+            Self::Finalizer(kube::Error::Api(s)) => s.code == 409 || s.code == 422,
             _ => false,
         }
     }
@@ -91,14 +95,8 @@ impl Error {
             Self::Kube(_) => "kubernetes",
             Self::Provider(ProviderError::Permanent { .. }) => "stalled",
             Self::Provider(_) => "provider",
-            Self::Finalizer(_) => "finalizer",
+            Self::Finalizer(_) | Self::FinalizerHelper(_) => "finalizer",
         }
-    }
-}
-
-impl From<ProviderError> for Box<Error> {
-    fn from(e: ProviderError) -> Self {
-        Box::new(Error::Provider(e))
     }
 }
 
@@ -324,8 +322,9 @@ async fn reconcile_inner<K: Reconciler>(obj: Arc<K>, ctx: Arc<Context>) -> Resul
     })
     .await
     .map_err(|err| match err {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
+        FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e,
+        FinalizerError::AddFinalizer(e) | FinalizerError::RemoveFinalizer(e) => Error::Finalizer(e),
+        other => Error::FinalizerHelper(other.to_string()),
     })
 }
 
@@ -398,6 +397,17 @@ async fn cleanup<K: Reconciler>(api: &Api<K>, obj: Arc<K>, ctx: Arc<Context>) ->
     }
 }
 
+/// The Network `name` in `ns`, or a Waiting error naming `field` when it
+/// does not exist yet (a watch brings the object back when it appears).
+pub async fn resolve_network(ctx: &Context, ns: &str, name: &str, field: &str) -> Result<crate::api::Network> {
+    Api::<crate::api::Network>::namespaced(ctx.client.clone(), ns).get_opt(name).await?.ok_or_else(|| {
+        Error::waiting(
+            "NetworkNotFound",
+            format!("Network {name} ({field}) does not exist yet; create it or fix the reference"),
+        )
+    })
+}
+
 /// Records on the object that a cloud resource is about to be created, with
 /// an update carrying the object's resourceVersion: a replica acting on a
 /// stale copy fails here (409) instead of creating a second resource.
@@ -444,7 +454,7 @@ pub async fn write_status<K: Reconciler>(api: &Api<K>, obj: &K, status: K::Statu
 /// Implements [`ObjectStatus`] for a status type with `observed_generation`,
 /// `conditions` and `phase` fields.
 macro_rules! object_status {
-    ($status:ty, $phase:ty, failed = $failed:expr, deleting = $deleting:expr) => {
+    ($status:ty, failed = $failed:expr, deleting = $deleting:expr) => {
         impl $crate::controller::ObjectStatus for $status {
             fn conditions_mut(&mut self) -> &mut Vec<$crate::api::Condition> {
                 &mut self.conditions

@@ -17,7 +17,7 @@ use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, Net
 use crate::provider::{CloudTarget, NetworkResources, Owner};
 use kube::runtime::events::EventType;
 
-object_status!(NetworkStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
+object_status!(NetworkStatus, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
 
 impl Reconciler for Network {
     type Status = NetworkStatus;
@@ -28,11 +28,7 @@ impl Reconciler for Network {
     }
 
     async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: NetworkStatus) -> Result<Outcome<NetworkStatus>> {
-        let owner = Owner {
-            namespace: self.namespace().unwrap_or_default(),
-            name: self.name_any(),
-            uid: self.uid().unwrap_or_default(),
-        };
+        let owner = Owner::of(&*self);
         if let Some(ec2) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref()) {
             let provider = ctx.providers.network("ec2")?;
             let target = CloudTarget { owner: owner.clone(), network: (*self).clone() };
@@ -110,11 +106,7 @@ impl Reconciler for Network {
             && self.spec.management_policy != ManagementPolicy::Observe
             && let Some(_) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref())
         {
-            let owner = Owner {
-                namespace: self.namespace().unwrap_or_default(),
-                name: self.name_any(),
-                uid: self.uid().unwrap_or_default(),
-            };
+            let owner = Owner::of(&*self);
             let provider = ctx.providers.network("ec2")?;
             let target = CloudTarget { owner, network: (*self).clone() };
             let known = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();

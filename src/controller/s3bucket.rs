@@ -11,11 +11,11 @@ use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name};
 use crate::api::network::ResourcePhase;
 use crate::api::s3bucket::{PublicAccessBlock, S3BucketStatus};
-use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, Network, S3Bucket};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, S3Bucket};
 use crate::provider::aws::owner_tags;
 use crate::provider::{BucketSpec, CloudTarget, Owner};
 
-object_status!(S3BucketStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
+object_status!(S3BucketStatus, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
 
 impl S3Bucket {
     /// The bucket's name in S3: spec.bucketName, else `<namespace>-<name>`.
@@ -46,13 +46,8 @@ fn parse_policy(policy: Option<&str>) -> Result<Option<serde_json::Value>> {
 async fn target(ctx: &Context, bucket: &S3Bucket) -> Result<CloudTarget> {
     let ns = bucket.namespace().unwrap_or_default();
     let name = &bucket.spec.network_ref.name;
-    let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(name).await?.ok_or_else(|| {
-        Error::waiting(
-            "NetworkNotFound",
-            format!("Network {name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
-        )
-    })?;
-    let owner = Owner { namespace: ns, name: bucket.name_any(), uid: bucket.uid().unwrap_or_default() };
+    let network = super::resolve_network(ctx, &ns, name, "spec.networkRef.name").await?;
+    let owner = Owner::of(bucket);
     Ok(CloudTarget { owner, network })
 }
 
@@ -69,11 +64,7 @@ impl Reconciler for S3Bucket {
         let target = target(&ctx, &self).await?;
         let provider = ctx.providers.bucket()?;
         let name = self.bucket_name();
-        let owner = Owner {
-            namespace: self.namespace().unwrap_or_default(),
-            name: self.name_any(),
-            uid: self.uid().unwrap_or_default(),
-        };
+        let owner = Owner::of(&*self);
         let mut tags = owner_tags(&owner, "S3Bucket");
         tags.extend(self.spec.tags.clone());
         let spec = BucketSpec {

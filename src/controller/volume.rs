@@ -15,10 +15,10 @@ use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name, record_intent};
 use crate::api::network::ResourcePhase;
 use crate::api::volume::{VolumeAttachmentStatus, VolumeStatus};
-use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Machine, ManagementPolicy, Network, Volume};
+use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Machine, ManagementPolicy, Volume};
 use crate::provider::{CloudTarget, Owner};
 
-object_status!(VolumeStatus, ResourcePhase, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
+object_status!(VolumeStatus, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
 
 /// Volume-specific condition types.
 pub mod conditions {
@@ -72,21 +72,12 @@ fn desired_attachment(volume: &str, machines: &[Machine]) -> Result<Option<Desir
 async fn target(ctx: &Context, volume: &Volume) -> Result<CloudTarget> {
     let ns = volume.namespace().unwrap_or_default();
     let name = &volume.spec.network_ref.name;
-    let network = Api::<Network>::namespaced(ctx.client.clone(), &ns).get_opt(name).await?.ok_or_else(|| {
-        Error::waiting(
-            "NetworkNotFound",
-            format!("Network {name} (spec.networkRef.name) does not exist yet; create it or fix the reference"),
-        )
-    })?;
+    let network = super::resolve_network(ctx, &ns, name, "spec.networkRef.name").await?;
     Ok(CloudTarget { owner: owner(volume), network })
 }
 
 fn owner(volume: &Volume) -> Owner {
-    Owner {
-        namespace: volume.namespace().unwrap_or_default(),
-        name: volume.name_any(),
-        uid: volume.uid().unwrap_or_default(),
-    }
+    Owner::of(volume)
 }
 
 impl Reconciler for Volume {

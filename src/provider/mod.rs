@@ -38,6 +38,18 @@ pub struct Owner {
     pub uid: String,
 }
 
+impl Owner {
+    /// The identity of a Kubernetes object.
+    pub fn of<K: kube::Resource>(obj: &K) -> Self {
+        use kube::ResourceExt;
+        Self {
+            namespace: obj.namespace().unwrap_or_default(),
+            name: obj.name_any(),
+            uid: obj.uid().unwrap_or_default(),
+        }
+    }
+}
+
 /// What a Machine provider is asked to act on: the machine's identity and
 /// its effective provider block (its own, or its Network's default).
 #[derive(Clone, Debug)]
@@ -192,7 +204,7 @@ fn lookup<T: ?Sized>(map: &BTreeMap<&'static str, Arc<T>>, field: &str, kind: &s
         ProviderError::permanent(
             "ProviderUnavailable",
             format!(
-                "{field}.{kind}: this operator has no {kind} provider for it (available: {})",
+                "{field}.{kind}: this operator has no {kind} provider (available: {}); use another provider block",
                 map.keys().copied().collect::<Vec<_>>().join(", ")
             ),
         )
@@ -243,15 +255,6 @@ impl Providers {
         let kind = spec.kind().ok_or_else(|| {
             ProviderError::permanent("NoProvider", "spec.provider sets no provider block; set existing or ec2")
         })?;
-        self.machines.get(kind).cloned().ok_or_else(|| {
-            ProviderError::permanent(
-                "ProviderUnavailable",
-                format!(
-                    "spec.provider.{kind}: this operator has no {kind} provider (available: {}); \
-                     use another provider block or run an operator build with {kind} support",
-                    self.machines.keys().copied().collect::<Vec<_>>().join(", ")
-                ),
-            )
-        })
+        lookup(&self.machines, "spec.provider", kind)
     }
 }

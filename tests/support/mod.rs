@@ -483,3 +483,30 @@ impl Toxiproxy {
         self.call("DELETE", &format!("/proxies/{proxy}/toxics/{name}"), "");
     }
 }
+
+/// SDK settings for talking to this binary's moto server directly (to check
+/// what the operator did), with the test credentials.
+pub async fn aws_sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("eu-west-1"))
+        .endpoint_url(&moto().endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
+        .load()
+        .await
+}
+
+/// An EC2 client for moto.
+pub async fn ec2_client() -> aws_sdk_ec2::Client {
+    aws_sdk_ec2::Client::new(&aws_sdk_config().await)
+}
+
+/// An S3 client for moto (path-style addressing, as moto needs).
+pub async fn s3_client() -> aws_sdk_s3::Client {
+    let config = aws_sdk_config().await;
+    aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build())
+}
+
+/// Whether a status' conditions hold Ready=True.
+pub fn is_ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    condition(conditions, "Ready").as_deref() == Some("True")
+}

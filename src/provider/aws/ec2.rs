@@ -14,6 +14,9 @@ use super::{AwsAccounts, classify, error_code, owner_tags, tags};
 use crate::api::machine::{Ec2Instance, MachineAddress};
 use crate::provider::{Instance, InstanceState, MachineProvider, MachineTarget, ProviderError};
 
+/// Port sshd listens on in a NixOS AMI; spec.ssh.port overrides it.
+const SSH_PORT: u16 = 22;
+
 /// Provider for `spec.provider.ec2`.
 pub struct Ec2Machines {
     pub accounts: AwsAccounts,
@@ -107,7 +110,7 @@ impl MachineProvider for Ec2Machines {
     async fn observe(&self, target: &MachineTarget) -> Result<Option<Instance>, ProviderError> {
         let aws = self.clients(target).await?;
         let found = find(&aws, target).await?;
-        Ok(found.first().map(|i| instance(i, 22)))
+        Ok(found.first().map(|i| instance(i, SSH_PORT)))
     }
 
     async fn create(&self, target: &MachineTarget) -> Result<Instance, ProviderError> {
@@ -176,7 +179,7 @@ impl MachineProvider for Ec2Machines {
             .instances()
             .first()
             .ok_or_else(|| ProviderError::Transient("RunInstances returned no instance".into()))?;
-        Ok(instance(created, 22))
+        Ok(instance(created, SSH_PORT))
     }
 
     async fn update(&self, target: &MachineTarget, current: Instance) -> Result<Instance, ProviderError> {
@@ -207,7 +210,7 @@ impl MachineProvider for Ec2Machines {
             }
             _ => return Ok(current),
         }
-        Ok(find(&aws, target).await?.first().map(|i| instance(i, 22)).unwrap_or(current))
+        Ok(find(&aws, target).await?.first().map(|i| instance(i, SSH_PORT)).unwrap_or(current))
     }
 
     async fn delete(&self, target: &MachineTarget) -> Result<(), ProviderError> {

@@ -8,7 +8,7 @@ use aws_sdk_s3::types::{
     PublicAccessBlockConfiguration, Tag, Tagging, VersioningConfiguration,
 };
 
-use super::{AwsClients, classify};
+use super::{AwsClients, classify, error_code};
 use crate::api::s3bucket::PublicAccessBlock;
 use crate::provider::ProviderError;
 
@@ -27,10 +27,6 @@ pub struct BucketSpec<'a> {
 pub struct BucketState {
     pub created: bool,
     pub changed: Vec<&'static str>,
-}
-
-fn code<E: aws_sdk_s3::error::ProvideErrorMetadata, R>(err: &aws_sdk_s3::error::SdkError<E, R>) -> Option<String> {
-    super::error_code(err).map(str::to_owned)
 }
 
 /// Whether the bucket exists and is ours to manage.
@@ -63,8 +59,8 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
         }
         match create.send().await {
             Ok(_) => state.created = true,
-            Err(err) if code(&err).as_deref() == Some("BucketAlreadyOwnedByYou") => {}
-            Err(err) if code(&err).as_deref() == Some("BucketAlreadyExists") => {
+            Err(err) if error_code(&err) == Some("BucketAlreadyOwnedByYou") => {}
+            Err(err) if error_code(&err) == Some("BucketAlreadyExists") => {
                 return Err(ProviderError::permanent(
                     "BucketNameTaken",
                     format!("bucket name {name} is taken in S3 (names are global); choose another spec.bucketName"),
@@ -109,7 +105,7 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
         .build();
     let current = match aws.reading().await.s3.get_public_access_block().bucket(name).send().await {
         Ok(out) => out.public_access_block_configuration().cloned(),
-        Err(err) if code(&err).as_deref() == Some("NoSuchPublicAccessBlockConfiguration") => None,
+        Err(err) if error_code(&err) == Some("NoSuchPublicAccessBlockConfiguration") => None,
         Err(err) => return Err(classify(err, "GetPublicAccessBlock")),
     };
     if current.as_ref() != Some(&desired) {
@@ -128,7 +124,7 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
     // Policy, compared as JSON values.
     let current = match aws.reading().await.s3.get_bucket_policy().bucket(name).send().await {
         Ok(out) => out.policy().and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok()),
-        Err(err) if code(&err).as_deref() == Some("NoSuchBucketPolicy") => None,
+        Err(err) if error_code(&err) == Some("NoSuchBucketPolicy") => None,
         Err(err) => return Err(classify(err, "GetBucketPolicy")),
     };
     match (spec.policy, current) {
@@ -163,7 +159,7 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
     let current: BTreeMap<String, String> = match aws.reading().await.s3.get_bucket_tagging().bucket(name).send().await
     {
         Ok(out) => out.tag_set().iter().map(|t| (t.key().to_owned(), t.value().to_owned())).collect(),
-        Err(err) if code(&err).as_deref() == Some("NoSuchTagSet") => BTreeMap::new(),
+        Err(err) if error_code(&err) == Some("NoSuchTagSet") => BTreeMap::new(),
         Err(err) => return Err(classify(err, "GetBucketTagging")),
     };
     if current != spec.tags {
@@ -249,7 +245,7 @@ pub async fn delete(aws: &AwsClients, name: &str, force: bool) -> Result<(), Pro
     }
     match aws.writing().await.s3.delete_bucket().bucket(name).send().await {
         Ok(_) => Ok(()),
-        Err(err) if code(&err).as_deref() == Some("NoSuchBucket") => Ok(()),
+        Err(err) if error_code(&err) == Some("NoSuchBucket") => Ok(()),
         Err(err) => Err(classify(err, &format!("DeleteBucket {name}"))),
     }
 }
