@@ -1,8 +1,11 @@
-//! Nix without a `nix` binary: store paths, Nix's base32, and NAR
-//! serialisation, as needed to push closures to machines.
+//! Nix without a `nix` binary: store paths, Nix's base32, NAR serialisation,
+//! path metadata, closure sources and the serve protocol, as needed to push
+//! closures to machines.
 
 pub mod base32;
 pub mod nar;
+pub mod path_info;
 pub mod store_path;
 
+pub use path_info::PathInfo;
 pub use store_path::StorePath;
