@@ -28,3 +28,47 @@ fn nar_matches_nix_store_dump() {
     assert_eq!(ours.len(), theirs.stdout.len(), "NAR sizes differ");
     assert!(ours == theirs.stdout, "NAR bytes differ from nix-store --dump");
 }
+
+/// The local store reads a closure from Nix's database in dependency order,
+/// and one path in ImportPaths' format is byte for byte what
+/// `nix-store --export` writes.
+#[tokio::test]
+async fn local_store_closure_and_export_format_match_nix() {
+    use nixops_operator::nix::{StorePath, local_store::LocalStore, serve};
+    let nonce: u64 = rand_nonce();
+    let expr = format!(
+        r#"let
+          mk = name: script: builtins.derivation {{ inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" script]; }};
+          leaf = mk "leaf-{nonce}" "echo {nonce} > $out";
+          mid = mk "mid-{nonce}" "/bin/mkdir $out; echo ${{leaf}} > $out/leaf";
+        in mk "top-{nonce}" "/bin/mkdir $out; echo ${{mid}} ${{leaf}} > $out/deps""#
+    );
+    let built = Command::new("nix-build").args(["--no-out-link", "-E", &expr]).output().expect("run nix-build");
+    assert!(built.status.success(), "nix-build: {}", String::from_utf8_lossy(&built.stderr));
+    let top = String::from_utf8(built.stdout).unwrap().trim().to_owned();
+    let top = StorePath::parse(&top).unwrap();
+
+    let closure = LocalStore::new("/nix").closure(&top).await.unwrap();
+    let names: Vec<&str> = closure.iter().map(|i| i.path.name()).collect();
+    assert_eq!(names, [format!("leaf-{nonce}"), format!("mid-{nonce}"), format!("top-{nonce}")]);
+    let requisites = Command::new("nix-store").args(["-qR", &top.to_string()]).output().unwrap();
+    assert_eq!(String::from_utf8(requisites.stdout).unwrap().lines().count(), 3);
+
+    for info in &closure {
+        let nar = LocalStore::new("/nix").nar(&info.path).await.unwrap();
+        assert_eq!(nar.len() as u64, info.nar_size, "NAR size of {}", info.path);
+        let mut ours = serve::export_record(info, &nar);
+        ours.extend(serve::import_paths_end());
+        let theirs = Command::new("nix-store").args(["--export", &info.path.to_string()]).output().unwrap();
+        assert!(theirs.status.success());
+        assert!(ours == theirs.stdout, "export of {} differs from nix-store --export", info.path);
+        let hash = Command::new("nix-store").args(["-q", "--hash", &info.path.to_string()]).output().unwrap();
+        assert_eq!(String::from_utf8(hash.stdout).unwrap().trim(), info.nar_hash);
+    }
+}
+
+fn rand_nonce() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).unwrap();
+    u64::from_le_bytes(bytes)
+}

@@ -3,8 +3,12 @@
 //! closures to machines.
 
 pub mod base32;
+pub mod local_store;
+pub mod cache;
 pub mod nar;
+pub mod narinfo;
 pub mod path_info;
+pub mod serve;
 pub mod store_path;
 
 pub use path_info::PathInfo;

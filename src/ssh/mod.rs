@@ -3,7 +3,7 @@
 
 pub mod session;
 
-pub use session::{CommandOutput, Session};
+pub use session::{CommandOutput, RemoteProcess, Session};
 
 use std::fmt;
 use std::sync::{Arc, Mutex};

@@ -106,8 +106,89 @@ impl Session {
         Ok(out)
     }
 
+    /// Runs `command` with `input` as its standard input.
+    pub async fn exec_with_input(&self, command: &str, input: &[u8]) -> Result<CommandOutput, SshError> {
+        let mut process = self.spawn(command).await?;
+        process.send(input.to_vec()).await?;
+        process.finish().await
+    }
+
+    /// Starts `command` and returns it running, for a conversation over its
+    /// standard input and output.
+    pub async fn spawn(&self, command: &str) -> Result<RemoteProcess, SshError> {
+        let failed = |e: russh::Error| SshError::Connect { addr: self.addr.clone(), reason: e.to_string() };
+        let channel = self.handle.channel_open_session().await.map_err(failed)?;
+        channel.exec(true, command).await.map_err(failed)?;
+        Ok(RemoteProcess { channel, addr: self.addr.clone(), stdout: Vec::new(), read: 0, out: CommandOutput::default() })
+    }
+
+    /// The address this session is connected to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// Closes the connection.
     pub async fn close(self) {
         let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+    }
+}
+
+/// A command running on the remote host.
+pub struct RemoteProcess {
+    channel: russh::Channel<russh::client::Msg>,
+    addr: String,
+    /// Standard output received and not yet consumed by `read_exact`.
+    stdout: Vec<u8>,
+    read: usize,
+    out: CommandOutput,
+}
+
+impl RemoteProcess {
+    fn lost(&self, what: &str) -> SshError {
+        SshError::Connect { addr: self.addr.clone(), reason: what.to_owned() }
+    }
+
+    /// Sends bytes to the command's standard input (waits for the SSH window).
+    pub async fn send(&mut self, data: impl Into<bytes::Bytes>) -> Result<(), SshError> {
+        self.channel.data_bytes(data).await.map_err(|e| self.lost(&format!("sending: {e}")))
+    }
+
+    /// Reads exactly `n` bytes of standard output.
+    pub async fn read_exact(&mut self, n: usize) -> Result<Vec<u8>, SshError> {
+        while self.stdout.len() - self.read < n {
+            if !self.receive().await {
+                let stderr = String::from_utf8_lossy(&self.out.stderr).trim().to_owned();
+                return Err(self.lost(&format!("the remote command ended early: {stderr}")));
+            }
+        }
+        let bytes = self.stdout[self.read..self.read + n].to_vec();
+        self.read += n;
+        if self.read > 1 << 20 {
+            self.stdout.drain(..self.read);
+            self.read = 0;
+        }
+        Ok(bytes)
+    }
+
+    /// Handles one message; false once the channel is closed.
+    async fn receive(&mut self) -> bool {
+        match self.channel.wait().await {
+            Some(ChannelMsg::Data { data }) => self.stdout.extend_from_slice(&data),
+            Some(ChannelMsg::ExtendedData { data, ext: 1 }) => self.out.stderr.extend_from_slice(&data),
+            Some(ChannelMsg::ExitStatus { exit_status }) => self.out.status = Some(exit_status),
+            Some(_) => {}
+            None => return false,
+        }
+        true
+    }
+
+    /// Closes standard input, waits for the command to end and returns the
+    /// output not yet read and the exit status.
+    pub async fn finish(mut self) -> Result<CommandOutput, SshError> {
+        self.channel.eof().await.map_err(|e| self.lost(&format!("closing input: {e}")))?;
+        while self.receive().await {}
+        let mut out = std::mem::take(&mut self.out);
+        out.stdout = self.stdout.split_off(self.read);
+        Ok(out)
     }
 }
