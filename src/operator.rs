@@ -172,6 +172,7 @@ async fn run_controllers(client: &Client, opts: &Options, ctx: Arc<Context>, sto
         api(client, ns),
         api(client, ns),
         api(client, ns),
+        api(client, ns),
         ctx.keypair_users.clone(),
         wc.clone(),
     );

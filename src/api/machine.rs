@@ -29,6 +29,7 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, S
     printcolumn(name = "Network", type_ = "string", json_path = ".spec.networkRef.name", priority = 1),
     printcolumn(name = "Generation", type_ = "integer", json_path = ".status.generation", priority = 1),
     printcolumn(name = "Provider-ID", type_ = "string", json_path = ".status.providerID", priority = 1),
+    printcolumn(name = "Last-Deploy", type_ = "string", json_path = ".status.lastDeploy.result", priority = 1),
     printcolumn(
         name = "Message",
         type_ = "string",
@@ -572,6 +573,11 @@ pub struct MachineStatus {
     /// The most recent deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_deploy: Option<DeployRecord>,
+
+    /// Key files (spec.keys) the operator has placed on the machine; paths
+    /// only, never contents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
 }
 
 /// Lifecycle phase of a Machine.
@@ -615,7 +621,30 @@ pub struct DeployRecord {
     /// Bytes of NAR data copied to the machine.
     #[serde(default)]
     pub bytes_copied: i64,
-    /// Succeeded, Failed, RolledBack or InProgress.
+    /// Store paths the machine lacked when the deployment started.
+    #[serde(default)]
+    pub paths_total: i64,
+    /// Their NAR size in bytes.
+    #[serde(default)]
+    pub bytes_total: i64,
+    /// Pushing, Activating, Succeeded, Failed or RolledBack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
+    /// What happened, for a failure or rollback: the step, the exit status
+    /// and the end of the output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The Machine's metadata.generation this deployment was made for. A
+    /// failed closure is not retried until the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_generation: Option<i64>,
+}
+
+/// Results a deployment ends in (DeployRecord.result).
+pub mod deploy_result {
+    pub const PUSHING: &str = "Pushing";
+    pub const ACTIVATING: &str = "Activating";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const FAILED: &str = "Failed";
+    pub const ROLLED_BACK: &str = "RolledBack";
 }

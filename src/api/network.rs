@@ -25,6 +25,7 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, T
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Ready-Machines", type_ = "integer", json_path = ".status.readyMachines", priority = 1),
+    printcolumn(name = "Updated", type_ = "integer", json_path = ".status.updatedMachines", priority = 1),
     printcolumn(name = "VPC", type_ = "string", json_path = ".status.vpcId", priority = 1),
     printcolumn(
         name = "Message",
@@ -270,6 +271,10 @@ pub struct NetworkStatus {
     /// Number of member machines that are Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_machines: Option<i32>,
+
+    /// Member machines running their desired closure (rollout progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_machines: Option<i32>,
 
     /// Membership published to every member as /etc/nixops/network.json.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

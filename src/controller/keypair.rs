@@ -200,6 +200,24 @@ impl KeyPair {
     }
 }
 
+/// The private key a Machine logs in with: the KeyPair's Secret's
+/// ssh-privatekey. A KeyPair without it cannot be used to deploy.
+pub async fn private_key(ctx: &Context, ns: &str, keypair: &KeyPair) -> Result<PrivateKey> {
+    let secret_name = &keypair.spec.secret_ref.name;
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns).get_opt(secret_name).await?;
+    let private = secret.as_ref().and_then(|s| s.data.as_ref()?.get(PRIVATE_KEY)).ok_or_else(|| {
+        Error::stalled(
+            "NoPrivateKey",
+            format!(
+                "KeyPair {} has no private key (Secret {secret_name} key {PRIVATE_KEY}), so the operator cannot log in to deploy; add it",
+                keypair.name_any()
+            ),
+        )
+    })?;
+    let text = std::str::from_utf8(&private.0).map_err(|_| bad_private_key(secret_name, "not UTF-8 text"))?;
+    PrivateKey::from_openssh(text).map_err(|e| bad_private_key(secret_name, &e.to_string()))
+}
+
 /// The public half of an OpenSSH private key held in a Secret.
 fn public_of(private: &[u8], secret_name: &str) -> Result<HostKey> {
     let text = std::str::from_utf8(private).map_err(|_| bad_private_key(secret_name, "not UTF-8 text"))?;

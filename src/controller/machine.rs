@@ -5,12 +5,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 
+use super::deploy;
 use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name, record_intent};
 use crate::api::machine::{MachinePhase, MachineProvider as MachineProviderSpec, MachineStatus, SshSpec};
@@ -102,6 +104,7 @@ impl Reconciler for Machine {
             };
         }
         let mut key_name = None;
+        let mut login_key = None;
         if let Some(key_ref) = &resolved.ssh.key_pair_ref {
             let keypair =
                 Api::<KeyPair>::namespaced(ctx.client.clone(), &ns).get_opt(&key_ref.name).await?.ok_or_else(|| {
@@ -113,7 +116,7 @@ impl Reconciler for Machine {
                         ),
                     )
                 })?;
-            let status = keypair.status.unwrap_or_default();
+            let status = keypair.status.clone().unwrap_or_default();
             if !super::status::is_true(&status.conditions, crate::api::condition::READY) {
                 return Err(Error::waiting(
                     "KeyPairNotReady",
@@ -121,6 +124,9 @@ impl Reconciler for Machine {
                 ));
             }
             key_name = status.cloud_key_name;
+            if self.spec.nixos.is_some() {
+                login_key = Some(super::keypair::private_key(&ctx, &ns, &keypair).await?);
+            }
         }
 
         // Provision.
@@ -236,24 +242,32 @@ impl Reconciler for Machine {
                 presented.fingerprint()
             ),
         );
-        match &self.spec.nixos {
-            None => {
-                conds.ready("Provisioned", "provisioned; spec.nixos is not set, so nothing is deployed");
-                status.phase = Some(MachinePhase::Running);
-            }
-            Some(nixos) => {
-                conds.reconciling(
-                    "Deploying",
-                    format!("provisioned; deploying {} is not available in this version", nixos.closure),
-                );
-                status.phase = Some(MachinePhase::Deploying);
-            }
+        if self.spec.nixos.is_none() {
+            conds.ready("Provisioned", "provisioned; spec.nixos is not set, so nothing is deployed");
+            status.phase = Some(MachinePhase::Running);
         }
         if !was_provisioned {
             ctx.event(&*self, EventType::Normal, "Provisioned", format!("{} machine provisioned", provider.name()))
                 .await;
         }
-        Ok(Outcome { status, requeue: None })
+        let Some(key) = login_key else {
+            if self.spec.nixos.is_some() {
+                return Err(Error::stalled(
+                    "NoKeyPair",
+                    "deploying spec.nixos needs an SSH key: set spec.ssh.keyPairRef or the Network's spec.machineDefaults.ssh.keyPairRef",
+                ));
+            }
+            return Ok(Outcome { status, requeue: None });
+        };
+        let target = deploy::Target {
+            host: instance.ssh_host.clone(),
+            port: instance.ssh_port,
+            user: resolved.ssh.user.clone().unwrap_or_else(|| "root".into()),
+            key,
+            host_key: presented,
+        };
+        let requeue = deploy::reconcile(&self, &network, &ctx, &target, &mut status).await?;
+        Ok(Outcome { status, requeue })
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
@@ -288,17 +302,19 @@ impl Reconciler for Machine {
     }
 }
 
-/// The Machine controller; a Network or KeyPair appearing or changing wakes
-/// the Machines that use it (no polling).
+/// The Machine controller; a Network, KeyPair or key Secret appearing or
+/// changing wakes the Machines that use it (no polling).
 pub fn controller(
     machines: Api<Machine>,
     networks: Api<Network>,
     keypairs: Api<KeyPair>,
+    secrets: Api<Secret>,
     keypair_users: super::KeyPairUsers,
     wc: watcher::Config,
 ) -> Controller<Machine> {
     let controller = Controller::new(machines, wc.clone());
     let by_network = controller.store();
+    let by_key_secret = controller.store();
     // Network status changes with every member's readiness; only a spec
     // change (a new generation) concerns the members.
     let seen_generations = Mutex::new(HashMap::<String, Option<i64>>::new());
@@ -317,6 +333,17 @@ pub fn controller(
                 .state()
                 .into_iter()
                 .filter(|m| m.namespace() == ns && m.spec.network_ref.name == name)
+                .map(|m| ObjectRef::from_obj(&*m))
+                .collect::<Vec<_>>()
+        })
+        .watches(secrets, wc.clone(), move |secret| {
+            // A changed Secret rewrites the key files made from it (spec.keys).
+            let ns = secret.namespace();
+            let name = secret.name_any();
+            by_key_secret
+                .state()
+                .into_iter()
+                .filter(|m| m.namespace() == ns && m.spec.keys.iter().any(|k| k.secret_ref.name == name))
                 .map(|m| ObjectRef::from_obj(&*m))
                 .collect::<Vec<_>>()
         })

@@ -7,6 +7,7 @@
 //! with server-side apply, only when changed), Stalled vs retried errors with
 //! capped exponential backoff, warning events, and metrics.
 
+pub mod deploy;
 pub mod keypair;
 pub mod machine;
 pub mod network;
@@ -34,6 +35,10 @@ use crate::metrics::Metrics;
 use crate::provider::aws::AwsAccounts;
 use crate::provider::{ProviderError, Providers};
 use status::Conditions;
+
+/// Bytes of export records kept for concurrent pushes of the same closure
+/// (enough for a typical NixOS system closure, compressed).
+const RECORD_CACHE_BYTES: u64 = 512 << 20;
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "nixops-operator";
@@ -134,6 +139,8 @@ pub struct Context {
     /// Which KeyPair each Machine resolved to (directly or through its
     /// Network's defaults), so a KeyPair event wakes only its users.
     pub keypair_users: KeyPairUsers,
+    /// Shared by deployments: export records and rollout slots.
+    pub deployments: deploy::Deployments,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Reconciliations running now, so shutdown can wait for exactly those.
@@ -155,6 +162,7 @@ impl Context {
             aws,
             settings,
             keypair_users: KeyPairUsers::default(),
+            deployments: deploy::Deployments::new(RECORD_CACHE_BYTES),
             failures: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
         }

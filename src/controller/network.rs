@@ -9,6 +9,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Client, ResourceExt};
 
+use super::deploy;
 use super::status::{Conditions, is_true};
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name};
 use crate::api::machine::Machine;
@@ -16,6 +17,9 @@ use crate::api::network::{NetworkMember, NetworkStatus, ResourcePhase};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, Network, condition};
 use crate::provider::{CloudTarget, NetworkResources, Owner};
 use kube::runtime::events::EventType;
+
+/// Condition: every member runs its desired closure (or why not).
+pub const ROLLOUT: &str = "RolledOut";
 
 object_status!(NetworkStatus, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
 
@@ -74,8 +78,12 @@ impl Reconciler for Network {
             .filter(|m| m.status.as_ref().is_some_and(|s| is_true(&s.conditions, condition::READY)))
             .count();
 
+        let updated = members.iter().filter(|m| deploy::is_up_to_date(m)).count();
+        let failed: Vec<String> = members.iter().filter(|m| deploy::deploy_failed(m)).map(|m| m.name_any()).collect();
+
         status.machines = Some(members.len() as i32);
         status.ready_machines = Some(ready as i32);
+        status.updated_machines = Some(updated as i32);
         status.members = members
             .iter()
             .map(|m| {
@@ -84,8 +92,25 @@ impl Reconciler for Network {
             })
             .collect();
         status.phase = Some(ResourcePhase::Ready);
-        Conditions::new(&mut status.conditions, self.metadata.generation)
-            .ready("Ready", format!("{} machines, {ready} ready", members.len()));
+        let summary = format!("{} machines, {ready} ready, {updated} on their desired closure", members.len());
+        let mut conds = Conditions::new(&mut status.conditions, self.metadata.generation);
+        conds.ready("Ready", summary.clone());
+        if failed.is_empty() {
+            let rolling = updated < members.len();
+            conds.set(
+                ROLLOUT,
+                !rolling,
+                if rolling { "RollingOut" } else { "RolledOut" },
+                summary,
+            );
+        } else {
+            conds.set(
+                ROLLOUT,
+                false,
+                "RolloutHalted",
+                format!("halted: {} failed to deploy; the other machines stay on their current system", failed.join(", ")),
+            );
+        }
         Ok(Outcome { status, requeue: None })
     }
 

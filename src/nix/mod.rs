@@ -2,12 +2,15 @@
 //! path metadata, closure sources and the serve protocol, as needed to push
 //! closures to machines.
 
+pub mod activation;
 pub mod base32;
-pub mod local_store;
 pub mod cache;
+pub mod keys;
+pub mod local_store;
 pub mod nar;
 pub mod narinfo;
 pub mod path_info;
+pub mod push;
 pub mod serve;
 pub mod store_path;
 

@@ -1,0 +1,226 @@
+//! Pushing a closure to a machine: ask which paths it lacks (one round trip
+//! on a `nix-store --serve` connection that also keeps them from garbage
+//! collection), then stream only those, references first, as one ImportPaths
+//! request, zstd-compressed when the machine has `zstd`.
+//!
+//! Each path's export record is built (and compressed) once and shared by
+//! every machine that needs it at about the same time, so pushing one
+//! closure to many machines serialises and compresses each path once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::OnceCell;
+
+use super::cache::{BinaryCacheSource, CacheError};
+use super::local_store::{LocalStore, LocalStoreError};
+use super::serve::{self, ServeConnection, ServeError};
+use super::{PathInfo, StorePath};
+use crate::ssh::Session;
+
+/// zstd level: fast enough to keep up with a gigabit link on one core while
+/// shrinking typical closures to about a third.
+const ZSTD_LEVEL: i32 = 3;
+/// Records prepared ahead of the one being sent.
+const LOOKAHEAD: usize = 4;
+
+/// Errors pushing a closure.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Local(#[from] LocalStoreError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("compressing {path}: {reason}")]
+    Compress { path: String, reason: String },
+}
+
+impl From<crate::ssh::SshError> for PushError {
+    fn from(err: crate::ssh::SshError) -> Self {
+        Self::Serve(err.into())
+    }
+}
+
+/// Where a closure's paths come from.
+#[derive(Clone)]
+pub enum PathSource {
+    Local(LocalStore),
+    Cache(Arc<BinaryCacheSource>),
+}
+
+impl PathSource {
+    /// The closure of `root`, references before referrers.
+    pub async fn closure(&self, root: &StorePath) -> Result<Vec<PathInfo>, PushError> {
+        Ok(match self {
+            Self::Local(store) => store.closure(root).await?,
+            Self::Cache(cache) => cache.closure(root).await?,
+        })
+    }
+
+    /// The NAR serialisation of `path`.
+    pub async fn nar(&self, path: &StorePath) -> Result<Vec<u8>, PushError> {
+        Ok(match self {
+            Self::Local(store) => store.nar(path).await?,
+            Self::Cache(cache) => cache.nar(path).await?,
+        })
+    }
+}
+
+/// How far a push has come.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub paths_done: u64,
+    pub paths_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// What a push moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PushStats {
+    /// Store paths copied.
+    pub paths: u64,
+    /// Their NAR size.
+    pub nar_bytes: u64,
+    /// Bytes sent over SSH for them (after compression).
+    pub wire_bytes: u64,
+}
+
+/// One path ready to send.
+struct Record {
+    bytes: bytes::Bytes,
+}
+
+type RecordKey = (StorePath, bool);
+
+/// Recently built export records, shared between concurrent pushes of the
+/// same paths and bounded in bytes (oldest first out).
+pub struct RecordCache {
+    budget: u64,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    cells: HashMap<RecordKey, Arc<OnceCell<Arc<Record>>>>,
+    filled: VecDeque<(RecordKey, u64)>,
+    bytes: u64,
+}
+
+impl RecordCache {
+    pub fn new(budget_bytes: u64) -> Self {
+        Self { budget: budget_bytes, inner: Mutex::new(CacheInner::default()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn get(&self, source: &PathSource, info: &PathInfo, compress: bool) -> Result<Arc<Record>, PushError> {
+        let key = (info.path.clone(), compress);
+        let cell = self.lock().cells.entry(key.clone()).or_default().clone();
+        let mut built = false;
+        let record = cell
+            .get_or_try_init(|| async {
+                built = true;
+                build_record(source, info, compress).await.map(Arc::new)
+            })
+            .await?
+            .clone();
+        if built {
+            let mut inner = self.lock();
+            let size = record.bytes.len() as u64;
+            inner.filled.push_back((key, size));
+            inner.bytes += size;
+            while inner.bytes > self.budget {
+                let Some((old, size)) = inner.filled.pop_front() else { break };
+                inner.bytes -= size;
+                inner.cells.remove(&old);
+            }
+        }
+        Ok(record)
+    }
+}
+
+async fn build_record(source: &PathSource, info: &PathInfo, compress: bool) -> Result<Record, PushError> {
+    let nar = source.nar(&info.path).await?;
+    let info = info.clone();
+    tokio::task::spawn_blocking(move || {
+        let record = serve::export_record(&info, &nar);
+        let bytes = if compress { zstd_frame(&record, &info.path.to_string())? } else { record };
+        Ok(Record { bytes: bytes.into() })
+    })
+    .await
+    .map_err(|e| PushError::Compress { path: String::new(), reason: e.to_string() })?
+}
+
+fn zstd_frame(bytes: &[u8], what: &str) -> Result<Vec<u8>, PushError> {
+    zstd::bulk::compress(bytes, ZSTD_LEVEL)
+        .map_err(|e| PushError::Compress { path: what.to_owned(), reason: e.to_string() })
+}
+
+/// The paths of `closure` the machine lacks, in the same (dependency) order.
+/// The connection holds a temporary GC root on the ones it has until closed.
+pub async fn missing_paths(conn: &mut ServeConnection, closure: &[PathInfo]) -> Result<Vec<PathInfo>, PushError> {
+    let valid = conn.query_valid_paths(closure.iter().map(|i| &i.path), true).await?;
+    Ok(closure.iter().filter(|i| !valid.contains(&i.path)).cloned().collect())
+}
+
+/// Sends `missing` (in dependency order) as one ImportPaths request.
+pub async fn import(
+    session: &Session,
+    source: &PathSource,
+    missing: &[PathInfo],
+    compress: bool,
+    cache: &RecordCache,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<PushStats, PushError> {
+    let mut stats = PushStats::default();
+    if missing.is_empty() {
+        return Ok(stats);
+    }
+    let command = if compress { "zstd -dcq | nix-store --serve --write" } else { "nix-store --serve --write" };
+    let mut process = session.spawn(command).await?;
+    let frame = |bytes: Vec<u8>| if compress { zstd_frame(&bytes, "the request") } else { Ok(bytes) };
+    let mut header = serve::client_hello();
+    header.extend(serve::import_paths_command());
+    let header = frame(header)?;
+    stats.wire_bytes += header.len() as u64;
+    process.send(header).await?;
+
+    let mut done = Progress {
+        paths_total: missing.len() as u64,
+        bytes_total: missing.iter().map(|i| i.nar_size).sum(),
+        ..Progress::default()
+    };
+    progress(done);
+    // Indices, not references: a closure over `&PathInfo` would not be Send here.
+    let mut records =
+        futures::stream::iter(0..missing.len()).map(|i| cache.get(source, &missing[i], compress)).buffered(LOOKAHEAD);
+    let mut sizes = missing.iter().map(|i| i.nar_size);
+    while let Some(record) = records.try_next().await? {
+        stats.wire_bytes += record.bytes.len() as u64;
+        process.send(record.bytes.clone()).await?;
+        done.paths_done += 1;
+        done.bytes_done += sizes.next().unwrap_or(0);
+        progress(done);
+    }
+    let end = frame(serve::import_paths_end())?;
+    stats.wire_bytes += end.len() as u64;
+    process.send(end).await?;
+    let out = process.finish().await?;
+    if out.status != Some(0) {
+        return Err(ServeError::Remote {
+            status: out.status.map_or("none".into(), |s| s.to_string()),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }
+        .into());
+    }
+    serve::check_import_reply(&out.stdout)?;
+    stats.paths = done.paths_done;
+    stats.nar_bytes = done.bytes_done;
+    Ok(stats)
+}
