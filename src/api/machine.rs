@@ -254,6 +254,42 @@ pub struct SshSpec {
     #[x_kube(validation = rules::ssh_public_key())]
     #[schemars(length(max = 16384))]
     pub host_key: Option<String>,
+
+    /// A bastion the operator connects through, like `ssh -J`. Taken from
+    /// the Network's machineDefaults when the Machine does not set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jump_host: Option<JumpHost>,
+}
+
+/// A jump host (bastion). Its host key must be pinned: the operator never
+/// sends credentials through an unverified host.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JumpHost {
+    /// Address of the jump host.
+    #[x_kube(validation = rules::host())]
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+
+    /// SSH port of the jump host.
+    #[serde(default = "default_ssh_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Login user on the jump host; defaults to the machine's ssh.user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::unix_name())]
+    #[schemars(length(min = 1, max = 32))]
+    pub user: Option<String>,
+
+    /// The KeyPair to log in to the jump host with; defaults to the machine's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_pair_ref: Option<LocalObjectReference>,
+
+    /// The jump host's SSH public key (`ssh-keyscan -t ed25519 HOST`).
+    #[x_kube(validation = rules::ssh_public_key())]
+    #[schemars(length(min = 1, max = 16384))]
+    pub host_key: String,
 }
 
 /// The NixOS system deployed to a machine.

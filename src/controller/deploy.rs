@@ -85,6 +85,8 @@ pub struct Target {
     pub user: String,
     pub key: PrivateKey,
     pub host_key: HostKey,
+    /// The jump host session to connect through, if any.
+    pub via: Option<Arc<Session>>,
 }
 
 /// Everything one deployment run needs.
@@ -221,7 +223,7 @@ impl Run<'_> {
     async fn connect(&self) -> Result<Session> {
         let t = self.target;
         let timeout = self.ctx.settings.ssh_timeout;
-        let connected = Session::connect(&t.host, t.port, &t.user, &t.key, &t.host_key, timeout).await;
+        let connected = Session::connect(&t.host, t.port, &t.user, &t.key, &t.host_key, timeout, t.via.clone()).await;
         self.ctx.metrics.provider_call("ssh", "connect", connected.is_ok());
         connected.map_err(ssh_error)
     }

@@ -15,10 +15,11 @@ use kube::runtime::{Controller, watcher};
 use super::deploy;
 use super::status::Conditions;
 use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name, record_intent};
-use crate::api::machine::{MachinePhase, MachineProvider as MachineProviderSpec, MachineStatus, SshSpec};
+use crate::api::machine::{JumpHost, MachinePhase, MachineProvider as MachineProviderSpec, MachineStatus, SshSpec};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, Machine, ManagementPolicy, Network};
 use crate::provider::{InstanceState, MachineTarget, Owner, ProviderError};
-use crate::ssh::{self, HostKey};
+use crate::ssh::{self, HostKey, Session, SshError};
+use russh::keys::PrivateKey;
 
 object_status!(MachineStatus, failed = MachinePhase::Failed, deleting = MachinePhase::Deleting);
 
@@ -52,6 +53,7 @@ fn resolve(machine: &Machine, network: &Network) -> Result<Resolved> {
         user: own.user.or(default_ssh.user),
         key_pair_ref: own.key_pair_ref.or(default_ssh.key_pair_ref),
         host_key: own.host_key,
+        jump_host: own.jump_host.or(default_ssh.jump_host),
         // Per-host settings are never taken from the Network.
         host: own.host,
         port: own.port,
@@ -78,6 +80,48 @@ fn check_host_key(presented: &HostKey, spec_pin: Option<&str>, recorded: Option<
         ));
     }
     Ok(())
+}
+
+/// Logs in to the jump host, whose key must match spec.ssh.jumpHost.hostKey.
+async fn connect_jump_host(
+    ctx: &Context,
+    ns: &str,
+    jump: &JumpHost,
+    ssh: &SshSpec,
+    machine_key: Option<&PrivateKey>,
+) -> Result<Arc<Session>> {
+    let pinned = HostKey::parse(&jump.host_key, "spec.ssh.jumpHost.hostKey")
+        .map_err(|e| Error::stalled("InvalidHostKey", e.to_string()))?;
+    let key = match &jump.key_pair_ref {
+        Some(key_ref) => {
+            let keypair =
+                Api::<KeyPair>::namespaced(ctx.client.clone(), ns).get_opt(&key_ref.name).await?.ok_or_else(|| {
+                    Error::waiting(
+                        "KeyPairNotFound",
+                        format!("KeyPair {} (spec.ssh.jumpHost.keyPairRef.name) does not exist yet", key_ref.name),
+                    )
+                })?;
+            super::keypair::private_key(ctx, ns, &keypair).await?
+        }
+        None => machine_key.cloned().ok_or_else(|| {
+            Error::stalled(
+                "NoKeyPair",
+                "spec.ssh.jumpHost needs a key: set spec.ssh.keyPairRef or spec.ssh.jumpHost.keyPairRef",
+            )
+        })?,
+    };
+    let user = jump.user.clone().or_else(|| ssh.user.clone()).unwrap_or_else(|| "root".into());
+    let port = u16::try_from(jump.port).unwrap_or(22);
+    let session = Session::connect(&jump.host, port, &user, &key, &pinned, ctx.settings.ssh_timeout, None).await;
+    ctx.metrics.provider_call("ssh", "jump", session.is_ok());
+    session.map(Arc::new).map_err(|err| match err {
+        SshError::HostKeyMismatch { .. } => Error::stalled(
+            "JumpHostKeyMismatch",
+            format!("{err}; spec.ssh.jumpHost.hostKey must be the jump host's key, and nothing is sent through it until it is"),
+        ),
+        SshError::AuthRejected { .. } => Error::stalled("JumpHostAuthRejected", format!("jump host: {err}")),
+        other => ProviderError::Transient(format!("jump host: {other}")).into(),
+    })
 }
 
 impl Reconciler for Machine {
@@ -124,7 +168,7 @@ impl Reconciler for Machine {
                 ));
             }
             key_name = status.cloud_key_name;
-            if self.spec.nixos.is_some() {
+            if self.spec.nixos.is_some() || resolved.ssh.jump_host.is_some() {
                 login_key = Some(super::keypair::private_key(&ctx, &ns, &keypair).await?);
             }
         }
@@ -203,7 +247,12 @@ impl Reconciler for Machine {
         }
 
         // Verify the host over SSH before anything else touches it.
-        let probe = ssh::probe_host_key(&instance.ssh_host, instance.ssh_port, ctx.settings.ssh_timeout).await;
+        let via = match &resolved.ssh.jump_host {
+            Some(jump) => Some(connect_jump_host(&ctx, &ns, jump, &resolved.ssh, login_key.as_ref()).await?),
+            None => None,
+        };
+        let probe =
+            ssh::probe_host_key(&instance.ssh_host, instance.ssh_port, ctx.settings.ssh_timeout, via.as_deref()).await;
         ctx.metrics.provider_call("ssh", "probe", probe.is_ok());
         let presented = match probe {
             Ok(key) => key,
@@ -265,6 +314,7 @@ impl Reconciler for Machine {
             user: resolved.ssh.user.clone().unwrap_or_else(|| "root".into()),
             key,
             host_key: presented,
+            via,
         };
         let requeue = deploy::reconcile(&self, &network, &ctx, &target, &mut status).await?;
         Ok(Outcome { status, requeue })

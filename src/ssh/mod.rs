@@ -84,12 +84,17 @@ impl russh::client::Handler for KeyRecorder {
 
 /// Connects to `host:port`, completes the key exchange, and returns the host
 /// key the server proved it holds. Does not authenticate.
-pub async fn probe_host_key(host: &str, port: u16, timeout: Duration) -> Result<HostKey, SshError> {
+pub async fn probe_host_key(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+    via: Option<&Session>,
+) -> Result<HostKey, SshError> {
     let addr = format_addr(host, port);
     let seen = Arc::new(Mutex::new(None));
     let config =
         Arc::new(russh::client::Config { inactivity_timeout: Some(timeout), ..russh::client::Config::default() });
-    let connect = russh::client::connect(config, (host, port), KeyRecorder(seen.clone()));
+    let connect = session::connect_handler(config, host, port, KeyRecorder(seen.clone()), via);
     let handle = match tokio::time::timeout(timeout, connect).await {
         Err(_) => return Err(SshError::Timeout { addr, seconds: timeout.as_secs() }),
         Ok(Err(err)) => return Err(SshError::Connect { addr, reason: err.to_string() }),

@@ -42,11 +42,35 @@ pub struct CommandOutput {
 pub struct Session {
     handle: russh::client::Handle<PinnedHost>,
     addr: String,
+    /// The jump host session this one is tunnelled through, kept open.
+    _via: Option<Arc<Session>>,
+}
+
+/// Runs the SSH handshake with `handler`, directly or through a jump host.
+pub(super) async fn connect_handler<H>(
+    config: Arc<russh::client::Config>,
+    host: &str,
+    port: u16,
+    handler: H,
+    via: Option<&Session>,
+) -> Result<russh::client::Handle<H>, russh::Error>
+where
+    H: russh::client::Handler<Error = russh::Error> + Send + 'static,
+{
+    match via {
+        None => russh::client::connect(config, (host, port), handler).await,
+        Some(jump) => {
+            let stream =
+                jump.forward(host, port).await.map_err(|e| russh::Error::IO(std::io::Error::other(e.to_string())))?;
+            russh::client::connect_stream(config, stream, handler).await
+        }
+    }
 }
 
 impl Session {
-    /// Connects to `host:port`, checks the host key against `pinned`, and
-    /// logs in as `user` with `key`.
+    /// Connects to `host:port` (through `via`, a session to a jump host,
+    /// if given), checks the host key against `pinned`, and logs in as
+    /// `user` with `key`.
     pub async fn connect(
         host: &str,
         port: u16,
@@ -54,6 +78,7 @@ impl Session {
         key: &PrivateKey,
         pinned: &HostKey,
         timeout: Duration,
+        via: Option<Arc<Session>>,
     ) -> Result<Self, SshError> {
         let addr = format_addr(host, port);
         let presented = Arc::new(Mutex::new(None));
@@ -64,7 +89,7 @@ impl Session {
             keepalive_max: 4,
             ..russh::client::Config::default()
         });
-        let connecting = russh::client::connect(config, (host, port), handler);
+        let connecting = connect_handler(config, host, port, handler, via.as_deref());
         let mut handle = match tokio::time::timeout(timeout, connecting).await {
             Err(_) => return Err(SshError::Timeout { addr, seconds: timeout.as_secs() }),
             Ok(Ok(handle)) => handle,
@@ -86,7 +111,19 @@ impl Session {
         if !auth.success() {
             return Err(SshError::AuthRejected { addr, user: user.to_owned() });
         }
-        Ok(Self { handle, addr })
+        Ok(Self { handle, addr, _via: via })
+    }
+
+    /// Opens a TCP connection to `host:port` from this host (`ssh -J`).
+    pub async fn forward(&self, host: &str, port: u16) -> Result<russh::ChannelStream<russh::client::Msg>, SshError> {
+        let channel =
+            self.handle.channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0).await.map_err(|e| {
+                SshError::Connect {
+                    addr: format_addr(host, port),
+                    reason: format!("the jump host {} could not connect: {e}", self.addr),
+                }
+            })?;
+        Ok(channel.into_stream())
     }
 
     /// Runs `command` and collects its output and exit status.
@@ -119,7 +156,13 @@ impl Session {
         let failed = |e: russh::Error| SshError::Connect { addr: self.addr.clone(), reason: e.to_string() };
         let channel = self.handle.channel_open_session().await.map_err(failed)?;
         channel.exec(true, command).await.map_err(failed)?;
-        Ok(RemoteProcess { channel, addr: self.addr.clone(), stdout: Vec::new(), read: 0, out: CommandOutput::default() })
+        Ok(RemoteProcess {
+            channel,
+            addr: self.addr.clone(),
+            stdout: Vec::new(),
+            read: 0,
+            out: CommandOutput::default(),
+        })
     }
 
     /// The address this session is connected to.

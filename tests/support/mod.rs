@@ -278,6 +278,11 @@ pub struct SshHost {
 impl SshHost {
     /// Starts sshd on 127.0.0.1 at a free port.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts sshd with `extra` lines appended to its configuration.
+    pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("sshd dir");
         let key = dir.path().join("ssh_host_ed25519_key");
         let status = Command::new("ssh-keygen")
@@ -293,7 +298,7 @@ impl SshHost {
             &config,
             format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}/sshd.pid\nAuthorizedKeysFile {}/authorized_keys\n\
-                 PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n",
+                 PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n{extra}",
                 key.display(),
                 dir.path().display(),
                 dir.path().display()
