@@ -97,18 +97,16 @@ impl Reconciler for Network {
         conds.ready("Ready", summary.clone());
         if failed.is_empty() {
             let rolling = updated < members.len();
-            conds.set(
-                ROLLOUT,
-                !rolling,
-                if rolling { "RollingOut" } else { "RolledOut" },
-                summary,
-            );
+            conds.set(ROLLOUT, !rolling, if rolling { "RollingOut" } else { "RolledOut" }, summary);
         } else {
             conds.set(
                 ROLLOUT,
                 false,
                 "RolloutHalted",
-                format!("halted: {} failed to deploy; the other machines stay on their current system", failed.join(", ")),
+                format!(
+                    "halted: {} failed to deploy; the other machines stay on their current system",
+                    failed.join(", ")
+                ),
             );
         }
         Ok(Outcome { status, requeue: None })

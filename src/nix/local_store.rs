@@ -13,7 +13,9 @@ use super::{PathInfo, StorePath, base32, nar};
 /// Errors reading the local store.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalStoreError {
-    #[error("cannot open the Nix database {db}: {reason}; is Nix installed on the operator's host (spec.nixos.source.localStore.root)?")]
+    #[error(
+        "cannot open the Nix database {db}: {reason}; is Nix installed on the operator's host (spec.nixos.source.localStore.root)?"
+    )]
     Open { db: String, reason: String },
     #[error("{path} is not valid in the operator host's Nix store; build it there first or use a binary cache")]
     NotValid { path: StorePath },
@@ -101,15 +103,10 @@ fn query_closure(db: &Path, root: &StorePath) -> Result<Vec<PathInfo>, LocalStor
         let store_path = StorePath::parse(&path).map_err(|e| bad(&e.to_string()))?;
         let nar_hash = nar_hash_base32(&hash).ok_or_else(|| bad("the hash is not sha256:<hex>"))?;
         let nar_size = nar_size.and_then(|s| u64::try_from(s).ok()).ok_or_else(|| bad("no NAR size"))?;
-        by_id.insert(
-            id,
-            PathInfo { path: store_path, references: BTreeSet::new(), deriver, nar_hash, nar_size },
-        );
+        by_id.insert(id, PathInfo { path: store_path, references: BTreeSet::new(), deriver, nar_hash, nar_size });
     }
     let mut refs = conn
-        .prepare(&format!(
-            "{CLOSURE} SELECT r.referrer, r.reference FROM Refs r JOIN closure c ON r.referrer = c.id"
-        ))
+        .prepare(&format!("{CLOSURE} SELECT r.referrer, r.reference FROM Refs r JOIN closure c ON r.referrer = c.id"))
         .map_err(q)?;
     let pairs = refs.query_map([root_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))).map_err(q)?;
     let mut edges = Vec::new();
@@ -135,8 +132,7 @@ fn nar_hash_base32(hash: &str) -> Option<String> {
     if hex.len() != 64 {
         return None;
     }
-    let bytes: Option<Vec<u8>> =
-        (0..32).map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    let bytes: Option<Vec<u8>> = (0..32).map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
     Some(format!("sha256:{}", base32::encode(&bytes?)))
 }
 

@@ -143,9 +143,10 @@ impl ServeConnection {
 
     async fn read_string(&mut self) -> Result<String, ServeError> {
         let len = self.read_u64().await?;
-        let len = usize::try_from(len).ok().filter(|l| *l < 1 << 16).ok_or_else(|| {
-            ServeError::Protocol(format!("a string of {len} bytes where a store path was expected"))
-        })?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| *l < 1 << 16)
+            .ok_or_else(|| ServeError::Protocol(format!("a string of {len} bytes where a store path was expected")))?;
         let padded = len + (8 - len % 8) % 8;
         let bytes = self.process.read_exact(padded).await?;
         String::from_utf8(bytes[..len].to_vec()).map_err(|_| ServeError::Protocol("a path that is not UTF-8".into()))
