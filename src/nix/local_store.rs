@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::path_info::{IncompleteClosure, dependency_order};
-use super::{PathInfo, StorePath, base32, nar};
+use super::{PathInfo, StorePath, nar};
 
 /// Errors reading the local store.
 #[derive(Debug, thiserror::Error)]
@@ -122,18 +122,10 @@ fn query_closure(db: &Path, root: &StorePath) -> Result<Vec<PathInfo>, LocalStor
     Ok(dependency_order(by_id.into_values().collect())?)
 }
 
-/// Converts the database's `sha256:<hex>` to the `sha256:<nix base32>` used
+/// The database's `sha256:<hex>` as the `sha256:<nix base32>` used
 /// everywhere else (narinfo files, signatures' fingerprints).
 fn nar_hash_base32(hash: &str) -> Option<String> {
-    let hex = hash.strip_prefix("sha256:")?;
-    if hex.len() == 52 {
-        return Some(hash.to_owned());
-    }
-    if hex.len() != 64 {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..32).map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
-    Some(format!("sha256:{}", base32::encode(&bytes?)))
+    super::narinfo::normalize_sha256(hash).ok()
 }
 
 #[cfg(test)]

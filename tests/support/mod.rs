@@ -479,9 +479,23 @@ impl Toxiproxy {
         listen
     }
 
-    /// Adds a toxic (latency, reset_peer, timeout, bandwidth, …) to a proxy.
+    /// Adds a toxic (latency, reset_peer, timeout, bandwidth, …) to a proxy's
+    /// answers (server to client).
     pub fn toxic(&self, proxy: &str, name: &str, kind: &str, toxicity: f64, attributes: serde_json::Value) {
-        let body = serde_json::json!({"name": name, "type": kind, "stream": "downstream", "toxicity": toxicity, "attributes": attributes});
+        self.toxic_on(proxy, name, kind, "downstream", toxicity, attributes);
+    }
+
+    /// Adds a toxic to one direction: "upstream" (client to server) or "downstream".
+    pub fn toxic_on(
+        &self,
+        proxy: &str,
+        name: &str,
+        kind: &str,
+        stream: &str,
+        toxicity: f64,
+        attributes: serde_json::Value,
+    ) {
+        let body = serde_json::json!({"name": name, "type": kind, "stream": stream, "toxicity": toxicity, "attributes": attributes});
         self.call("POST", &format!("/proxies/{proxy}/toxics"), &body.to_string());
     }
 
