@@ -10,7 +10,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::watcher;
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
@@ -92,10 +92,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
 
     let ctx = Arc::new(Context::new(
         client.clone(),
-        Recorder::new(
-            client.clone(),
-            Reporter { controller: "nixops-operator".into(), instance: Some(opts.identity.clone()) },
-        ),
+        Reporter { controller: "nixops-operator".into(), instance: Some(opts.identity.clone()) },
         metrics.clone(),
         opts.settings.clone(),
     ));

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -132,6 +132,9 @@ impl Default for Settings {
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
+    reporter: Reporter,
+    /// The last note per object and reason, to tell news from repeats.
+    last_notes: Mutex<HashMap<String, String>>,
     pub metrics: Metrics,
     pub providers: Providers,
     pub aws: AwsAccounts,
@@ -151,7 +154,8 @@ pub struct Context {
 pub type KeyPairUsers = Arc<Mutex<HashMap<String, String>>>;
 
 impl Context {
-    pub fn new(client: Client, recorder: Recorder, metrics: Metrics, settings: Settings) -> Self {
+    pub fn new(client: Client, reporter: Reporter, metrics: Metrics, settings: Settings) -> Self {
+        let recorder = Recorder::new(client.clone(), reporter.clone());
         let aws = AwsAccounts::new(client.clone());
         let providers = Providers::builtin(aws.clone());
         Self {
@@ -161,6 +165,8 @@ impl Context {
             providers,
             aws,
             settings,
+            reporter,
+            last_notes: Mutex::default(),
             keypair_users: KeyPairUsers::default(),
             deployments: deploy::Deployments::new(RECORD_CACHE_BYTES),
             failures: Mutex::new(HashMap::new()),
@@ -169,10 +175,29 @@ impl Context {
     }
 
     /// Publishes an event about `obj`. Failures to publish are logged, not fatal.
+    ///
+    /// The recorder folds events with the same reason into one series that
+    /// keeps the first note; an event saying something new (a second
+    /// deployment, another closure) gets an Event of its own instead.
     pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
+        let key = format!("{}/{reason}", obj.meta().uid.as_deref().unwrap_or_default());
+        let repeated = {
+            let mut notes = self.last_notes.lock().unwrap_or_else(|e| e.into_inner());
+            if notes.len() > 10_000 {
+                notes.clear();
+            }
+            notes.insert(key, note.clone()).as_deref() == Some(note.as_str())
+        };
         let event =
             Event { type_, reason: reason.to_owned(), note: Some(note), action: reason.to_owned(), secondary: None };
-        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        let fresh;
+        let recorder = if repeated {
+            &self.recorder
+        } else {
+            fresh = Recorder::new(self.client.clone(), self.reporter.clone());
+            &fresh
+        };
+        if let Err(err) = recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(%err, reason, "cannot publish event");
         }
     }

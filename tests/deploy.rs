@@ -1,0 +1,550 @@
+//! Deploying NixOS-like closures to real nodes (Debian's Nix + sshd, each
+//! with its own /nix in its own mount namespace) through the real operator:
+//! push only what is missing, activate, roll back, correct drift, keys,
+//! rollout.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use nixops_operator::api::machine::MachinePhase;
+use nixops_operator::api::{KeyPair, Machine, Network};
+use serde_json::json;
+use support::node::{Activation, NixNode, TestSystem, build_system, closure};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A namespace with an operator, a generated KeyPair and a Network.
+struct Fleet {
+    client: Client,
+    ns: String,
+    machines: Api<Machine>,
+    operator: support::Operator,
+    public_key: String,
+}
+
+impl Fleet {
+    async fn start(prefix: &str, network_spec: serde_json::Value) -> Self {
+        let client = support::client().await;
+        support::install_crds(&client).await;
+        let ns = support::namespace(&client, prefix).await;
+        let operator = support::Operator::start(&ns, &["--resync-seconds", "2"]);
+        let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
+        let keypair: KeyPair = serde_json::from_value(json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "KeyPair", "metadata": {"name": "deployer"},
+            "spec": {"secretRef": {"name": "deployer-ssh"}}
+        }))
+        .unwrap();
+        keypairs.create(&PostParams::default(), &keypair).await.unwrap();
+        support::wait_for(&keypairs, "deployer", TIMEOUT, "KeyPair Ready", |k| {
+            k.status.as_ref().is_some_and(|s| support::is_ready(&s.conditions))
+        })
+        .await;
+        let public_key = keypairs.get("deployer").await.unwrap().status.unwrap().public_key.unwrap();
+        let network: Network = serde_json::from_value(json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "Network", "metadata": {"name": "net"}, "spec": network_spec
+        }))
+        .unwrap();
+        Api::<Network>::namespaced(client.clone(), &ns).create(&PostParams::default(), &network).await.unwrap();
+        let machines = Api::namespaced(client.clone(), &ns);
+        Self { client, ns, machines, operator, public_key }
+    }
+
+    fn node(&self) -> NixNode {
+        NixNode::start(&self.public_key)
+    }
+
+    async fn create(&self, name: &str, node: &NixNode, nixos: serde_json::Value, extra: serde_json::Value) {
+        let mut spec = json!({
+            "networkRef": {"name": "net"},
+            "provider": {"existing": {"host": node.host, "port": node.port}},
+            "ssh": {"keyPairRef": {"name": "deployer"}},
+            "nixos": nixos,
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        let machine: Machine = serde_json::from_value(json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name}, "spec": spec
+        }))
+        .unwrap();
+        self.machines.create(&PostParams::default(), &machine).await.unwrap();
+    }
+
+    async fn set_closure(&self, name: &str, closure: &str) {
+        let patch = json!({"spec": {"nixos": {"closure": closure}}});
+        self.machines.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+
+    async fn wait_running(&self, name: &str, closure: &str) -> Machine {
+        support::wait_for(&self.machines, name, TIMEOUT, &format!("Ready on {closure}"), |m| {
+            m.status.as_ref().is_some_and(|s| {
+                s.closure.as_deref() == Some(closure)
+                    && support::is_ready(&s.conditions)
+                    && s.observed_generation == m.metadata.generation
+            })
+        })
+        .await;
+        self.machines.get(name).await.unwrap()
+    }
+
+    async fn wait_stalled(&self, name: &str, reason: &str) -> Machine {
+        support::wait_for(&self.machines, name, TIMEOUT, &format!("Stalled with {reason}"), |m| {
+            m.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True" && c.reason == reason)
+            })
+        })
+        .await;
+        self.machines.get(name).await.unwrap()
+    }
+
+    async fn event_reasons(&self) -> Vec<String> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect()
+    }
+}
+
+fn nonce() -> String {
+    let mut bytes = [0u8; 6];
+    getrandom::fill(&mut bytes).unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn system(name: &str, nonce: &str, packages: &[(&str, &str)], activation: Activation) -> String {
+    build_system(&TestSystem {
+        name: name.into(),
+        packages: packages.iter().map(|(n, c)| (n.to_string(), c.to_string())).collect(),
+        activation,
+        nonce: nonce.into(),
+    })
+}
+
+fn last_deploy(m: &Machine) -> nixops_operator::api::machine::DeployRecord {
+    m.status.as_ref().and_then(|s| s.last_deploy.clone()).expect("status.lastDeploy")
+}
+
+#[tokio::test]
+async fn deploy_copies_only_missing_paths_and_reapplying_changes_nothing() {
+    let fleet = Fleet::start("deploy", json!({})).await;
+    let node = fleet.node();
+    let n = nonce();
+    let packages = [("bash", "GNU bash"), ("coreutils", "ls cp mv"), ("openssh", "sshd"), ("nginx", "nginx 1.0")];
+    let v1 = system("web-1", &n, &packages, Activation::Ok);
+    let full = closure(&v1);
+    assert_eq!(full.len(), 5, "4 packages and the system: {full:?}");
+
+    fleet.create("web-1", &node, json!({"closure": v1}), json!({})).await;
+    let m = fleet.wait_running("web-1", &v1).await;
+    let record = last_deploy(&m);
+    assert_eq!(record.paths_copied, full.len() as i64, "a first deploy copies the whole closure");
+    assert_eq!(record.result.as_deref(), Some("Succeeded"));
+    assert!(record.bytes_copied > 0);
+    let status = m.status.clone().unwrap();
+    assert_eq!(status.generation, Some(1));
+    assert_eq!(status.phase, Some(MachinePhase::Running));
+    assert!(status.closure_short.unwrap().ends_with("nixos-system-web-1"));
+    assert_eq!(node.current_system().as_deref(), Some(v1.as_str()));
+    assert_eq!(node.activations(), vec![format!("switch {v1}")]);
+    node.verify();
+
+    // One package changes: exactly it and the system are copied.
+    let v2 = system("web-1", &n, &[packages[0], packages[1], packages[2], ("nginx", "nginx 1.1")], Activation::Ok);
+    fleet.set_closure("web-1", &v2).await;
+    let m = fleet.wait_running("web-1", &v2).await;
+    assert_eq!(last_deploy(&m).paths_copied, 2, "only the changed package and the system are missing");
+    assert_eq!(m.status.clone().unwrap().generation, Some(2));
+    assert_eq!(node.current_system().as_deref(), Some(v2.as_str()));
+    node.verify();
+
+    // Resyncs (every 2 s here) and re-applying the same closure copy nothing
+    // and do not activate again.
+    let before = fleet.machines.get("web-1").await.unwrap();
+    let patch = json!({"metadata": {"labels": {"touched": "yes"}}, "spec": {"nixos": {"closure": v2}}});
+    fleet.machines.patch("web-1", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = fleet.machines.get("web-1").await.unwrap();
+    assert_eq!(node.activations().len(), 2, "{:?}", node.activations());
+    assert_eq!(last_deploy(&after), last_deploy(&before), "no new deployment");
+    assert_eq!(after.status.unwrap().observed_generation, after.metadata.generation);
+
+    let events: Api<Event> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    let deployed: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Deployed"))
+        .filter_map(|e| e.message)
+        .collect();
+    assert_eq!(deployed.len(), 2, "one Deployed event per deployment: {deployed:?}");
+    assert!(deployed.iter().any(|n| n.contains(&v2) && n.contains("with 2 paths")), "{deployed:?}");
+}
+
+#[tokio::test]
+async fn failing_activation_rolls_back_and_stalls() {
+    let fleet = Fleet::start("deploy-fail", json!({})).await;
+    let node = fleet.node();
+    let n = nonce();
+    let good = system("db", &n, &[("postgres", "15")], Activation::Ok);
+    fleet.create("db", &node, json!({"closure": good}), json!({})).await;
+    fleet.wait_running("db", &good).await;
+
+    let bad = system("db", &n, &[("postgres", "16")], Activation::Fail);
+    fleet.set_closure("db", &bad).await;
+    let m = fleet.wait_stalled("db", "Failed").await;
+    let record = last_deploy(&m);
+    assert_eq!(record.result.as_deref(), Some("Failed"));
+    let message = record.message.unwrap();
+    assert!(message.contains("switch-to-configuration switch") && message.contains("exit status 1"), "{message}");
+    assert!(message.contains("rolled back to the previous generation"), "{message}");
+    assert_eq!(m.status.clone().unwrap().phase, Some(MachinePhase::Failed));
+    // Rolled back: the good system is active again.
+    assert_eq!(node.current_system().as_deref(), Some(good.as_str()));
+    assert_eq!(node.activations(), vec![format!("switch {good}"), format!("switch {bad}"), format!("switch {good}")]);
+    assert!(fleet.event_reasons().await.contains(&"Failed".to_owned()));
+
+    // Not retried while the spec stays the same.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(node.activations().len(), 3);
+
+    // A fixed closure deploys.
+    let fixed = system("db", &n, &[("postgres", "16.1")], Activation::Ok);
+    fleet.set_closure("db", &fixed).await;
+    fleet.wait_running("db", &fixed).await;
+    node.verify();
+}
+
+#[tokio::test]
+async fn failing_health_check_rolls_back() {
+    let fleet = Fleet::start("deploy-health", json!({})).await;
+    let node = fleet.node();
+    let n = nonce();
+    let good = system("app", &n, &[("app", "v1")], Activation::Ok);
+    let checks = json!([{"command": "test -e /run/current-system/sw"}]);
+    // The first system passes (it has no sw, so check something it does have).
+    fleet
+        .create("app", &node, json!({"closure": good, "healthChecks": [{"command": "test -x /run/current-system/bin/switch-to-configuration"}]}), json!({}))
+        .await;
+    let m = fleet.wait_running("app", &good).await;
+    assert_eq!(support::condition(&m.status.unwrap().conditions, "Healthy").as_deref(), Some("True"));
+
+    let next = system("app", &n, &[("app", "v2")], Activation::Ok);
+    let patch = json!({"spec": {"nixos": {"closure": next, "healthChecks": checks}}});
+    fleet.machines.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let m = fleet.wait_stalled("app", "RolledBack").await;
+    let message = last_deploy(&m).message.unwrap();
+    assert!(message.contains("spec.nixos.healthChecks[0]"), "{message}");
+    assert_eq!(support::condition(&m.status.unwrap().conditions, "Healthy").as_deref(), Some("False"));
+    assert_eq!(node.current_system().as_deref(), Some(good.as_str()));
+}
+
+#[tokio::test]
+async fn magic_rollback_when_the_new_system_breaks_ssh() {
+    let fleet = Fleet::start("deploy-magic", json!({})).await;
+    let node = fleet.node();
+    let n = nonce();
+    let good = system("edge", &n, &[("sshd", "ok")], Activation::Ok);
+    let rollback = json!({"magic": true, "confirmTimeoutSeconds": 5});
+    fleet.create("edge", &node, json!({"closure": good, "rollback": rollback}), json!({})).await;
+    fleet.wait_running("edge", &good).await;
+
+    let broken = system("edge", &n, &[("sshd", "locked out")], Activation::BreakSsh);
+    fleet.set_closure("edge", &broken).await;
+    let m = fleet.wait_stalled("edge", "RolledBack").await;
+    let message = last_deploy(&m).message.unwrap();
+    assert!(message.contains("magic rollback"), "{message}");
+    // The machine reverted by itself and SSH works again.
+    assert_eq!(node.current_system().as_deref(), Some(good.as_str()));
+    let activations = node.activations();
+    assert_eq!(activations.last(), Some(&format!("switch {good}")), "{activations:?}");
+    assert_eq!(activations.len(), 3, "{activations:?}");
+}
+
+#[tokio::test]
+async fn drift_is_corrected_or_reported() {
+    let fleet = Fleet::start("deploy-drift", json!({})).await;
+    let corrected = fleet.node();
+    let reported = fleet.node();
+    let n = nonce();
+    let sys_a = system("a", &n, &[("pkg", "a")], Activation::Ok);
+    let sys_b = system("b", &n, &[("pkg", "b")], Activation::Ok);
+    fleet.create("a", &corrected, json!({"closure": sys_a}), json!({})).await;
+    fleet.create("b", &reported, json!({"closure": sys_b, "drift": "Report"}), json!({})).await;
+    fleet.wait_running("a", &sys_a).await;
+    fleet.wait_running("b", &sys_b).await;
+
+    // Someone activates another system by hand on both machines.
+    for node in [&corrected, &reported] {
+        let out = node.exec("ln -sfn /nix/var/nix/profiles/system-1-link/bin /run/current-system");
+        assert!(out.status.success());
+    }
+    // Correct: activated again on the next resync.
+    support::wait_for(&fleet.machines, "a", TIMEOUT, "drift corrected", |_| {
+        corrected.current_system().as_deref() == Some(sys_a.as_str())
+    })
+    .await;
+    assert_eq!(corrected.activations().len(), 2);
+    // Report: InSync=False, nothing activated.
+    support::wait_for(&fleet.machines, "b", TIMEOUT, "InSync=False", |m| {
+        m.status.as_ref().and_then(|s| support::condition(&s.conditions, "InSync")).as_deref() == Some("False")
+    })
+    .await;
+    assert_eq!(reported.activations().len(), 1);
+    assert_ne!(reported.current_system().as_deref(), Some(sys_b.as_str()));
+    let reasons = fleet.event_reasons().await;
+    assert!(
+        reasons.contains(&"CorrectingDrift".to_owned()) && reasons.contains(&"DriftDetected".to_owned()),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn keys_land_with_owner_and_mode_and_follow_the_secret() {
+    let fleet = Fleet::start("deploy-keys", json!({})).await;
+    let node = fleet.node();
+    let secrets: Api<Secret> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    let secret_value = format!("s3cret-{}", nonce());
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"}, "stringData": {"password": secret_value}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let n = nonce();
+    let sys = system("db", &n, &[("postgres", "15")], Activation::Ok);
+    let keys = json!([{"name": "db-password", "secretRef": {"name": "db", "key": "password"},
+                       "destDir": "/run/keys", "user": "nobody", "group": "nogroup", "permissions": "0440"}]);
+    fleet.create("db", &node, json!({"closure": sys}), json!({"keys": keys})).await;
+    let m = fleet.wait_running("db", &sys).await;
+    assert_eq!(m.status.unwrap().keys, vec!["/run/keys/db-password".to_owned()]);
+    let stat = |node: &NixNode| {
+        let out = node.exec("stat -c '%U %G %a' /run/keys/db-password && cat /run/keys/db-password");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(stat(&node), format!("nobody nogroup 440\n{secret_value}"));
+
+    // A new Secret value is written again.
+    let rotated = format!("rotated-{}", nonce());
+    let patch = json!({"stringData": {"password": rotated}});
+    secrets.patch("db", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    support::wait_for(&fleet.machines, "db", TIMEOUT, "the rotated key on the machine", |_| {
+        stat(&node).ends_with(&rotated)
+    })
+    .await;
+
+    // Removed from the spec: removed from the machine.
+    let patch = json!({"spec": {"keys": null}});
+    fleet.machines.patch("db", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    support::wait_for(&fleet.machines, "db", TIMEOUT, "the key removed", |m| {
+        m.status.as_ref().is_some_and(|s| s.keys.is_empty())
+    })
+    .await;
+    assert!(!node.exec("test -e /run/keys/db-password").status.success());
+    // No temporary files left behind, and the value never logged.
+    let leftovers = node.exec("ls -A /run/keys");
+    assert_eq!(String::from_utf8_lossy(&leftovers.stdout).trim(), "");
+    let logs = fleet.operator.logs();
+    assert!(!logs.contains(&secret_value) && !logs.contains(&rotated), "a key's value appears in the operator log");
+}
+
+#[tokio::test]
+async fn a_changed_host_key_stops_all_work() {
+    let fleet = Fleet::start("deploy-hostkey", json!({})).await;
+    let node = fleet.node();
+    let other = fleet.node();
+    let n = nonce();
+    let sys = system("web", &n, &[("www", "index")], Activation::Ok);
+    fleet
+        .create(
+            "web",
+            &node,
+            json!({"closure": sys}),
+            json!({"ssh": {"keyPairRef": {"name": "deployer"}, "hostKey": other.host_key()}}),
+        )
+        .await;
+    let m = fleet.wait_stalled("web", "HostKeyMismatch").await;
+    let message = support::condition_message(&m.status.unwrap().conditions, "Stalled");
+    assert!(message.contains("SHA256:"), "both fingerprints are shown: {message}");
+    assert!(node.store_paths().is_empty(), "nothing was pushed to an unverified host");
+    assert!(node.activations().is_empty());
+}
+
+#[tokio::test]
+async fn rollout_halts_when_a_machine_fails() {
+    let fleet = Fleet::start("deploy-rollout", json!({"rollout": {"maxUnavailable": 1}})).await;
+    let nodes: Vec<NixNode> = (0..3).map(|_| fleet.node()).collect();
+    let n = nonce();
+    let mut v1 = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let sys = system(&format!("m{i}"), &n, &[("app", "v1")], Activation::Ok);
+        fleet.create(&format!("m{i}"), node, json!({"closure": sys}), json!({})).await;
+        v1.push(sys);
+    }
+    for (i, sys) in v1.iter().enumerate() {
+        fleet.wait_running(&format!("m{i}"), sys).await;
+    }
+    let networks: Api<Network> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    support::wait_for(&networks, "net", TIMEOUT, "3 updated machines", |n| {
+        n.status.as_ref().is_some_and(|s| s.updated_machines == Some(3))
+    })
+    .await;
+
+    // Every machine gets a new system that fails to activate: the first to
+    // go fails and halts the rollout, so the other two stay on v1.
+    for i in 0..3 {
+        let sys = system(&format!("m{i}"), &n, &[("app", "v2")], Activation::Fail);
+        fleet.set_closure(&format!("m{i}"), &sys).await;
+    }
+    support::wait_for(&networks, "net", TIMEOUT, "the rollout halted", |n| {
+        n.status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "RolledOut" && c.reason == "RolloutHalted"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let machines = fleet.machines.list(&ListParams::default()).await.unwrap().items;
+    let failed: Vec<&Machine> = machines
+        .iter()
+        .filter(|m| {
+            m.status.as_ref().and_then(|s| s.last_deploy.as_ref()).and_then(|l| l.result.as_deref()) == Some("Failed")
+        })
+        .collect();
+    assert_eq!(failed.len(), 1, "exactly one machine tried and failed");
+    let on_v1 =
+        nodes.iter().zip(&v1).filter(|(node, sys)| node.current_system().as_deref() == Some(sys.as_str())).count();
+    assert_eq!(on_v1, 3, "the failed machine rolled back and the others never left v1");
+    let halted = machines
+        .iter()
+        .filter(|m| m.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.reason == "RolloutHalted")))
+        .count();
+    assert_eq!(halted, 2, "the other two wait, saying why");
+}
+
+/// A signed binary cache holding `closure`, written by Nix itself.
+struct SignedCache {
+    dir: tempfile::TempDir,
+    public_key: String,
+}
+
+impl SignedCache {
+    fn new(closure: &str, key_name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = (dir.path().join("key.sec"), dir.path().join("key.pub"));
+        let out = std::process::Command::new("nix-store")
+            .args(["--generate-binary-cache-key", key_name])
+            .args([&secret, &public])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let store = dir.path().join("cache");
+        let url = format!("file://{}?compression=zstd&secret-key={}", store.display(), secret.display());
+        let out = std::process::Command::new("nix")
+            .args(["--extra-experimental-features", "nix-command", "copy", "--to", &url, closure])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nix copy: {}", String::from_utf8_lossy(&out.stderr));
+        let public_key = std::fs::read_to_string(public).unwrap().trim().to_owned();
+        Self { dir, public_key }
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.dir.path().join("cache").display())
+    }
+}
+
+#[tokio::test]
+async fn closures_come_from_signed_binary_caches_pushed_or_substituted() {
+    let fleet = Fleet::start("deploy-cache", json!({})).await;
+    let n = nonce();
+    let sys = system("cached", &n, &[("lib", "libfoo"), ("bin", "foo")], Activation::Ok);
+    let cache = SignedCache::new(&sys, &format!("cache-{n}-1"));
+    let stranger = SignedCache::new(&sys, &format!("other-{n}-1"));
+
+    // Pushed by the operator from the cache.
+    let pushed = fleet.node();
+    let source = json!({"binaryCache": {"url": cache.url(), "publicKeys": [cache.public_key]}});
+    fleet.create("pushed", &pushed, json!({"closure": sys, "source": source}), json!({})).await;
+    let m = fleet.wait_running("pushed", &sys).await;
+    assert_eq!(last_deploy(&m).paths_copied, closure(&sys).len() as i64);
+    pushed.verify();
+
+    // Signed by a key the Machine does not trust: refused, nothing copied.
+    let refused = fleet.node();
+    let untrusted = json!({"binaryCache": {"url": stranger.url(), "publicKeys": [cache.public_key]}});
+    fleet.create("refused", &refused, json!({"closure": sys, "source": untrusted}), json!({})).await;
+    let m = fleet.wait_stalled("refused", "UntrustedClosure").await;
+    let message = support::condition_message(&m.status.unwrap().conditions, "Stalled");
+    assert!(message.contains(&format!("other-{n}-1")), "names the key that signed it: {message}");
+    assert!(refused.store_paths().is_empty(), "nothing reached the machine");
+
+    // Substituted: the machine fetches from the cache itself.
+    let substituted = fleet.node();
+    let nixos = json!({"closure": sys, "source": source, "delivery": "Substitute"});
+    fleet.create("substituted", &substituted, nixos, json!({})).await;
+    fleet.wait_running("substituted", &sys).await;
+    assert!(substituted.has_path(&sys));
+    substituted.verify();
+}
+
+#[tokio::test]
+async fn an_s3_bucket_serves_as_the_binary_cache() {
+    use aws_sdk_s3::primitives::ByteStream;
+    use nixops_operator::api::S3Bucket;
+    let moto = support::moto();
+    let fleet = Fleet::start(
+        "deploy-s3",
+        json!({"provider": {"ec2": {
+            "region": "eu-west-1", "endpoint": moto.endpoint, "credentialsSecretRef": {"name": "aws"},
+            "vpc": {"cidrBlock": "10.43.0.0/16"},
+            "subnets": [{"name": "a", "cidrBlock": "10.43.1.0/24", "zone": "eu-west-1a"}]
+        }}}),
+    )
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "aws"}, "stringData": {"accessKeyId": "testing", "secretAccessKey": "testing"}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let buckets: Api<S3Bucket> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    let bucket_name = format!("{}-nix", fleet.ns);
+    let bucket: S3Bucket = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "S3Bucket", "metadata": {"name": "nix-cache"},
+        "spec": {"networkRef": {"name": "net"}, "bucketName": bucket_name, "forceDestroy": true}
+    }))
+    .unwrap();
+    buckets.create(&PostParams::default(), &bucket).await.unwrap();
+    support::wait_for(&buckets, "nix-cache", TIMEOUT, "bucket Ready", |b| {
+        b.status.as_ref().is_some_and(|s| support::is_ready(&s.conditions))
+    })
+    .await;
+
+    // Upload a cache written by Nix into the bucket.
+    let n = nonce();
+    let sys = system("s3", &n, &[("pkg", "from s3")], Activation::Ok);
+    let cache = SignedCache::new(&sys, &format!("s3-{n}-1"));
+    let s3 = support::s3_client().await;
+    let root = cache.dir.path().join("cache");
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+                continue;
+            }
+            let key = entry.path().strip_prefix(&root).unwrap().to_string_lossy().into_owned();
+            let body = ByteStream::from(std::fs::read(entry.path()).unwrap());
+            s3.put_object().bucket(&bucket_name).key(key).body(body).send().await.unwrap();
+        }
+    }
+
+    let node = fleet.node();
+    let source = json!({"binaryCache": {"url": format!("s3://{bucket_name}"), "publicKeys": [cache.public_key]}});
+    fleet.create("from-s3", &node, json!({"closure": sys, "source": source}), json!({})).await;
+    let m = fleet.wait_running("from-s3", &sys).await;
+    assert_eq!(last_deploy(&m).paths_copied, closure(&sys).len() as i64);
+    node.verify();
+}
