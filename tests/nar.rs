@@ -43,7 +43,10 @@ async fn local_store_closure_and_export_format_match_nix() {
           mid = mk "mid-{nonce}" "/bin/mkdir $out; echo ${{leaf}} > $out/leaf";
         in mk "top-{nonce}" "/bin/mkdir $out; echo ${{mid}} ${{leaf}} > $out/deps""#
     );
-    let built = Command::new("nix-build").args(["--no-out-link", "--option", "substituters", "", "-E", &expr]).output().expect("run nix-build");
+    let built = Command::new("nix-build")
+        .args(["--no-out-link", "--option", "substituters", "", "-E", &expr])
+        .output()
+        .expect("run nix-build");
     assert!(built.status.success(), "nix-build: {}", String::from_utf8_lossy(&built.stderr));
     let top = String::from_utf8(built.stdout).unwrap().trim().to_owned();
     let top = StorePath::parse(&top).unwrap();
