@@ -1,5 +1,5 @@
 # nixops-operator — see README.md.
-.PHONY: test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale
+.PHONY: test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale bench-push
 
 # Sets up everything the tests need (Debian packages, the Go-built control
 # plane) and runs every test, including those against the real API server.
@@ -29,3 +29,8 @@ dev-cluster-down:
 # 2,000 objects reconciled by one operator; prints scale_* figures.
 bench-scale: deps
 	cargo bench --locked --bench scale
+
+# Our push against nix-copy-closure (loopback, a 50 ms / 100 Mbit/s link,
+# incremental, fan-out to 10 nodes); prints push_ratio_* figures.
+bench-push: deps
+	cargo bench --locked --bench push

@@ -56,7 +56,7 @@ const WATCHDOG_GRACE: Duration = Duration::from_secs(3);
 
 /// State shared by all deployments of one operator.
 pub struct Deployments {
-    /// Export records shared by concurrent pushes of the same paths.
+    /// Path records shared by concurrent pushes of the same paths.
     pub records: RecordCache,
     /// Per Network ("namespace/name"): its maxUnavailable and the slots.
     rollouts: Mutex<HashMap<String, (i32, Arc<Semaphore>)>>,

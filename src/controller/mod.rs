@@ -36,7 +36,7 @@ use crate::provider::aws::AwsAccounts;
 use crate::provider::{ProviderError, Providers};
 use status::Conditions;
 
-/// Bytes of export records kept for concurrent pushes of the same closure
+/// Bytes of path records kept for concurrent pushes of the same closure
 /// (enough for a typical NixOS system closure, compressed).
 const RECORD_CACHE_BYTES: u64 = 512 << 20;
 
@@ -142,7 +142,7 @@ pub struct Context {
     /// Which KeyPair each Machine resolved to (directly or through its
     /// Network's defaults), so a KeyPair event wakes only its users.
     pub keypair_users: KeyPairUsers,
-    /// Shared by deployments: export records and rollout slots.
+    /// Shared by deployments: path records and rollout slots.
     pub deployments: deploy::Deployments,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<String, u32>>,

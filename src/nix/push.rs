@@ -1,9 +1,10 @@
 //! Pushing a closure to a machine: ask which paths it lacks (one round trip
 //! on a `nix-store --serve` connection that also keeps them from garbage
-//! collection), then stream only those, references first, as one ImportPaths
-//! request, zstd-compressed when the machine has `zstd`.
+//! collection), then stream only those, references first, as pipelined
+//! AddToStoreNar commands written in one go (no round trip per path),
+//! zstd-compressed when the machine has `zstd`.
 //!
-//! Each path's export record is built (and compressed) once and shared by
+//! Each path's record is built (and compressed) once and shared by
 //! every machine that needs it at about the same time, so pushing one
 //! closure to many machines serialises and compresses each path once.
 
@@ -96,7 +97,7 @@ struct Record {
 
 type RecordKey = (StorePath, bool);
 
-/// Recently built export records, shared between concurrent pushes of the
+/// Recently built path records, shared between concurrent pushes of the
 /// same paths and bounded in bytes (oldest first out).
 pub struct RecordCache {
     budget: u64,
@@ -149,7 +150,8 @@ async fn build_record(source: &PathSource, info: &PathInfo, compress: bool) -> R
     let nar = source.nar(&info.path).await?;
     let info = info.clone();
     tokio::task::spawn_blocking(move || {
-        let record = serve::export_record(&info, &nar);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let record = serve::add_to_store_nar(&info, &nar, now);
         let bytes = if compress { zstd_frame(&record, &info.path.to_string())? } else { record };
         Ok(Record { bytes: bytes.into() })
     })
@@ -169,7 +171,7 @@ pub async fn missing_paths(conn: &mut ServeConnection, closure: &[PathInfo]) -> 
     Ok(closure.iter().filter(|i| !valid.contains(&i.path)).cloned().collect())
 }
 
-/// Sends `missing` (in dependency order) as one ImportPaths request.
+/// Sends `missing` (in dependency order) without waiting between paths.
 pub async fn import(
     session: &Session,
     source: &PathSource,
@@ -185,9 +187,7 @@ pub async fn import(
     let command = if compress { "zstd -dcq | nix-store --serve --write" } else { "nix-store --serve --write" };
     let mut process = session.spawn(command).await?;
     let frame = |bytes: Vec<u8>| if compress { zstd_frame(&bytes, "the request") } else { Ok(bytes) };
-    let mut header = serve::client_hello();
-    header.extend(serve::import_paths_command());
-    let header = frame(header)?;
+    let header = frame(serve::client_hello())?;
     stats.wire_bytes += header.len() as u64;
     process.send(header).await?;
 
@@ -208,9 +208,6 @@ pub async fn import(
         done.bytes_done += sizes.next().unwrap_or(0);
         progress(done);
     }
-    let end = frame(serve::import_paths_end())?;
-    stats.wire_bytes += end.len() as u64;
-    process.send(end).await?;
     let out = process.finish().await?;
     if out.status != Some(0) {
         return Err(ServeError::Remote {
@@ -219,7 +216,7 @@ pub async fn import(
         }
         .into());
     }
-    serve::check_import_reply(&out.stdout)?;
+    serve::check_add_replies(&out.stdout, missing.len())?;
     stats.paths = done.paths_done;
     stats.nar_bytes = done.bytes_done;
     Ok(stats)

@@ -1,11 +1,6 @@
 //! The client side of Nix's serve protocol, spoken to `nix-store --serve
 //! --write` on a machine: the handshake, QueryValidPaths (which of these
-//! paths do you have?) and ImportPaths (here are paths in `nix-store
-//! --export` format).
-//!
-//! ImportPaths takes any number of paths in one request and answers once at
-//! the end, so a push costs one round trip however many paths it carries;
-//! the legacy per-path commands wait a round trip for every path.
+//! paths do you have?) and AddToStoreNar (here is a path), pipelined.
 
 use std::collections::BTreeSet;
 
@@ -17,8 +12,7 @@ const SERVE_MAGIC_2: u64 = 0x5452_eecb;
 /// Protocol 2.6, as Nix 2.8's own client sends.
 const CLIENT_VERSION: u64 = 0x206;
 const CMD_QUERY_VALID_PATHS: u64 = 1;
-const CMD_IMPORT_PATHS: u64 = 4;
-const EXPORT_MAGIC: u64 = 0x4558_494e;
+const CMD_ADD_TO_STORE_NAR: u64 = 9;
 
 /// Errors in a serve conversation.
 #[derive(Debug, thiserror::Error)]
@@ -60,32 +54,26 @@ pub fn client_hello() -> Vec<u8> {
     out
 }
 
-/// The start of an ImportPaths request, after the hello.
-pub fn import_paths_command() -> Vec<u8> {
-    let mut out = Vec::with_capacity(8);
-    put_u64(&mut out, CMD_IMPORT_PATHS);
-    out
-}
-
-/// One path in `nix-store --export` format, as ImportPaths reads it:
-/// a 1 (another path follows), the NAR, the export magic, the path, its
-/// references, its deriver and a 0 (no legacy signature).
-pub fn export_record(info: &PathInfo, nar: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(nar.len() + 256 + 64 * info.references.len());
-    put_u64(&mut out, 1);
-    out.extend_from_slice(nar);
-    put_u64(&mut out, EXPORT_MAGIC);
+/// One path as an AddToStoreNar command: its metadata, then the NAR.
+/// The server answers each with a 1, but nothing obliges the client to wait
+/// for it, so a push writes all of them back to back and reads the answers
+/// at the end: one round trip for the whole closure, where Nix's own client
+/// waits for every path. The machine restores and hashes each NAR in one
+/// streaming pass.
+pub fn add_to_store_nar(info: &PathInfo, nar: &[u8], registration_time: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(nar.len() + 512 + 64 * info.references.len());
+    put_u64(&mut out, CMD_ADD_TO_STORE_NAR);
     put_bytes(&mut out, info.path.to_string().as_bytes());
-    put_paths(&mut out, info.references.iter());
     put_bytes(&mut out, info.deriver.as_deref().unwrap_or("").as_bytes());
-    put_u64(&mut out, 0);
-    out
-}
-
-/// The end of an ImportPaths stream.
-pub fn import_paths_end() -> Vec<u8> {
-    let mut out = Vec::with_capacity(8);
-    put_u64(&mut out, 0);
+    // As Nix's client sends it: base16 without the algorithm.
+    put_bytes(&mut out, nar_hash_base16(&info.nar_hash).unwrap_or_default().as_bytes());
+    put_paths(&mut out, info.references.iter());
+    put_u64(&mut out, registration_time);
+    put_u64(&mut out, nar.len() as u64);
+    put_u64(&mut out, 0); // not "ultimate": built elsewhere
+    put_u64(&mut out, 0); // no signatures
+    put_bytes(&mut out, b""); // not content-addressed
+    out.extend_from_slice(nar);
     out
 }
 
@@ -106,17 +94,36 @@ fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
 }
 
-/// Reads the reply to an ImportPaths stream written in one go: the server's
-/// hello, then 1 for success.
-pub fn check_import_reply(stdout: &[u8]) -> Result<(), ServeError> {
+/// `sha256:<nix base32>` → lowercase hex digits.
+fn nar_hash_base16(hash: &str) -> Option<String> {
+    let bytes = super::base32::decode(hash.strip_prefix("sha256:")?, 32)?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Reads the replies to a stream of `paths` AddToStoreNar commands written
+/// in one go: the server's hello, then a 1 for every path.
+pub fn check_add_replies(stdout: &[u8], paths: usize) -> Result<(), ServeError> {
     let (Some(magic), Some(version)) = (u64_at(stdout, 0), u64_at(stdout, 8)) else {
         return Err(ServeError::Protocol("no handshake answer".into()));
     };
     check_server_hello(magic, version)?;
-    match u64_at(stdout, 16) {
-        Some(1) => Ok(()),
-        other => Err(ServeError::Protocol(format!("ImportPaths answered {other:?} instead of 1"))),
+    if version & 0xff < 5 {
+        return Err(ServeError::Protocol(format!(
+            "the machine's Nix speaks serve protocol {version:#x}; pushing needs 2.5 or later (Nix 2.4+)"
+        )));
     }
+    for i in 0..paths {
+        match u64_at(stdout, 16 + 8 * i) {
+            Some(1) => {}
+            other => {
+                return Err(ServeError::Protocol(format!(
+                    "AddToStoreNar of path {} of {paths} answered {other:?} instead of 1",
+                    i + 1
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An interactive `nix-store --serve --write` on a machine.
@@ -202,14 +209,29 @@ mod tests {
     }
 
     #[test]
-    fn import_reply_needs_the_handshake_and_a_one() {
+    fn nar_hashes_go_as_base16() {
+        // nix-hash --type sha256 --to-base32 01473aca…5804
+        let hash = "sha256:012qc4jwskny31nq3v8awc9qa94wkvs8fjzj3yrq2gr73z53liq1";
+        assert_eq!(
+            nar_hash_base16(hash).as_deref(),
+            Some("01473aca1f273f81b31ff24b87f49e9c248513e30aed816d18de4ecd25615804")
+        );
+    }
+
+    #[test]
+    fn replies_need_the_handshake_and_a_one_per_path() {
         let mut reply = Vec::new();
         put_u64(&mut reply, SERVE_MAGIC_2);
         put_u64(&mut reply, 0x207);
         put_u64(&mut reply, 1);
-        assert!(check_import_reply(&reply).is_ok());
-        assert!(check_import_reply(&reply[..16]).is_err());
+        put_u64(&mut reply, 1);
+        assert!(check_add_replies(&reply, 2).is_ok());
+        assert!(check_add_replies(&reply, 3).is_err(), "a missing answer");
+        assert!(check_add_replies(&reply[..16], 1).is_err());
+        let mut old = reply.clone();
+        old[8] = 0x04;
+        assert!(check_add_replies(&old, 2).is_err(), "protocol 2.4 has no AddToStoreNar");
         reply[0] ^= 1;
-        assert!(check_import_reply(&reply).is_err());
+        assert!(check_add_replies(&reply, 2).is_err());
     }
 }

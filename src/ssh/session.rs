@@ -155,7 +155,9 @@ impl Session {
     pub async fn spawn(&self, command: &str) -> Result<RemoteProcess, SshError> {
         let failed = |e: russh::Error| SshError::Connect { addr: self.addr.clone(), reason: e.to_string() };
         let channel = self.handle.channel_open_session().await.map_err(failed)?;
-        channel.exec(true, command).await.map_err(failed)?;
+        // No reply wanted: input can follow at once instead of a round trip
+        // later; a command that cannot start shows in its exit status.
+        channel.exec(false, command).await.map_err(failed)?;
         Ok(RemoteProcess {
             channel,
             addr: self.addr.clone(),
