@@ -548,3 +548,133 @@ async fn an_s3_bucket_serves_as_the_binary_cache() {
     assert_eq!(last_deploy(&m).paths_copied, closure(&sys).len() as i64);
     node.verify();
 }
+
+/// A static HTTP server on loopback for health checks made from the nodes.
+struct HttpServer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl HttpServer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("healthz"), "ok").unwrap();
+        let port = support::free_port();
+        let child = std::process::Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string(), "--directory"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self { child, port, _dir: dir };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("http.server did not start");
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn reboot_required_and_http_health_checks() {
+    let fleet = Fleet::start("deploy-reboot", json!({})).await;
+    let node = fleet.node();
+    let http = HttpServer::start();
+    let n = nonce();
+    let kernel = system("k", &n, &[("linux", "6.12")], Activation::RebootRequired);
+    let healthy = json!([{"http": {"url": format!("http://127.0.0.1:{}/healthz", http.port)}}]);
+    fleet.create("k", &node, json!({"closure": kernel, "healthChecks": healthy}), json!({})).await;
+    let m = fleet.wait_running("k", &kernel).await;
+    let conditions = m.status.unwrap().conditions;
+    assert_eq!(support::condition(&conditions, "RebootRequired").as_deref(), Some("True"));
+    assert_eq!(support::condition(&conditions, "Healthy").as_deref(), Some("True"));
+
+    // An HTTP check answered 404 rolls the next system back.
+    let next = system("k", &n, &[("linux", "6.13")], Activation::Ok);
+    let missing = json!([{"http": {"url": format!("http://127.0.0.1:{}/missing", http.port)}}]);
+    let patch = json!({"spec": {"nixos": {"closure": next, "healthChecks": missing}}});
+    fleet.machines.patch("k", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let m = fleet.wait_stalled("k", "RolledBack").await;
+    let message = last_deploy(&m).message.unwrap();
+    assert!(message.contains("HTTP status 404"), "{message}");
+    assert_eq!(node.current_system().as_deref(), Some(kernel.as_str()));
+}
+
+#[tokio::test]
+async fn a_long_push_shows_its_progress() {
+    let fleet = Fleet::start("deploy-progress", json!({})).await;
+    let node = fleet.node();
+    // A slow link: 300 KB/s each way.
+    let proxy = support::toxiproxy();
+    let listen = proxy.proxy("slow", &format!("127.0.0.1:{}", node.port));
+    for stream in ["upstream", "downstream"] {
+        proxy.toxic_on("slow", &format!("rate-{stream}"), "bandwidth", stream, 1.0, json!({"rate": 300}));
+    }
+    let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    // 12 packages of 384 KiB that compress poorly (base64 of random bytes),
+    // 4.5 MiB in all: well beyond the 2 MiB SSH window, so progress is seen
+    // part way.
+    use base64::Engine as _;
+    let n = nonce();
+    let contents: Vec<(String, String)> = (0..12)
+        .map(|i| {
+            let mut bytes = vec![0u8; 288 << 10];
+            getrandom::fill(&mut bytes).unwrap();
+            (format!("blob{i}"), base64::engine::general_purpose::STANDARD.encode(&bytes))
+        })
+        .collect();
+    let packages: Vec<(&str, &str)> = contents.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let sys = system("slow", &n, &packages, Activation::Ok);
+    let spec = json!({"closure": sys});
+    let machine: Machine = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": "slow"},
+        "spec": {"networkRef": {"name": "net"}, "provider": {"existing": {"host": "127.0.0.1", "port": port}},
+                 "ssh": {"keyPairRef": {"name": "deployer"}}, "nixos": spec}
+    }))
+    .unwrap();
+    fleet.machines.create(&PostParams::default(), &machine).await.unwrap();
+    let seen = std::sync::Mutex::new(None);
+    support::wait_for(&fleet.machines, "slow", TIMEOUT, "progress part way through the push", |m| {
+        let part_way = m.status.as_ref().and_then(|s| s.last_deploy.as_ref()).is_some_and(|l| {
+            l.result.as_deref() == Some("Pushing") && l.paths_copied > 0 && l.paths_copied < l.paths_total
+        });
+        if part_way {
+            *seen.lock().unwrap() = Some(m.clone());
+        }
+        part_way
+    })
+    .await;
+    let seen = seen.into_inner().unwrap().unwrap();
+    let record = last_deploy(&seen);
+    assert_eq!(record.paths_total, 13);
+    assert!(record.bytes_copied > 0 && record.bytes_copied < record.bytes_total, "{record:?}");
+    let message = support::condition_message(&seen.status.unwrap().conditions, "Reconciling");
+    assert!(message.contains("paths") && message.contains("MiB"), "{message}");
+    fleet.wait_running("slow", &sys).await;
+}
+
+#[tokio::test]
+async fn a_closure_of_many_paths_goes_in_one_stream() {
+    // More paths than russh buffers messages per channel: the machine's
+    // per-path answers must be taken in while the push is still sending.
+    let fleet = Fleet::start("deploy-many", json!({})).await;
+    let node = fleet.node();
+    let n = nonce();
+    let contents: Vec<(String, String)> = (0..300).map(|i| (format!("p{i}"), format!("package {i}"))).collect();
+    let packages: Vec<(&str, &str)> = contents.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let sys = system("many", &n, &packages, Activation::Ok);
+    fleet.create("many", &node, json!({"closure": sys}), json!({})).await;
+    let m = fleet.wait_running("many", &sys).await;
+    assert_eq!(last_deploy(&m).paths_copied, 301);
+    node.verify();
+}

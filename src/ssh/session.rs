@@ -158,13 +158,8 @@ impl Session {
         // No reply wanted: input can follow at once instead of a round trip
         // later; a command that cannot start shows in its exit status.
         channel.exec(false, command).await.map_err(failed)?;
-        Ok(RemoteProcess {
-            channel,
-            addr: self.addr.clone(),
-            stdout: Vec::new(),
-            read: 0,
-            out: CommandOutput::default(),
-        })
+        let (reader, writer) = channel.split();
+        Ok(RemoteProcess { reader, writer, addr: self.addr.clone(), received: Received::default(), read: 0 })
     }
 
     /// The address this session is connected to.
@@ -180,12 +175,32 @@ impl Session {
 
 /// A command running on the remote host.
 pub struct RemoteProcess {
-    channel: russh::Channel<russh::client::Msg>,
+    reader: russh::ChannelReadHalf,
+    writer: russh::ChannelWriteHalf<russh::client::Msg>,
     addr: String,
-    /// Standard output received and not yet consumed by `read_exact`.
-    stdout: Vec<u8>,
+    /// Output received so far; standard output not yet consumed by `read_exact`.
+    received: Received,
     read: usize,
+}
+
+/// What a remote command has sent so far.
+#[derive(Default)]
+struct Received {
+    stdout: Vec<u8>,
     out: CommandOutput,
+    closed: bool,
+}
+
+impl Received {
+    fn take(&mut self, msg: Option<ChannelMsg>) {
+        match msg {
+            Some(ChannelMsg::Data { data }) => self.stdout.extend_from_slice(&data),
+            Some(ChannelMsg::ExtendedData { data, ext: 1 }) => self.out.stderr.extend_from_slice(&data),
+            Some(ChannelMsg::ExitStatus { exit_status }) => self.out.status = Some(exit_status),
+            Some(_) => {}
+            None => self.closed = true,
+        }
+    }
 }
 
 impl RemoteProcess {
@@ -193,47 +208,51 @@ impl RemoteProcess {
         SshError::Connect { addr: self.addr.clone(), reason: what.to_owned() }
     }
 
-    /// Sends bytes to the command's standard input (waits for the SSH window).
+    /// Sends bytes to the command's standard input (waits for the SSH
+    /// window), taking in its output meanwhile: a command that answers while
+    /// it reads must not stall the connection with unread answers.
     pub async fn send(&mut self, data: impl Into<bytes::Bytes>) -> Result<(), SshError> {
-        self.channel.data_bytes(data).await.map_err(|e| self.lost(&format!("sending: {e}")))
+        let sending = self.writer.data_bytes(data);
+        tokio::pin!(sending);
+        loop {
+            tokio::select! {
+                sent = &mut sending => {
+                    return sent.map_err(|e| SshError::Connect { addr: self.addr.clone(), reason: format!("sending: {e}") });
+                }
+                msg = self.reader.wait(), if !self.received.closed => self.received.take(msg),
+            }
+        }
     }
 
     /// Reads exactly `n` bytes of standard output.
     pub async fn read_exact(&mut self, n: usize) -> Result<Vec<u8>, SshError> {
-        while self.stdout.len() - self.read < n {
-            if !self.receive().await {
-                let stderr = String::from_utf8_lossy(&self.out.stderr).trim().to_owned();
+        while self.received.stdout.len() - self.read < n {
+            if self.received.closed {
+                let stderr = String::from_utf8_lossy(&self.received.out.stderr).trim().to_owned();
                 return Err(self.lost(&format!("the remote command ended early: {stderr}")));
             }
+            let msg = self.reader.wait().await;
+            self.received.take(msg);
         }
-        let bytes = self.stdout[self.read..self.read + n].to_vec();
+        let bytes = self.received.stdout[self.read..self.read + n].to_vec();
         self.read += n;
         if self.read > 1 << 20 {
-            self.stdout.drain(..self.read);
+            self.received.stdout.drain(..self.read);
             self.read = 0;
         }
         Ok(bytes)
     }
 
-    /// Handles one message; false once the channel is closed.
-    async fn receive(&mut self) -> bool {
-        match self.channel.wait().await {
-            Some(ChannelMsg::Data { data }) => self.stdout.extend_from_slice(&data),
-            Some(ChannelMsg::ExtendedData { data, ext: 1 }) => self.out.stderr.extend_from_slice(&data),
-            Some(ChannelMsg::ExitStatus { exit_status }) => self.out.status = Some(exit_status),
-            Some(_) => {}
-            None => return false,
-        }
-        true
-    }
-
     /// Closes standard input, waits for the command to end and returns the
     /// output not yet read and the exit status.
     pub async fn finish(mut self) -> Result<CommandOutput, SshError> {
-        self.channel.eof().await.map_err(|e| self.lost(&format!("closing input: {e}")))?;
-        while self.receive().await {}
-        let mut out = std::mem::take(&mut self.out);
-        out.stdout = self.stdout.split_off(self.read);
+        self.writer.eof().await.map_err(|e| self.lost(&format!("closing input: {e}")))?;
+        while !self.received.closed {
+            let msg = self.reader.wait().await;
+            self.received.take(msg);
+        }
+        let mut out = std::mem::take(&mut self.received.out);
+        out.stdout = self.received.stdout.split_off(self.read);
         Ok(out)
     }
 }
