@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every metric the operator exports.
 #[derive(Clone)]
@@ -13,6 +13,9 @@ pub struct Metrics {
     pub reconcile_duration: HistogramVec,
     pub status_writes: IntCounterVec,
     pub provider_calls: IntCounterVec,
+    pub deployments: IntCounterVec,
+    pub pushed_paths: IntCounter,
+    pub pushed_bytes: IntCounterVec,
     pub leader: IntGauge,
 }
 
@@ -42,14 +45,43 @@ impl Metrics {
             ),
             &["provider", "operation", "result"],
         )?;
+        let deployments = IntCounterVec::new(
+            Opts::new(
+                "nixops_deployments_total",
+                "Deployments of a closure to a machine, by result (Succeeded, Failed, RolledBack).",
+            ),
+            &["result"],
+        )?;
+        let pushed_paths = IntCounter::new("nixops_pushed_paths_total", "Store paths pushed to machines.")?;
+        let pushed_bytes = IntCounterVec::new(
+            Opts::new(
+                "nixops_pushed_bytes_total",
+                "Bytes pushed to machines: `nar` counts the paths' NAR size, `wire` what went over SSH after compression.",
+            ),
+            &["kind"],
+        )?;
         let leader = IntGauge::new("nixops_leader", "1 while this replica holds the leader lease.")?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(status_writes.clone()))?;
         registry.register(Box::new(provider_calls.clone()))?;
+        registry.register(Box::new(deployments.clone()))?;
+        registry.register(Box::new(pushed_paths.clone()))?;
+        registry.register(Box::new(pushed_bytes.clone()))?;
         registry.register(Box::new(leader.clone()))?;
-        Ok(Self { registry, reconciles, reconcile_errors, reconcile_duration, status_writes, provider_calls, leader })
+        Ok(Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            status_writes,
+            provider_calls,
+            deployments,
+            pushed_paths,
+            pushed_bytes,
+            leader,
+        })
     }
 
     /// Records one finished reconciliation.
@@ -64,6 +96,13 @@ impl Metrics {
     /// Records one provider call.
     pub fn provider_call(&self, provider: &str, operation: &str, ok: bool) {
         self.provider_calls.with_label_values(&[provider, operation, if ok { "ok" } else { "error" }]).inc();
+    }
+
+    /// Records what one push moved.
+    pub fn pushed(&self, paths: u64, nar_bytes: u64, wire_bytes: u64) {
+        self.pushed_paths.inc_by(paths);
+        self.pushed_bytes.with_label_values(&["nar"]).inc_by(nar_bytes);
+        self.pushed_bytes.with_label_values(&["wire"]).inc_by(wire_bytes);
     }
 
     /// The metrics in Prometheus text format.

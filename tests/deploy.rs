@@ -182,6 +182,10 @@ async fn deploy_copies_only_missing_paths_and_reapplying_changes_nothing() {
         .collect();
     assert_eq!(deployed.len(), 2, "one Deployed event per deployment: {deployed:?}");
     assert!(deployed.iter().any(|n| n.contains(&v2) && n.contains("with 2 paths")), "{deployed:?}");
+    let op = &fleet.operator;
+    assert_eq!(op.metric("nixops_deployments_total", &["result=\"Succeeded\""]), 2.0);
+    assert_eq!(op.metric("nixops_pushed_paths_total", &[]), (full.len() + 2) as f64);
+    assert!(op.metric("nixops_pushed_bytes_total", &["kind=\"nar\""]) > 0.0);
 }
 
 #[tokio::test]

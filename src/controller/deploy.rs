@@ -146,6 +146,20 @@ impl Run<'_> {
             return Ok(None);
         }
 
+        // A deployment in progress is recorded in status; acting on a stale
+        // copy of it (the cache lags the operator's own writes) would settle
+        // a deployment that has already been settled. Wait for the fresh one.
+        if status
+            .last_deploy
+            .as_ref()
+            .is_some_and(|l| matches!(l.result.as_deref(), Some(deploy_result::PUSHING | deploy_result::ACTIVATING)))
+        {
+            let stored = self.api.get(&self.machine.name_any()).await?;
+            if stored.metadata.resource_version != self.machine.metadata.resource_version {
+                return Err(Error::Stale);
+            }
+        }
+
         let session = self.connect().await?;
         let state = self.probe(&session).await?;
         self.sync_keys(&session, status).await?;
@@ -402,6 +416,7 @@ impl Run<'_> {
             Delivery::Push => self.push(session, status, &record, &source, &missing, state.has_zstd).await?,
             Delivery::Substitute => self.substitute(session, desired, &missing).await?,
         };
+        self.ctx.metrics.pushed(stats.paths, stats.nar_bytes, stats.wire_bytes);
         // The connection kept the machine's copies from garbage collection
         // until the profile refers to them.
         record.paths_copied = stats.paths as i64;
@@ -536,6 +551,7 @@ impl Run<'_> {
         let mut record = record.clone();
         record.result = Some(deploy_result::SUCCEEDED.into());
         record.finished_at = Some(Time(Timestamp::now()));
+        self.ctx.metrics.deployments.with_label_values(&[deploy_result::SUCCEEDED]).inc();
         status.last_deploy = Some(record.clone());
         self.running(status, &state, &record.closure);
         if fresh {
@@ -633,6 +649,7 @@ impl Run<'_> {
         record.finished_at = Some(Time(Timestamp::now()));
         record.message = Some(message.clone());
         record.spec_generation = self.generation;
+        self.ctx.metrics.deployments.with_label_values(&[result]).inc();
         status.last_deploy = Some(record);
         status.phase = Some(MachinePhase::Failed);
         Conditions::new(&mut status.conditions, self.generation)

@@ -67,6 +67,12 @@ pub enum Error {
     #[error("finalizer: {0}")]
     Finalizer(#[source] kube::Error),
 
+    /// The object in the cache is older than the stored one, and acting on
+    /// it could undo the operator's own newer work; retried shortly with the
+    /// newer copy, writing nothing.
+    #[error("the cached object is stale; waiting for the newer copy")]
+    Stale,
+
     /// The finalizer helper could not act (an object without a name).
     #[error("finalizer: {0}")]
     FinalizerHelper(String),
@@ -101,6 +107,7 @@ impl Error {
             Self::Provider(ProviderError::Permanent { .. }) => "stalled",
             Self::Provider(_) => "provider",
             Self::Finalizer(_) | Self::FinalizerHelper(_) => "finalizer",
+            Self::Stale => "stale",
         }
     }
 }
@@ -298,6 +305,7 @@ pub async fn reconcile<K: Reconciler>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
     match &result {
         Ok(_) => ctx.reset_backoff(&key),
         Err(err @ Error::Waiting { .. }) => tracing::info!(kind = K::KIND, object = %key, "{err}"),
+        Err(err @ Error::Stale) => tracing::debug!(kind = K::KIND, object = %key, "{err}"),
         Err(err) => tracing::warn!(kind = K::KIND, object = %key, error = %err, "reconcile failed; retrying"),
     }
     result
@@ -323,7 +331,7 @@ impl Drop for InFlight<'_> {
 /// A write that lost a race with another change (stale cache) is retried at
 /// once without growing the backoff: the newer object is already on its way.
 pub fn error_policy<K: Reconciler>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
-    if err.is_conflict() {
+    if err.is_conflict() || matches!(err, Error::Stale) {
         return Action::requeue(Duration::from_millis(200));
     }
     Action::requeue(ctx.backoff(&object_key(&*obj)))
@@ -393,6 +401,7 @@ async fn apply<K: Reconciler>(api: &Api<K>, obj: Arc<K>, ctx: Arc<Context>) -> R
             write_status(api, &*obj, status, &ctx).await?;
             Ok(Action::requeue(ctx.settings.resync))
         }
+        Err(Error::Stale) => Err(Error::Stale),
         Err(err) => {
             // Retried with backoff; the condition tells users what is failing.
             let mut status = status;

@@ -151,9 +151,11 @@ fn rollback_steps(action: ActivationAction) -> String {
 
 /// The operator's confirmation; exits [`EXIT_ALREADY_DECIDED`] (printing the
 /// watchdog's note) when the machine has already rolled back.
+/// Confirming twice (an operator restarted after confirming) is fine.
 pub fn confirm_script(token: &str) -> String {
     format!(
-        "mkdir {STATE_DIR}/decided-{token} 2>/dev/null && exit 0\ncat {STATE_DIR}/rolledback-{token} 2>/dev/null\nexit {EXIT_ALREADY_DECIDED}\n"
+        "mkdir -p {STATE_DIR}\nmkdir {STATE_DIR}/decided-{token} 2>/dev/null && exit 0\n\
+         [ -e {STATE_DIR}/rolledback-{token} ] || exit 0\ncat {STATE_DIR}/rolledback-{token}\nexit {EXIT_ALREADY_DECIDED}\n"
     )
 }
 
@@ -163,7 +165,8 @@ pub fn rollback_script(action: ActivationAction, token: Option<&str>) -> String 
     let mut script = String::new();
     if let Some(token) = token {
         script += &format!(
-            "mkdir -p {STATE_DIR}\nmkdir {STATE_DIR}/decided-{token} 2>/dev/null || exit {EXIT_ALREADY_DECIDED}\n"
+            "mkdir -p {STATE_DIR}\nmkdir {STATE_DIR}/decided-{token} 2>/dev/null || \
+             [ ! -e {STATE_DIR}/rolledback-{token} ] || exit {EXIT_ALREADY_DECIDED}\n"
         );
     }
     script + &rollback_steps(action)

@@ -10,6 +10,16 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCerti
 
 use super::{HostKey, SshError, format_addr};
 
+/// AES-GCM first: with the AES instructions every server CPU has, it costs
+/// a fraction of ChaCha20-Poly1305 (russh's first choice) on both ends of a
+/// push of hundreds of MiB.
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 /// Accepts the server only if it proves the pinned key.
 struct PinnedHost {
     pinned: HostKey,
@@ -87,6 +97,7 @@ impl Session {
             inactivity_timeout: Some(timeout.max(Duration::from_secs(60))),
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_max: 4,
+            preferred: russh::Preferred { cipher: std::borrow::Cow::Borrowed(CIPHERS), ..russh::Preferred::default() },
             ..russh::client::Config::default()
         });
         let connecting = connect_handler(config, host, port, handler, via.as_deref());
