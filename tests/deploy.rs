@@ -572,9 +572,11 @@ impl HttpServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // Dropping the server (also on a panic below) kills and reaps python.
+        let server = Self { child, port, _dir: dir };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Self { child, port, _dir: dir };
+                return server;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
