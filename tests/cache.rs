@@ -6,8 +6,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use nixops_operator::nix::cache::{BinaryCacheSource, CacheError};
 use nixops_operator::nix::narinfo::SignatureError;
@@ -374,47 +373,11 @@ async fn missing_paths_and_non_caches_are_named() {
     assert!(err.to_string().contains("nix-cache-info"), "{err}");
 }
 
-/// `python3 -m http.server` on a loopback port: a plain static file server,
-/// as a cache behind nginx or a CDN looks to Nix.
-struct HttpServer {
-    child: std::process::Child,
-    url: String,
-}
-
-impl HttpServer {
-    fn start(dir: &Path) -> Self {
-        let port = support::free_port();
-        let mut child = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string(), "--directory"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start python3 -m http.server");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Self { child, url: format!("http://127.0.0.1:{port}") };
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("python3 -m http.server did not start on port {port}");
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn the_same_cache_over_http() {
     let built = Built::new();
     let dir = built.cache("zstd", "compression=zstd", true);
-    let server = HttpServer::start(built.dir.path());
+    let server = support::HttpServer::start(built.dir.path());
     let url = format!("{}/zstd/?priority=30", server.url);
     let cache = BinaryCacheSource::new(&url, &built.keys(), None).unwrap();
     assert_eq!(cache.public_url(), url);

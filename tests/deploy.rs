@@ -553,49 +553,13 @@ async fn an_s3_bucket_serves_as_the_binary_cache() {
     node.verify();
 }
 
-/// A static HTTP server on loopback for health checks made from the nodes.
-struct HttpServer {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl HttpServer {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("healthz"), "ok").unwrap();
-        let port = support::free_port();
-        let child = std::process::Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string(), "--directory"])
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Dropping the server (also on a panic below) kills and reaps python.
-        let server = Self { child, port, _dir: dir };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("http.server did not start");
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn reboot_required_and_http_health_checks() {
     let fleet = Fleet::start("deploy-reboot", json!({})).await;
     let node = fleet.node();
-    let http = HttpServer::start();
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("healthz"), "ok").unwrap();
+    let http = support::HttpServer::start(site.path());
     let n = nonce();
     let kernel = system("k", &n, &[("linux", "6.12")], Activation::RebootRequired);
     let healthy = json!([{"http": {"url": format!("http://127.0.0.1:{}/healthz", http.port)}}]);

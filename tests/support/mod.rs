@@ -531,3 +531,41 @@ pub async fn s3_client() -> aws_sdk_s3::Client {
 pub fn is_ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
     condition(conditions, "Ready").as_deref() == Some("True")
 }
+
+/// `python3 -m http.server` on a loopback port: a plain static file server,
+/// as a cache behind nginx or a CDN looks to Nix.
+pub struct HttpServer {
+    child: std::process::Child,
+    pub port: u16,
+    pub url: String,
+}
+
+impl HttpServer {
+    /// Serves the files under `dir`.
+    pub fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let mut child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string(), "--directory"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start python3 -m http.server");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self { child, port, url: format!("http://127.0.0.1:{port}") };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("python3 -m http.server did not start on port {port}");
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
