@@ -15,6 +15,7 @@ controlplane:
 # Regenerates crds/ from src/api (a test fails when it is stale).
 crds:
 	cargo run --quiet --locked -- crds --out-dir crds
+	cp crds/*.yaml charts/nixops-operator/crds/
 
 lint:
 	cargo fmt --all -- --check

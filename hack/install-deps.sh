@@ -2,13 +2,13 @@
 # Installs what a fresh machine lacks for building and testing: Debian
 # packages (openssh-server for test hosts, …), the Rust lint components, and,
 # cached outside the repository: the Go-built control plane
-# (kube-apiserver, kubectl, etcd), kstatus and toxiproxy, and moto server in
+# (kube-apiserver, kubectl, etcd), kstatus, toxiproxy and helm, and moto server in
 # a Python virtualenv.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 need_apt=()
-for cmd_pkg in openssl:openssl curl:curl python3:python3 git:git sshd:openssh-server ssh-keygen:openssh-client setsid:util-linux nsenter:util-linux nix-store:nix-bin zstd:zstd; do
+for cmd_pkg in openssl:openssl curl:curl python3:python3 git:git sshd:openssh-server ssh-keygen:openssh-client setsid:util-linux nsenter:util-linux nix-store:nix-bin zstd:zstd lua5.4:lua5.4; do
   command -v "${cmd_pkg%%:*}" >/dev/null || need_apt+=("${cmd_pkg#*:}")
 done
 [[ -e /etc/ssl/certs/ca-certificates.crt ]] || need_apt+=(ca-certificates)
@@ -30,3 +30,4 @@ fi
 "$root/hack/kstatus/build.sh" >/dev/null
 "$root/hack/moto/install.sh" >/dev/null
 "$root/hack/toxiproxy/build.sh" >/dev/null
+"$root/hack/helm/build.sh" >/dev/null

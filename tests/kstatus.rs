@@ -1,6 +1,8 @@
 //! Flux and `kubectl wait` read our conditions through kstatus: the real
 //! library must see Ready objects as Current, work in progress as
-//! InProgress, and Stalled objects as Failed.
+//! InProgress, and Stalled objects as Failed. Argo CD reads them through the
+//! chart's Lua health check, run here by a real Lua interpreter on the same
+//! objects: Healthy, Progressing, Degraded.
 
 mod support;
 
@@ -45,8 +47,12 @@ async fn kstatus_reads_current_in_progress_and_failed() {
         cond(m, "Reconciling").as_deref() == Some("True")
     })
     .await;
-    let verdict = support::kstatus(&machines.get("waiting").await.unwrap());
+    let waiting = machines.get("waiting").await.unwrap();
+    let verdict = support::kstatus(&waiting);
     assert!(verdict.starts_with("InProgress"), "{verdict}");
+    let (health, message) = support::argocd_health(&waiting);
+    assert_eq!(health, "Progressing", "Argo CD: {message}");
+    assert!(message.contains("Network missing"), "Argo CD shows why: {message}");
 
     // Current: Ready.
     let net: Network = serde_json::from_value(
@@ -56,8 +62,11 @@ async fn kstatus_reads_current_in_progress_and_failed() {
     networks.create(&PostParams::default(), &net).await.unwrap();
     machines.create(&PostParams::default(), &machine("ready", "prod", None)).await.unwrap();
     support::wait_for(&machines, "ready", TIMEOUT, "Ready", |m| cond(m, "Ready").as_deref() == Some("True")).await;
-    let verdict = support::kstatus(&machines.get("ready").await.unwrap());
+    let ready = machines.get("ready").await.unwrap();
+    let verdict = support::kstatus(&ready);
     assert!(verdict.starts_with("Current"), "{verdict}");
+    assert_eq!(support::argocd_health(&ready).0, "Healthy");
+    assert_eq!(support::argocd_health(&networks.get("prod").await.unwrap()).0, "Healthy");
     let verdict = support::kstatus(&networks.get("prod").await.unwrap());
     assert!(verdict.starts_with("Current"), "{verdict}");
 
@@ -65,8 +74,12 @@ async fn kstatus_reads_current_in_progress_and_failed() {
     machines.create(&PostParams::default(), &machine("stalled", "prod", Some(&other.host_key))).await.unwrap();
     support::wait_for(&machines, "stalled", TIMEOUT, "Stalled", |m| cond(m, "Stalled").as_deref() == Some("True"))
         .await;
-    let verdict = support::kstatus(&machines.get("stalled").await.unwrap());
+    let stalled = machines.get("stalled").await.unwrap();
+    let verdict = support::kstatus(&stalled);
     assert!(verdict.starts_with("Failed"), "{verdict}");
+    let (health, message) = support::argocd_health(&stalled);
+    assert_eq!(health, "Degraded", "Argo CD: {message}");
+    assert!(message.contains("pins"), "Argo CD shows the Stalled message: {message}");
 
     // `kubectl wait` works on the Ready condition.
     let out = support::kubectl(&["wait", "-n", &ns, "--for=condition=Ready", "machine/ready", "--timeout=30s"], None);

@@ -569,3 +569,49 @@ impl Drop for HttpServer {
         let _ = self.child.wait();
     }
 }
+
+/// Argo CD's verdict on an object, from the chart's Lua health check run by
+/// a real Lua interpreter: (status, message), e.g. ("Healthy", "…").
+pub fn argocd_health<K: serde::Serialize>(obj: &K) -> (String, String) {
+    fn lua(value: &serde_json::Value) -> String {
+        match value {
+            serde_json::Value::Null => "nil".into(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::String(s) => format!("{s:?}"),
+            serde_json::Value::Array(items) => format!("{{{}}}", items.iter().map(lua).collect::<Vec<_>>().join(", ")),
+            serde_json::Value::Object(map) => format!(
+                "{{{}}}",
+                map.iter().map(|(k, v)| format!("[{k:?}] = {}", lua(v))).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+    let script = std::fs::read_to_string(repo_root().join("charts/nixops-operator/files/argocd-health.lua"))
+        .expect("read argocd-health.lua");
+    let object = serde_json::to_value(obj).expect("object as JSON");
+    // Argo CD runs the script as a function body with `obj` in scope.
+    let program = format!(
+        "local obj = {}\nlocal function health()\n{script}\nend\nlocal hs = health()\nprint(hs.status)\nprint(hs.message or '')\n",
+        lua(&object)
+    );
+    let out = Command::new("lua5.4").arg("-").stdin_bytes(program.as_bytes());
+    assert!(out.status.success(), "lua5.4 failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    (lines.next().unwrap_or_default().to_owned(), lines.next().unwrap_or_default().to_owned())
+}
+
+/// Runs a command with `input` on its standard input.
+trait StdinBytes {
+    fn stdin_bytes(&mut self, input: &[u8]) -> Output;
+}
+
+impl StdinBytes for Command {
+    fn stdin_bytes(&mut self, input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child =
+            self.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn command");
+        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+        child.wait_with_output().expect("wait for command")
+    }
+}
