@@ -1,5 +1,5 @@
 # nixops-operator — see README.md.
-.PHONY: test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale bench-push
+.PHONY: quickstart quickstart-down quickstart-redeploy test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale bench-push
 
 # Sets up everything the tests need (Debian packages, the Go-built control
 # plane) and runs every test, including those against the real API server.
@@ -23,6 +23,19 @@ lint:
 
 dev-cluster: deps
 	@hack/dev-cluster.sh up
+
+# A local control plane, a NixOS-like node and the operator, with
+# examples/quickstart/ deployed; run it again to reuse what is running.
+quickstart: deps
+	@hack/quickstart/quickstart.sh up
+
+# Builds the demo system with another message and deploys it.
+MESSAGE ?= hello again
+quickstart-redeploy:
+	@hack/quickstart/quickstart.sh redeploy "$(MESSAGE)"
+
+quickstart-down:
+	@hack/quickstart/quickstart.sh down
 
 dev-cluster-down:
 	@hack/dev-cluster.sh down

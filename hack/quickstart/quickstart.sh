@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# `make quickstart` / `make quickstart-down`: a local control plane, a local
+# NixOS-like node and the operator, with examples/quickstart/ applied and
+# the demo system deployed. Running `up` again reuses what is running.
+#
+#   quickstart.sh up | down | redeploy MESSAGE
+#
+# The node is Debian's Nix + sshd in its own mount and pid namespaces, with
+# a private /nix, /run and /root under the state directory, listening on
+# 127.0.0.2:2222 (as examples/quickstart/machine.yaml says). Needs root (for
+# the namespaces) and what hack/install-deps.sh installs.
+#
+# Environment: QUICKSTART_DIR (state, default .quickstart), QUICKSTART_PORT
+# (the node's SSH port, default 2222), NIXOPS_OPERATOR_BIN (an operator
+# binary to use instead of building one).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+dir=${QUICKSTART_DIR:-$root/.quickstart}
+port=${QUICKSTART_PORT:-2222}
+host=127.0.0.2
+ns=quickstart
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+cluster="$dir/cluster"
+node="$dir/node"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+k() { "$cluster/kubectl" --kubeconfig "$cluster/kubeconfig" "$@"; }
+
+start_cluster() {
+  if alive "$cluster/kube-apiserver.pid"; then
+    say "control plane already running"
+  else
+    say "starting etcd and kube-apiserver (built from Go modules on first use)"
+    rm -rf "$cluster"
+    "$root/hack/controlplane/start.sh" "$cluster" >/dev/null
+  fi
+  k apply --server-side --force-conflicts -f "$root/crds/" >/dev/null
+  k wait --for=condition=Established crd --all --timeout=60s >/dev/null
+  k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
+}
+
+start_node() {
+  if alive "$node/unshare.pid"; then
+    say "node already running on $host:$port"
+    return
+  fi
+  say "starting a NixOS-like node on $host:$port (own /nix, /run and /root)"
+  rm -rf "$node"
+  mkdir -p "$node/nix" "$node/root"
+  ssh-keygen -q -t ed25519 -N '' -f "$node/ssh_host_ed25519_key"
+  touch "$node/authorized_keys"
+  cat > "$node/sshd_config" <<EOF
+Port $port
+ListenAddress $host
+HostKey $node/ssh_host_ed25519_key
+AuthorizedKeysFile $node/authorized_keys
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+PidFile none
+EOF
+  cat > "$node/init.sh" <<EOF
+mount --no-mtab --make-rprivate /
+mount --no-mtab --bind $node/nix /nix
+mount --no-mtab -t tmpfs tmpfs /run
+mount --no-mtab --bind $node/root /root
+mkdir -p /run/sshd
+nix-store --init
+exec /usr/sbin/sshd -D -f $node/sshd_config -E $node/sshd.log
+EOF
+  setsid unshare --mount --pid --fork --kill-child sh "$node/init.sh" </dev/null >"$node/node.log" 2>&1 &
+  echo $! > "$node/unshare.pid"
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then return; fi
+    sleep 0.1
+  done
+  cat "$node/node.log" "$node/sshd.log" >&2 || true
+  echo "the node did not start" >&2
+  exit 1
+}
+
+# Runs a command inside the node.
+in_node() {
+  local inner
+  inner=$(pgrep -P "$(cat "$node/unshare.pid")" | head -n1)
+  nsenter --target "$inner" --mount --pid -- sh -c "$1"
+}
+
+start_operator() {
+  local bin=${NIXOPS_OPERATOR_BIN:-}
+  if [[ -z $bin ]]; then
+    say "building the operator"
+    (cd "$root" && cargo build --quiet --locked --bin nixops-operator)
+    bin="$root/target/debug/nixops-operator"
+  fi
+  if alive "$dir/operator.pid"; then
+    kill "$(cat "$dir/operator.pid")" 2>/dev/null || true
+    for _ in $(seq 1 100); do alive "$dir/operator.pid" || break; sleep 0.1; done
+  fi
+  say "starting the operator (log: $dir/operator.log)"
+  KUBECONFIG="$cluster/kubeconfig" setsid "$bin" run --namespace "$ns" --metrics-addr 127.0.0.1:0 \
+    --resync-seconds 30 </dev/null >"$dir/operator.log" 2>&1 &
+  echo $! > "$dir/operator.pid"
+}
+
+build_demo() {
+  nix-build --no-out-link --option substituters '' "$root/hack/quickstart/demo.nix" \
+    --argstr message "$1" 2>"$dir/nix-build.log" | tail -n1
+}
+
+apply_examples() {
+  local closure=$1
+  say "applying examples/quickstart/ with the demo closure $closure"
+  k -n "$ns" apply -f "$root/examples/quickstart/network.yaml" -f "$root/examples/quickstart/keypair.yaml" >/dev/null
+  k -n "$ns" wait --for=condition=Ready keypair/deployer --timeout=60s >/dev/null
+  # Authorise the generated key on the node, as one would on a real host.
+  k -n "$ns" get keypair deployer -o jsonpath='{.status.publicKey}' > "$node/authorized_keys"
+  sed -e "s|^    closure: /nix/store/.*|    closure: $closure|" -e "s|^      port: [0-9]*|      port: $port|" \
+    "$root/examples/quickstart/machine.yaml" | k -n "$ns" apply -f - >/dev/null
+}
+
+wait_deployed() {
+  local closure=$1
+  say "waiting for the Machine to deploy"
+  for _ in $(seq 1 180); do
+    if [[ $(k -n "$ns" get machine demo -o jsonpath='{.status.closure}') == "$closure" ]] &&
+      k -n "$ns" wait --for=condition=Ready machine/demo --timeout=1s >/dev/null 2>&1; then
+      return
+    fi
+    sleep 1
+  done
+  k -n "$ns" describe machine demo >&2
+  tail -n 30 "$dir/operator.log" >&2
+  echo "the Machine did not become Ready" >&2
+  exit 1
+}
+
+show() {
+  echo
+  k -n "$ns" get nixops
+  echo
+  k -n "$ns" get machines -o wide
+  echo
+  echo "On the node, /run/current-system -> $(in_node 'readlink /run/current-system')"
+  echo "and /run/motd says: $(in_node 'cat /run/motd')"
+}
+
+case ${1:-up} in
+  up)
+    start_cluster
+    start_node
+    start_operator
+    closure=$(build_demo "hello from nixops-operator")
+    apply_examples "$closure"
+    wait_deployed "$closure"
+    show
+    cat <<EOF
+
+The demo Machine is deployed. Next:
+  export KUBECONFIG=$cluster/kubeconfig PATH=$cluster:\$PATH
+  kubectl -n $ns describe machine demo        # conditions and events
+  make quickstart-redeploy MESSAGE='hello again'   # build a changed system and watch it roll out
+  kubectl -n $ns get machines -w
+  make quickstart-down                        # stop everything and remove $dir
+EOF
+    ;;
+  redeploy)
+    closure=$(build_demo "${2:?usage: quickstart.sh redeploy MESSAGE}")
+    say "deploying $closure"
+    k -n "$ns" patch machine demo --type merge -p "{\"spec\":{\"nixos\":{\"closure\":\"$closure\"}}}" >/dev/null
+    wait_deployed "$closure"
+    show
+    ;;
+  down)
+    if alive "$dir/operator.pid"; then kill "$(cat "$dir/operator.pid")" 2>/dev/null || true; fi
+    # unshare ignores SIGTERM while it waits; SIGKILL makes it kill the node (--kill-child).
+    if alive "$node/unshare.pid"; then kill -KILL "$(cat "$node/unshare.pid")" 2>/dev/null || true; fi
+    [[ -d $cluster ]] && "$root/hack/controlplane/stop.sh" "$cluster"
+    rm -rf "$dir"
+    say "quickstart stopped"
+    ;;
+  *)
+    echo "usage: quickstart.sh up | down | redeploy MESSAGE" >&2
+    exit 2
+    ;;
+esac
