@@ -53,6 +53,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 /// Extra time given to a machine's watchdog beyond its timeout before the
 /// operator looks at what it did.
 const WATCHDOG_GRACE: Duration = Duration::from_secs(3);
+/// How long a machine may take to roll back and answer again.
+const ROLLBACK_WAIT: Duration = Duration::from_secs(120);
 
 /// State shared by all deployments of one operator.
 pub struct Deployments {
@@ -545,6 +547,10 @@ impl Run<'_> {
                     .await;
                     return Ok(None);
                 }
+                Confirmation::Unreachable(message) => {
+                    self.failed(status, deploy_result::FAILED, message).await;
+                    return Ok(None);
+                }
             }
         }
         let state = self.probe(session).await?;
@@ -597,7 +603,10 @@ impl Run<'_> {
     /// Confirms over a new connection, proving the new system still lets the
     /// operator in; on failure waits for the watchdog and reads its verdict.
     async fn confirm(&self, watchdog: &Watchdog) -> Confirmation {
-        let deadline = Instant::now() + Duration::from_secs(watchdog.timeout_seconds.into()) + WATCHDOG_GRACE;
+        // Past the watchdog's timeout the machine is rolling back; keep
+        // asking until it says it is done, so what is reported is what runs.
+        let deadline =
+            Instant::now() + Duration::from_secs(watchdog.timeout_seconds.into()) + WATCHDOG_GRACE + ROLLBACK_WAIT;
         let mut last_error = String::new();
         loop {
             match self.connect().await {
@@ -608,7 +617,12 @@ impl Run<'_> {
                         Ok(out) if out.status == Some(0) => return Confirmation::Confirmed,
                         Ok(out) if out.status == Some(activation::EXIT_ALREADY_DECIDED) => {
                             let note = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                            return Confirmation::RolledBack(if note.is_empty() { last_error } else { note });
+                            return Confirmation::RolledBack(format!(
+                                "{note} (the operator could not confirm over a new connection: {last_error})"
+                            ));
+                        }
+                        Ok(out) if out.status == Some(activation::EXIT_ROLLING_BACK) => {
+                            last_error = "the machine is rolling back".into();
                         }
                         Ok(out) => last_error = output_tail(&out.stdout, &out.stderr),
                         Err(err) => last_error = err.to_string(),
@@ -617,8 +631,11 @@ impl Run<'_> {
                 Err(err) => last_error = err.to_string(),
             }
             if Instant::now() >= deadline {
-                return Confirmation::RolledBack(format!(
-                    "the operator could not confirm over a new connection: {last_error}"
+                return Confirmation::Unreachable(format!(
+                    "after activating {} the machine neither let the operator confirm nor reported a rollback \
+                     within {} s: {last_error}",
+                    self.nixos.closure,
+                    (Duration::from_secs(watchdog.timeout_seconds.into()) + WATCHDOG_GRACE + ROLLBACK_WAIT).as_secs()
                 ));
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -798,7 +815,10 @@ impl Run<'_> {
 
 enum Confirmation {
     Confirmed,
+    /// The watchdog rolled back; its note.
     RolledBack(String),
+    /// Neither happened in time.
+    Unreachable(String),
 }
 
 /// Whether a Machine's last deployment of its current closure failed.

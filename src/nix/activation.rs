@@ -22,6 +22,8 @@ pub const EXIT_PROFILE_FAILED: u32 = 90;
 pub const EXIT_REBOOT_REQUIRED: u32 = 100;
 /// Exit status of confirm/rollback when the watchdog had already decided.
 pub const EXIT_ALREADY_DECIDED: u32 = 3;
+/// Exit status of confirm while the watchdog is rolling back.
+pub const EXIT_ROLLING_BACK: u32 = 4;
 /// Exit status of rollback when there is no earlier generation.
 pub const EXIT_NO_PREVIOUS: u32 = 2;
 
@@ -123,11 +125,14 @@ pub fn activate_script(closure: &str, action: ActivationAction, watchdog: Option
 /// Waits for the confirmation; without it, claims the decision and rolls back.
 fn watchdog_script(closure: &str, action: ActivationAction, w: &Watchdog) -> String {
     let token = &w.token;
+    // The note is written once the rollback is over, so whoever reads it
+    // knows the machine runs the previous generation again.
     format!(
         "i=0\nwhile [ $i -lt {t} ]; do\n  [ -d {STATE_DIR}/decided-{token} ] && exit 0\n  sleep 1\n  i=$((i+1))\ndone\n\
          mkdir {STATE_DIR}/decided-{token} 2>/dev/null || exit 0\n\
-         echo 'no confirmation for {closure} within {t} s; rolled back' >{STATE_DIR}/rolledback-{token}\n{}",
-        rollback_steps(action),
+         ( {steps} ) >{STATE_DIR}/rollback-{token}.log 2>&1\n\
+         echo 'no confirmation for {closure} within {t} s; rolled back' >{STATE_DIR}/rolledback-{token}\n",
+        steps = rollback_steps(action).trim_end().replace('\n', "\n  "),
         t = w.timeout_seconds,
     )
 }
@@ -149,13 +154,17 @@ fn rollback_steps(action: ActivationAction) -> String {
     }
 }
 
-/// The operator's confirmation; exits [`EXIT_ALREADY_DECIDED`] (printing the
-/// watchdog's note) when the machine has already rolled back.
-/// Confirming twice (an operator restarted after confirming) is fine.
+/// The operator's confirmation. Exits 0 when confirmed (also when this
+/// operator confirmed before a restart), [`EXIT_ALREADY_DECIDED`] with the
+/// watchdog's note once the machine has rolled back, and
+/// [`EXIT_ROLLING_BACK`] while the watchdog is still rolling back.
 pub fn confirm_script(token: &str) -> String {
     format!(
-        "mkdir -p {STATE_DIR}\nmkdir {STATE_DIR}/decided-{token} 2>/dev/null && exit 0\n\
-         [ -e {STATE_DIR}/rolledback-{token} ] || exit 0\ncat {STATE_DIR}/rolledback-{token}\nexit {EXIT_ALREADY_DECIDED}\n"
+        "mkdir -p {STATE_DIR}\n\
+         if mkdir {STATE_DIR}/decided-{token} 2>/dev/null; then touch {STATE_DIR}/confirmed-{token}; exit 0; fi\n\
+         [ -e {STATE_DIR}/confirmed-{token} ] && exit 0\n\
+         [ -e {STATE_DIR}/rolledback-{token} ] || exit {EXIT_ROLLING_BACK}\n\
+         cat {STATE_DIR}/rolledback-{token}\nexit {EXIT_ALREADY_DECIDED}\n"
     )
 }
 
@@ -166,7 +175,7 @@ pub fn rollback_script(action: ActivationAction, token: Option<&str>) -> String 
     if let Some(token) = token {
         script += &format!(
             "mkdir -p {STATE_DIR}\nmkdir {STATE_DIR}/decided-{token} 2>/dev/null || \
-             [ ! -e {STATE_DIR}/rolledback-{token} ] || exit {EXIT_ALREADY_DECIDED}\n"
+             [ -e {STATE_DIR}/confirmed-{token} ] || exit {EXIT_ALREADY_DECIDED}\n"
         );
     }
     script + &rollback_steps(action)
@@ -213,6 +222,22 @@ mod tests {
         assert_eq!(state.active_for(ActivationAction::Switch), Some("/nix/store/abc-sys"));
         let empty = parse_probe("current=\nprofile=\ngeneration=\n");
         assert_eq!(empty, NodeState::default());
+    }
+
+    #[test]
+    fn scripts_are_valid_shell() {
+        let w = Watchdog { token: "t1".into(), timeout_seconds: 5 };
+        for action in [ActivationAction::Switch, ActivationAction::Test, ActivationAction::Boot] {
+            for script in [
+                activate_script("/nix/store/x-s", action, Some(&w)),
+                rollback_script(action, Some("t1")),
+                confirm_script("t1"),
+                probe_script(),
+            ] {
+                let out = std::process::Command::new("sh").args(["-n", "-c", &script]).output().unwrap();
+                assert!(out.status.success(), "{script}\n{}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
     }
 
     #[test]
