@@ -135,9 +135,7 @@ impl Run<'_> {
         // A closure that failed at this generation is not tried again until
         // the spec changes; the machine is left on what it runs.
         if let Some(last) = &status.last_deploy
-            && last.closure == desired
-            && last.spec_generation == self.generation
-            && matches!(last.result.as_deref(), Some(deploy_result::FAILED | deploy_result::ROLLED_BACK))
+            && is_failure_of(last, &desired, self.generation)
         {
             let message = last.message.clone().unwrap_or_default();
             status.phase = Some(MachinePhase::Failed);
@@ -701,9 +699,17 @@ impl Run<'_> {
     async fn path_source(&self) -> Result<PathSource> {
         let source = self.nixos.source.clone().unwrap_or_default();
         if let Some(cache) = &source.binary_cache {
-            let s3 = if cache.url.starts_with("s3://")
-                && self.network.spec.provider.as_ref().is_some_and(|p| p.ec2.is_some())
-            {
+            let s3 = if cache.url.starts_with("s3://") {
+                if self.network.spec.provider.as_ref().is_none_or(|p| p.ec2.is_none()) {
+                    return Err(Error::stalled(
+                        "InvalidBinaryCache",
+                        format!(
+                            "spec.nixos.source.binaryCache.url is an s3:// cache, which is read with the Network's AWS account, \
+                             but Network {} has no spec.provider.ec2; use a Network with an AWS account or an http(s):// URL",
+                            self.network.name_any()
+                        ),
+                    ));
+                }
                 Some(self.ctx.aws.for_network(self.network).await?.s3.clone())
             } else {
                 None
@@ -827,8 +833,14 @@ pub fn deploy_failed(machine: &Machine) -> bool {
     else {
         return false;
     };
-    last.closure == nixos.closure
-        && last.spec_generation == machine.metadata.generation
+    is_failure_of(last, &nixos.closure, machine.metadata.generation)
+}
+
+/// Whether `last` is a failed deployment of `closure` at spec `generation`,
+/// which is not tried again until the spec changes.
+fn is_failure_of(last: &DeployRecord, closure: &str, generation: Option<i64>) -> bool {
+    last.closure == closure
+        && last.spec_generation == generation
         && matches!(last.result.as_deref(), Some(deploy_result::FAILED | deploy_result::ROLLED_BACK))
 }
 
