@@ -319,3 +319,65 @@ async fn orphaned_machine_keeps_its_instance() {
     support::wait_gone(&machines, "kept", TIMEOUT).await;
     assert_eq!(instances(&ec2, &uid).await.len(), 1, "Orphan must leave the instance running");
 }
+
+/// The status contract: what a reconcile learned before it failed is
+/// written. A booting instance whose SSH is not up yet still shows its
+/// providerID and addresses, and its Volume attaches (a host that waits for
+/// that disk would otherwise never bring SSH up).
+#[tokio::test]
+async fn an_unreachable_machine_still_reports_its_instance_and_gets_its_volume() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "ec2-unreachable").await;
+    let _operator = support::Operator::start(&ns, &[]);
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let ec2 = support::ec2_client().await;
+    let ami = some_ami(&ec2).await;
+    let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
+    let volumes_api: Api<Volume> = Api::namespaced(client.clone(), &ns);
+    let vol: Volume = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Volume", "metadata": {"name": "data"},
+        "spec": {"networkRef": {"name": "aws"}, "provider": {"ec2": {"zone": "eu-west-1a", "sizeGiB": 10}}}
+    }))
+    .unwrap();
+    volumes_api.create(&PostParams::default(), &vol).await.unwrap();
+    // Nothing listens on this port: SSH never comes up.
+    let closed = support::free_port();
+    let m: Machine = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": "booting"},
+        "spec": {
+            "networkRef": {"name": "aws"},
+            "provider": {"ec2": {"instanceType": "t3.small", "ami": ami, "subnet": "public-a"}},
+            "ssh": {"host": "127.0.0.1", "port": closed},
+            "volumes": [{"volumeRef": {"name": "data"}, "device": "/dev/xvdf"}]
+        }
+    }))
+    .unwrap();
+    machines.create(&PostParams::default(), &m).await.unwrap();
+
+    support::wait_for(&machines, "booting", TIMEOUT, "providerID and Unreachable", |m| {
+        m.status.as_ref().is_some_and(|s| {
+            s.provider_id.is_some()
+                && !s.addresses.is_empty()
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Provisioned" && c.status == "False" && c.reason == "Unreachable")
+        })
+    })
+    .await;
+    let m = machines.get("booting").await.unwrap();
+    let status = m.status.unwrap();
+    assert_eq!(status.phase, Some(MachinePhase::Provisioning));
+    let live = instances(&ec2, m.metadata.uid.as_deref().unwrap()).await;
+    assert_eq!(live.len(), 1);
+    let id = live[0].instance_id().unwrap().to_owned();
+    assert!(status.provider_id.as_deref().unwrap().ends_with(&id));
+
+    support::wait_for(&volumes_api, "data", TIMEOUT, "attached to the unreachable machine", |v| {
+        v.status.as_ref().and_then(|s| s.attached_to.as_ref()).is_some_and(|a| a.machine == "booting")
+    })
+    .await;
+    let vol_uid = volumes_api.get("data").await.unwrap().metadata.uid.unwrap();
+    let vols = volumes(&ec2, &vol_uid).await;
+    assert_eq!(vols[0].attachments().first().and_then(|a| a.instance_id()), Some(id.as_str()));
+}

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -14,7 +15,7 @@ use russh::keys::ssh_key::LineEnding;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 
 use super::status::Conditions;
-use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status};
+use super::{Cleanup, Context, Error, Reconciler, Result, object_status};
 use crate::api::keypair::KeyPairStatus;
 use crate::api::network::ResourcePhase;
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, ManagementPolicy};
@@ -40,7 +41,7 @@ impl Reconciler for KeyPair {
         self.status.as_ref()
     }
 
-    async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: KeyPairStatus) -> Result<Outcome<KeyPairStatus>> {
+    async fn apply(self: Arc<Self>, ctx: Arc<Context>, status: &mut KeyPairStatus) -> Result<Option<Duration>> {
         let ns = self.namespace().unwrap_or_default();
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         let secret_name = &self.spec.secret_ref.name;
@@ -121,7 +122,7 @@ impl Reconciler for KeyPair {
                     "Observing",
                     format!("observing EC2 key pair {name}; managementPolicy Observe never changes or deletes it"),
                 );
-                return Ok(Outcome { status, requeue: None });
+                return Ok(None);
             }
             let adopt = self.annotations().get(EXTERNAL_NAME_ANNOTATION) == Some(&name);
             let imported = provider.ensure(&target, &name, &public.to_openssh(), adopt).await;
@@ -141,7 +142,7 @@ impl Reconciler for KeyPair {
         status.fingerprint = Some(public.fingerprint());
         status.phase = Some(ResourcePhase::Ready);
         Conditions::new(&mut status.conditions, self.metadata.generation).ready("Ready", message);
-        Ok(Outcome { status, requeue: None })
+        Ok(None)
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {

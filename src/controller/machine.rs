@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -14,7 +15,7 @@ use kube::runtime::{Controller, watcher};
 
 use super::deploy;
 use super::status::Conditions;
-use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name, record_intent};
+use super::{Cleanup, Context, Error, Reconciler, Result, object_status, record_external_name, record_intent};
 use crate::api::machine::{JumpHost, MachinePhase, MachineProvider as MachineProviderSpec, MachineStatus, SshSpec};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, Machine, ManagementPolicy, Network};
 use crate::provider::{InstanceState, MachineTarget, Owner, ProviderError};
@@ -132,7 +133,7 @@ impl Reconciler for Machine {
         self.status.as_ref()
     }
 
-    async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: MachineStatus) -> Result<Outcome<MachineStatus>> {
+    async fn apply(self: Arc<Self>, ctx: Arc<Context>, status: &mut MachineStatus) -> Result<Option<Duration>> {
         let generation = self.metadata.generation;
         let ns = self.namespace().unwrap_or_default();
 
@@ -243,7 +244,7 @@ impl Reconciler for Machine {
         if instance.state == InstanceState::Stopped && !self.spec.running {
             status.phase = Some(MachinePhase::Stopped);
             Conditions::new(&mut status.conditions, generation).ready("Stopped", "stopped as spec.running is false");
-            return Ok(Outcome { status, requeue: None });
+            return Ok(None);
         }
 
         // Verify the host over SSH before anything else touches it.
@@ -306,7 +307,7 @@ impl Reconciler for Machine {
                     "deploying spec.nixos needs an SSH key: set spec.ssh.keyPairRef or the Network's spec.machineDefaults.ssh.keyPairRef",
                 ));
             }
-            return Ok(Outcome { status, requeue: None });
+            return Ok(None);
         };
         let target = deploy::Target {
             host: instance.ssh_host.clone(),
@@ -316,8 +317,8 @@ impl Reconciler for Machine {
             host_key: presented,
             via,
         };
-        let requeue = deploy::reconcile(&self, &network, &ctx, &target, &mut status).await?;
-        Ok(Outcome { status, requeue })
+        let requeue = deploy::reconcile(&self, &network, &ctx, &target, status).await?;
+        Ok(requeue)
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {

@@ -239,13 +239,6 @@ pub trait ObjectStatus: Default + Clone + PartialEq + Serialize + Send + Sync {
     fn set_deleting(&mut self);
 }
 
-/// What a kind's reconciler decided.
-pub struct Outcome<S> {
-    pub status: S,
-    /// When to look again; `None` means the regular resync.
-    pub requeue: Option<Duration>,
-}
-
 /// Result of a cleanup step.
 pub enum Cleanup {
     /// The external resource is gone (or orphaned); the finalizer may go.
@@ -273,13 +266,17 @@ pub trait Reconciler:
 
     fn status(&self) -> Option<&Self::Status>;
 
-    /// Brings the world toward the spec and returns the status to write.
-    /// `status` starts as the current status with observedGeneration set.
-    fn apply(
+    /// Brings the world toward the spec, recording what it learns in
+    /// `status` as it goes. `status` starts as the current status with
+    /// observedGeneration set; the driver writes it whatever the outcome, so
+    /// facts learned before an error (a host key seen at first contact, an
+    /// instance's addresses) are kept. Returns when to look again (`None`:
+    /// the regular resync).
+    fn apply<'a>(
         self: Arc<Self>,
         ctx: Arc<Context>,
-        status: Self::Status,
-    ) -> impl Future<Output = Result<Outcome<Self::Status>>> + Send;
+        status: &'a mut Self::Status,
+    ) -> impl Future<Output = Result<Option<Duration>>> + Send + 'a;
 
     /// Removes (or orphans) what `apply` created.
     fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> impl Future<Output = Result<Cleanup>> + Send;
@@ -379,15 +376,17 @@ fn base_status<K: Reconciler>(obj: &K) -> K::Status {
 
 async fn apply<K: Reconciler>(api: &Api<K>, obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
     let generation = obj.meta().generation;
-    let status = base_status(&*obj);
-    match obj.clone().apply(ctx.clone(), status.clone()).await {
-        Ok(outcome) => {
-            write_status(api, &*obj, outcome.status, &ctx).await?;
-            Ok(Action::requeue(outcome.requeue.unwrap_or(ctx.settings.resync)))
+    let mut status = base_status(&*obj);
+    let result = obj.clone().apply(ctx.clone(), &mut status).await;
+    // What the reconciler recorded before an error is written with the
+    // error's condition: the status contract (DESIGN §6).
+    match result {
+        Ok(requeue) => {
+            write_status(api, &*obj, status, &ctx).await?;
+            Ok(Action::requeue(requeue.unwrap_or(ctx.settings.resync)))
         }
         Err(Error::Stalled { reason, message })
         | Err(Error::Provider(ProviderError::Permanent { reason, message })) => {
-            let mut status = status;
             status.set_failed();
             Conditions::new(status.conditions_mut(), generation).stalled(reason, message.clone());
             if write_status(api, &*obj, status, &ctx).await? {
@@ -396,24 +395,41 @@ async fn apply<K: Reconciler>(api: &Api<K>, obj: Arc<K>, ctx: Arc<Context>) -> R
             Ok(Action::requeue(ctx.settings.resync))
         }
         Err(Error::Waiting { reason, message }) => {
-            let mut status = status;
             Conditions::new(status.conditions_mut(), generation).reconciling(reason, message);
             write_status(api, &*obj, status, &ctx).await?;
             Ok(Action::requeue(ctx.settings.resync))
         }
+        // A stale copy's status must not overwrite the newer one.
         Err(Error::Stale) => Err(Error::Stale),
         Err(err) => {
             // Retried with backoff; the condition tells users what is failing.
-            let mut status = status;
             Conditions::new(status.conditions_mut(), generation).reconciling("Retrying", err.to_string());
-            write_status(api, &*obj, status, &ctx).await?;
+            if let Err(write) = write_status(api, &*obj, status, &ctx).await {
+                tracing::warn!(kind = K::KIND, error = %write, "recording a failed reconcile");
+            }
             Err(err)
         }
     }
 }
 
 async fn cleanup<K: Reconciler>(api: &Api<K>, obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
-    match obj.clone().cleanup(ctx.clone()).await? {
+    let cleaned = match obj.clone().cleanup(ctx.clone()).await {
+        Ok(cleaned) => cleaned,
+        Err(err) => {
+            // Cleanup errors show on the object being deleted, not only in the log.
+            if !matches!(err, Error::Stale) {
+                let mut status = base_status(&*obj);
+                status.set_deleting();
+                Conditions::new(status.conditions_mut(), obj.meta().generation)
+                    .reconciling("CleanupRetrying", format!("cleaning up: {err}"));
+                if let Err(write) = write_status(api, &*obj, status, &ctx).await {
+                    tracing::warn!(kind = K::KIND, error = %write, "recording a failed cleanup");
+                }
+            }
+            return Err(err);
+        }
+    };
+    match cleaned {
         Cleanup::Done => {
             ctx.event(&*obj, EventType::Normal, "Deleted", format!("{} {} cleaned up", K::KIND, obj.name_any())).await;
             Ok(Action::await_change())

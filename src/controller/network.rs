@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::ObjectRef;
@@ -11,7 +12,7 @@ use kube::{Client, ResourceExt};
 
 use super::deploy;
 use super::status::{Conditions, is_true};
-use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name};
+use super::{Cleanup, Context, Error, Reconciler, Result, object_status, record_external_name};
 use crate::api::machine::Machine;
 use crate::api::network::{NetworkMember, NetworkStatus, ResourcePhase};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, Network, condition};
@@ -31,7 +32,7 @@ impl Reconciler for Network {
         self.status.as_ref()
     }
 
-    async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: NetworkStatus) -> Result<Outcome<NetworkStatus>> {
+    async fn apply(self: Arc<Self>, ctx: Arc<Context>, status: &mut NetworkStatus) -> Result<Option<Duration>> {
         let owner = Owner::of(&*self);
         if let Some(ec2) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref()) {
             let provider = ctx.providers.network("ec2")?;
@@ -109,7 +110,7 @@ impl Reconciler for Network {
                 ),
             );
         }
-        Ok(Outcome { status, requeue: None })
+        Ok(None)
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {

@@ -2,13 +2,14 @@
 //! as the spec says; a non-empty bucket is only deleted with forceDestroy.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
 use super::status::Conditions;
-use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name};
+use super::{Cleanup, Context, Error, Reconciler, Result, object_status, record_external_name};
 use crate::api::network::ResourcePhase;
 use crate::api::s3bucket::{PublicAccessBlock, S3BucketStatus};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, S3Bucket};
@@ -59,7 +60,7 @@ impl Reconciler for S3Bucket {
         self.status.as_ref()
     }
 
-    async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: S3BucketStatus) -> Result<Outcome<S3BucketStatus>> {
+    async fn apply(self: Arc<Self>, ctx: Arc<Context>, status: &mut S3BucketStatus) -> Result<Option<Duration>> {
         let policy = parse_policy(self.spec.policy.as_deref())?;
         let target = target(&ctx, &self).await?;
         let provider = ctx.providers.bucket()?;
@@ -95,7 +96,7 @@ impl Reconciler for S3Bucket {
                 "Observing",
                 format!("observing bucket {name}; managementPolicy Observe never changes or deletes it"),
             );
-            return Ok(Outcome { status, requeue: None });
+            return Ok(None);
         }
         let result = provider.ensure(&target, &spec).await;
         ctx.metrics.provider_call(provider.name(), "ensure", result.is_ok());
@@ -129,7 +130,7 @@ impl Reconciler for S3Bucket {
         status.phase = Some(ResourcePhase::Ready);
         Conditions::new(&mut status.conditions, self.meta().generation)
             .ready("Ready", format!("bucket {name} in {region}"));
-        Ok(Outcome { status, requeue: None })
+        Ok(None)
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {

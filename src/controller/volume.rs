@@ -12,7 +12,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Resource, ResourceExt};
 
 use super::status::Conditions;
-use super::{Cleanup, Context, Error, Outcome, Reconciler, Result, object_status, record_external_name, record_intent};
+use super::{Cleanup, Context, Error, Reconciler, Result, object_status, record_external_name, record_intent};
 use crate::api::network::ResourcePhase;
 use crate::api::volume::{VolumeAttachmentStatus, VolumeStatus};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Machine, ManagementPolicy, Volume};
@@ -88,7 +88,7 @@ impl Reconciler for Volume {
         self.status.as_ref()
     }
 
-    async fn apply(self: Arc<Self>, ctx: Arc<Context>, mut status: VolumeStatus) -> Result<Outcome<VolumeStatus>> {
+    async fn apply(self: Arc<Self>, ctx: Arc<Context>, status: &mut VolumeStatus) -> Result<Option<Duration>> {
         let generation = self.metadata.generation;
         let ns = self.namespace().unwrap_or_default();
         let spec = &self.spec.provider;
@@ -157,7 +157,7 @@ impl Reconciler for Volume {
                     volume.id, volume.size_gib, volume.state
                 ),
             );
-            return Ok(Outcome { status, requeue: None });
+            return Ok(None);
         }
 
         // Grow, or change type / IOPS / throughput.
@@ -213,7 +213,7 @@ impl Reconciler for Volume {
                 conds.set(conditions::ATTACHED, false, "Attaching", what.clone());
                 conds.reconciling("Attaching", format!("volume {}: {what}", volume.id));
                 status.phase = Some(ResourcePhase::Provisioning);
-                return Ok(Outcome { status, requeue: Some(Duration::from_secs(2)) });
+                return Ok(Some(Duration::from_secs(2)));
             }
             (None, Some(d)) => {
                 conds.set(
@@ -229,7 +229,7 @@ impl Reconciler for Volume {
         }
         conds.ready("Ready", format!("EBS volume {} ({} GiB, {})", volume.id, volume.size_gib, volume.state));
         status.phase = Some(ResourcePhase::Ready);
-        Ok(Outcome { status, requeue: None })
+        Ok(None)
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
