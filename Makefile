@@ -3,8 +3,10 @@
 
 # Sets up everything the tests need (Debian packages, the Go-built control
 # plane) and runs every test, including those against the real API server.
+# fault-injection compiles in the named fault points (src/fault.rs) that
+# tests/deploy_faults.rs uses to kill the operator at exact steps.
 test: deps
-	cargo test --locked --lib --bins --tests
+	cargo test --locked --features fault-injection --lib --bins --tests
 
 deps:
 	hack/install-deps.sh
@@ -19,7 +21,7 @@ crds:
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --all-targets --locked -- -D warnings
+	cargo clippy --all-targets --all-features --locked -- -D warnings
 
 dev-cluster: deps
 	@hack/dev-cluster.sh up

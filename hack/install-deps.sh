@@ -20,6 +20,13 @@ if (( ${#need_apt[@]} )); then
   apt-get install -y -qq "${need_apt[@]}"
 fi
 
+# Nix creates the host store's database on first use, and parallel first
+# uses (the tests build closures concurrently) race to create it: "SQLite
+# database '/nix/var/nix/db/db.sqlite' is busy". Create it once, here.
+if [[ ! -e /nix/var/nix/db/db.sqlite ]]; then
+  nix-store --init
+fi
+
 command -v cargo >/dev/null || { echo "install-deps: Rust (cargo) is required" >&2; exit 1; }
 command -v go >/dev/null || { echo "install-deps: Go is required to build the test control plane" >&2; exit 1; }
 if command -v rustup >/dev/null; then

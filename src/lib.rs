@@ -11,6 +11,7 @@
 pub mod api;
 pub mod controller;
 pub mod crdgen;
+pub mod fault;
 pub mod http;
 pub mod leader;
 pub mod metrics;

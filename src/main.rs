@@ -133,6 +133,7 @@ async fn run(args: RunArgs) -> Result<(), operator::RunError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    nixops_operator::fault::setup();
     let result: Result<(), String> = match cli.command {
         Command::Crds { out_dir: Some(dir) } => crdgen::write_dir(&dir).map_err(|e| e.to_string()),
         Command::Crds { out_dir: None } => {

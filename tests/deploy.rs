@@ -8,123 +8,12 @@ mod support;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event, Secret};
-use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use nixops_operator::api::machine::MachinePhase;
-use nixops_operator::api::{KeyPair, Machine, Network};
+use nixops_operator::api::{Machine, Network};
 use serde_json::json;
-use support::node::{Activation, NixNode, TestSystem, build_system, closure};
-
-const TIMEOUT: Duration = Duration::from_secs(90);
-
-/// A namespace with an operator, a generated KeyPair and a Network.
-struct Fleet {
-    client: Client,
-    ns: String,
-    machines: Api<Machine>,
-    operator: support::Operator,
-    public_key: String,
-}
-
-impl Fleet {
-    async fn start(prefix: &str, network_spec: serde_json::Value) -> Self {
-        let client = support::client().await;
-        support::install_crds(&client).await;
-        let ns = support::namespace(&client, prefix).await;
-        let operator = support::Operator::start(&ns, &["--resync-seconds", "2"]);
-        let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
-        let keypair: KeyPair = serde_json::from_value(json!({
-            "apiVersion": "nixops.io/v1alpha1", "kind": "KeyPair", "metadata": {"name": "deployer"},
-            "spec": {"secretRef": {"name": "deployer-ssh"}}
-        }))
-        .unwrap();
-        keypairs.create(&PostParams::default(), &keypair).await.unwrap();
-        support::wait_for(&keypairs, "deployer", TIMEOUT, "KeyPair Ready", |k| {
-            k.status.as_ref().is_some_and(|s| support::is_ready(&s.conditions))
-        })
-        .await;
-        let public_key = keypairs.get("deployer").await.unwrap().status.unwrap().public_key.unwrap();
-        let network: Network = serde_json::from_value(json!({
-            "apiVersion": "nixops.io/v1alpha1", "kind": "Network", "metadata": {"name": "net"}, "spec": network_spec
-        }))
-        .unwrap();
-        Api::<Network>::namespaced(client.clone(), &ns).create(&PostParams::default(), &network).await.unwrap();
-        let machines = Api::namespaced(client.clone(), &ns);
-        Self { client, ns, machines, operator, public_key }
-    }
-
-    fn node(&self) -> NixNode {
-        NixNode::start(&self.public_key)
-    }
-
-    async fn create(&self, name: &str, node: &NixNode, nixos: serde_json::Value, extra: serde_json::Value) {
-        let mut spec = json!({
-            "networkRef": {"name": "net"},
-            "provider": {"existing": {"host": node.host, "port": node.port}},
-            "ssh": {"keyPairRef": {"name": "deployer"}},
-            "nixos": nixos,
-        });
-        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            spec.extend(extra.clone());
-        }
-        let machine: Machine = serde_json::from_value(json!({
-            "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name}, "spec": spec
-        }))
-        .unwrap();
-        self.machines.create(&PostParams::default(), &machine).await.unwrap();
-    }
-
-    async fn set_closure(&self, name: &str, closure: &str) {
-        let patch = json!({"spec": {"nixos": {"closure": closure}}});
-        self.machines.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    }
-
-    async fn wait_running(&self, name: &str, closure: &str) -> Machine {
-        support::wait_for(&self.machines, name, TIMEOUT, &format!("Ready on {closure}"), |m| {
-            m.status.as_ref().is_some_and(|s| {
-                s.closure.as_deref() == Some(closure)
-                    && support::is_ready(&s.conditions)
-                    && s.observed_generation == m.metadata.generation
-            })
-        })
-        .await;
-        self.machines.get(name).await.unwrap()
-    }
-
-    async fn wait_stalled(&self, name: &str, reason: &str) -> Machine {
-        support::wait_for(&self.machines, name, TIMEOUT, &format!("Stalled with {reason}"), |m| {
-            m.status.as_ref().is_some_and(|s| {
-                s.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True" && c.reason == reason)
-            })
-        })
-        .await;
-        self.machines.get(name).await.unwrap()
-    }
-
-    async fn event_reasons(&self) -> Vec<String> {
-        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
-        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect()
-    }
-}
-
-fn nonce() -> String {
-    let mut bytes = [0u8; 6];
-    getrandom::fill(&mut bytes).unwrap();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn system(name: &str, nonce: &str, packages: &[(&str, &str)], activation: Activation) -> String {
-    build_system(&TestSystem {
-        name: name.into(),
-        packages: packages.iter().map(|(n, c)| (n.to_string(), c.to_string())).collect(),
-        activation,
-        nonce: nonce.into(),
-    })
-}
-
-fn last_deploy(m: &Machine) -> nixops_operator::api::machine::DeployRecord {
-    m.status.as_ref().and_then(|s| s.last_deploy.clone()).expect("status.lastDeploy")
-}
+use support::fleet::{Fleet, TIMEOUT, last_deploy, nonce, system};
+use support::node::{Activation, NixNode, closure};
 
 #[tokio::test]
 async fn deploy_copies_only_missing_paths_and_reapplying_changes_nothing() {
@@ -204,7 +93,7 @@ async fn failing_activation_rolls_back_and_stalls() {
     assert_eq!(record.result.as_deref(), Some("Failed"));
     let message = record.message.unwrap();
     assert!(message.contains("switch-to-configuration switch") && message.contains("exit status 1"), "{message}");
-    assert!(message.contains("rolled back to the previous generation"), "{message}");
+    assert!(message.contains(&format!("rolled back to {good}")), "{message}");
     assert_eq!(m.status.clone().unwrap().phase, Some(MachinePhase::Failed));
     // Rolled back: the good system is active again.
     assert_eq!(node.current_system().as_deref(), Some(good.as_str()));
@@ -220,6 +109,65 @@ async fn failing_activation_rolls_back_and_stalls() {
     fleet.set_closure("db", &fixed).await;
     fleet.wait_running("db", &fixed).await;
     node.verify();
+}
+
+/// Deploys three failing closures in a row to `name` after `good`: each
+/// leaves the machine on `good`, with no failed generation in its profile;
+/// then a good closure deploys.
+async fn fail_three_times(fleet: &Fleet, name: &str, magic: bool) {
+    let node = fleet.node();
+    let n = nonce();
+    let good = system(name, &n, &[("app", "good")], Activation::Ok);
+    let rollback = json!({"magic": magic, "confirmTimeoutSeconds": 5});
+    fleet.create(name, &node, json!({"closure": good, "rollback": rollback}), json!({})).await;
+    fleet.wait_running(name, &good).await;
+    let good_generations = node.generations();
+    assert_eq!(good_generations.len(), 1, "{good_generations:?}");
+
+    for attempt in 1..=3 {
+        let bad = system(name, &n, &[("app", &format!("bad {attempt}"))], Activation::Fail);
+        fleet.set_closure(name, &bad).await;
+        let m = fleet.wait_result(name, &bad, "Failed").await;
+        let message = last_deploy(&m).message.unwrap();
+        assert!(message.contains(&format!("rolled back to {good}")), "attempt {attempt} (magic {magic}): {message}");
+        assert_eq!(node.current_system().as_deref(), Some(good.as_str()), "attempt {attempt} (magic {magic})");
+        assert_eq!(node.profile().as_deref(), Some(good.as_str()), "attempt {attempt}: the boot default is good");
+        assert_eq!(node.generations(), good_generations, "attempt {attempt}: failed generations are removed");
+    }
+    let fixed = system(name, &n, &[("app", "fixed")], Activation::Ok);
+    fleet.set_closure(name, &fixed).await;
+    fleet.wait_running(name, &fixed).await;
+    assert_eq!(node.profile().as_deref(), Some(fixed.as_str()));
+    // With magic rollback the confirmed system outlives the watchdog's window.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(node.current_system().as_deref(), Some(fixed.as_str()), "magic {magic}: still on the confirmed system");
+    let activations = node.activations();
+    assert_eq!(activations.len(), 1 + 3 * 2 + 1, "{activations:?}");
+    assert_eq!(activations.last(), Some(&format!("switch {fixed}")));
+}
+
+#[tokio::test]
+async fn failing_deploys_in_a_row_each_leave_the_last_good_system() {
+    let fleet = Fleet::start("deploy-fail-row", json!({})).await;
+    tokio::join!(fail_three_times(&fleet, "magic", true), fail_three_times(&fleet, "plain", false));
+}
+
+#[tokio::test]
+async fn a_hung_activation_is_stopped_and_rolled_back() {
+    let fleet = Fleet::start("deploy-hang", json!({})).await;
+    let node = fleet.node();
+    let n = nonce();
+    let good = system("slow", &n, &[("app", "v1")], Activation::Ok);
+    fleet.create("slow", &node, json!({"closure": good, "activationTimeoutSeconds": 10}), json!({})).await;
+    fleet.wait_running("slow", &good).await;
+    let hung = system("slow", &n, &[("app", "v2")], Activation::Hang);
+    fleet.set_closure("slow", &hung).await;
+    let m = fleet.wait_result("slow", &hung, "Failed").await;
+    let message = last_deploy(&m).message.unwrap();
+    assert!(message.contains("ran longer than 10 s") && message.contains("activationTimeoutSeconds"), "{message}");
+    assert_eq!(node.current_system().as_deref(), Some(good.as_str()));
+    assert_eq!(node.profile().as_deref(), Some(good.as_str()));
+    assert!(node.exec("pgrep -f '^/bin/sleep 3600'").stdout.is_empty(), "the hung switch was stopped");
 }
 
 #[tokio::test]
@@ -374,6 +322,31 @@ async fn a_changed_host_key_stops_all_work() {
     assert!(message.contains("SHA256:"), "both fingerprints are shown: {message}");
     assert!(node.store_paths().is_empty(), "nothing was pushed to an unverified host");
     assert!(node.activations().is_empty());
+}
+
+/// Trust on first use survives a failing reconcile: the host key seen at
+/// first contact is recorded although the login is then rejected (the
+/// normal bootstrap, before the key is authorised), and enforced afterwards.
+#[tokio::test]
+async fn the_first_host_key_is_recorded_although_the_login_is_rejected() {
+    let fleet = Fleet::start("deploy-tofu", json!({})).await;
+    let stranger = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHsf5n2k2cOqRk8yE1xXKmbvmN4QUeTSR3dOzU6pD6VJ someone-else";
+    let node = NixNode::start(stranger);
+    let n = nonce();
+    let sys = system("tofu", &n, &[("www", "index")], Activation::Ok);
+    fleet.create("tofu", &node, json!({"closure": sys}), json!({})).await;
+    let m = fleet.wait_stalled("tofu", "AuthRejected").await;
+    let recorded = m.status.unwrap().host_key.expect("status.hostKey recorded at first contact");
+    assert_eq!(recorded.split_whitespace().take(2).collect::<Vec<_>>().join(" "), node.host_key());
+
+    // Authorising the key lets the deployment through, with the recorded key.
+    node.exec_ok(&format!("echo '{}' > {}", fleet.public_key, support::node::AUTHORIZED_KEYS));
+    fleet
+        .machines
+        .patch("tofu", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": {"retry": "1"}}})))
+        .await
+        .unwrap();
+    fleet.wait_running("tofu", &sys).await;
 }
 
 #[tokio::test]

@@ -321,12 +321,20 @@ pub struct NixosSpec {
     #[serde(default)]
     pub action: ActivationAction,
 
-    /// Rollback behaviour when activation or health checks fail.
+    /// Rollback behaviour when activation or health checks fail. Omitted,
+    /// magic rollback is on with a 30 s confirmation window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<RollbackSpec>,
 
-    /// Checks run after activation; a failure rolls the machine back to its
-    /// previous generation.
+    /// Seconds switch-to-configuration may run before it is stopped and the
+    /// machine rolled back to the system it ran before (10 to 3600; default
+    /// 240, as deploy-rs).
+    #[serde(default = "default_activation_timeout")]
+    #[schemars(range(min = 10, max = 3600))]
+    pub activation_timeout_seconds: i32,
+
+    /// Checks run after activation; a failure rolls the machine back to the
+    /// system it ran before this deployment.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub health_checks: Vec<HealthCheck>,
@@ -423,13 +431,17 @@ impl ActivationAction {
     }
 }
 
-/// Rollback behaviour.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, KubeSchema)]
+/// Rollback behaviour. Every failed activation or health check rolls the
+/// machine back to the system it ran before the deployment, and the failed
+/// generation is removed from the system profile.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RollbackSpec {
-    /// Magic rollback: the machine reverts to its previous generation by
-    /// itself unless the operator confirms over a new SSH connection in
-    /// time, so a configuration that breaks SSH cannot strand it.
+    /// Magic rollback (default true): a watchdog started on the machine
+    /// before switch-to-configuration reverts it to the system it ran
+    /// before unless the operator confirms over a new SSH connection in
+    /// time, so a configuration that breaks SSH, or an operator that dies
+    /// mid-deployment, cannot strand it.
     #[serde(default = "default_true")]
     pub magic: bool,
 
@@ -441,6 +453,16 @@ pub struct RollbackSpec {
 
 fn default_confirm_timeout() -> i32 {
     30
+}
+
+fn default_activation_timeout() -> i32 {
+    240
+}
+
+impl Default for RollbackSpec {
+    fn default() -> Self {
+        Self { magic: true, confirm_timeout_seconds: default_confirm_timeout() }
+    }
 }
 
 /// A check run after activation. Exactly one of command or http is set.
@@ -651,6 +673,10 @@ pub struct DeployRecord {
     /// When it finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
+    /// The system the machine ran when the deployment started: what a
+    /// failed activation or health check rolls back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_closure: Option<String>,
     /// Store paths copied to the machine.
     #[serde(default)]
     pub paths_copied: i64,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::StorePath;
 
 /// Metadata of one valid store path.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PathInfo {
     pub path: StorePath,
     /// Paths this one refers to (may include itself).

@@ -95,7 +95,11 @@ struct Record {
     bytes: bytes::Bytes,
 }
 
-type RecordKey = (StorePath, bool);
+/// A record is shared only between pushes whose own source verified the
+/// same path info (path, NAR hash and size, references, deriver): a path
+/// fetched for a Machine that trusts one cache is never sent to a Machine
+/// whose cache says something else about that path. And compressed or not.
+type RecordKey = (PathInfo, bool);
 
 /// Recently built path records, shared between concurrent pushes of the
 /// same paths and bounded in bytes (oldest first out).
@@ -121,7 +125,7 @@ impl RecordCache {
     }
 
     async fn get(&self, source: &PathSource, info: &PathInfo, compress: bool) -> Result<Arc<Record>, PushError> {
-        let key = (info.path.clone(), compress);
+        let key = (info.clone(), compress);
         let cell = self.lock().cells.entry(key.clone()).or_default().clone();
         let mut built = false;
         let record = cell

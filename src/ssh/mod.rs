@@ -16,6 +16,9 @@ use russh::keys::{HashAlg, PublicKey, PublicKeyOrCertificate};
 pub enum SshError {
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
+    /// The connection died while a command ran; whether it finished is unknown.
+    #[error("lost the connection to {addr}: {reason}")]
+    Lost { addr: String, reason: String },
     #[error("no SSH answer from {addr} within {seconds} s")]
     Timeout { addr: String, seconds: u64 },
     #[error("{addr} presented host key {presented}, but {pinned} is pinned; refusing to talk to it")]

@@ -142,15 +142,14 @@ impl Session {
         let failed = |e: russh::Error| SshError::Connect { addr: self.addr.clone(), reason: e.to_string() };
         let mut channel = self.handle.channel_open_session().await.map_err(failed)?;
         channel.exec(true, command).await.map_err(failed)?;
-        let mut out = CommandOutput::default();
-        while let Some(msg) = channel.wait().await {
-            match msg {
-                ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
-                ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
-                ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
-                _ => {}
-            }
+        let mut received = Received::default();
+        while !received.closed {
+            let msg = channel.wait().await;
+            received.take(msg);
         }
+        received.ended(&self.addr)?;
+        let mut out = received.out;
+        out.stdout = received.stdout;
         Ok(out)
     }
 
@@ -178,6 +177,11 @@ impl Session {
         &self.addr
     }
 
+    /// Cuts the connection; commands running over it see it die.
+    pub async fn disconnect(&self) {
+        let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+    }
+
     /// Closes the connection.
     pub async fn close(self) {
         let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
@@ -199,6 +203,8 @@ pub struct RemoteProcess {
 struct Received {
     stdout: Vec<u8>,
     out: CommandOutput,
+    /// The signal that ended the command, if one did.
+    signal: Option<String>,
     closed: bool,
 }
 
@@ -208,9 +214,23 @@ impl Received {
             Some(ChannelMsg::Data { data }) => self.stdout.extend_from_slice(&data),
             Some(ChannelMsg::ExtendedData { data, ext: 1 }) => self.out.stderr.extend_from_slice(&data),
             Some(ChannelMsg::ExitStatus { exit_status }) => self.out.status = Some(exit_status),
+            Some(ChannelMsg::ExitSignal { signal_name, .. }) => self.signal = Some(format!("{signal_name:?}")),
             Some(_) => {}
             None => self.closed = true,
         }
+    }
+
+    /// A channel that closed with neither an exit status nor a signal was
+    /// cut (the connection died): the command's outcome is unknown, which
+    /// is not the same as a failed command.
+    fn ended(&self, addr: &str) -> Result<(), SshError> {
+        if self.out.status.is_none() && self.signal.is_none() {
+            return Err(SshError::Lost {
+                addr: addr.to_owned(),
+                reason: "the connection closed before the command reported how it ended".into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -262,6 +282,7 @@ impl RemoteProcess {
             let msg = self.reader.wait().await;
             self.received.take(msg);
         }
+        self.received.ended(&self.addr)?;
         let mut out = std::mem::take(&mut self.received.out);
         out.stdout = self.received.stdout.split_off(self.read);
         Ok(out)

@@ -7,6 +7,7 @@
 //! tests passed, panicked or were killed.
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod node;
 
 use std::path::{Path, PathBuf};
@@ -175,6 +176,11 @@ pub struct Operator {
 impl Operator {
     /// Starts `nixops-operator run` watching `namespace`, with `extra` flags.
     pub fn start(namespace: &str, extra: &[&str]) -> Self {
+        Self::start_env(namespace, extra, &[])
+    }
+
+    /// Like `start`, with extra environment variables (e.g. `FAILPOINTS`).
+    pub fn start_env(namespace: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("operator dir");
         let log = dir.path().join("operator.log");
         let metrics_port = free_port();
@@ -183,6 +189,7 @@ impl Operator {
             .args(extra)
             .env("KUBECONFIG", &control_plane().kubeconfig)
             .env("NIXOPS_LOG", "info,nixops_operator=debug")
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(dir.path().join("operator.stdout")).expect("stdout file"))
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

@@ -226,6 +226,29 @@ impl NixNode {
             .collect()
     }
 
+    /// The system profile's generations, oldest first: (number, system).
+    pub fn generations(&self) -> Vec<(i64, String)> {
+        let out = self.exec_ok(
+            "for l in /nix/var/nix/profiles/system-*-link; do [ -e \"$l\" ] && echo \"$l $(readlink -f $l)\"; done; true",
+        );
+        let mut generations: Vec<(i64, String)> = out
+            .lines()
+            .filter_map(|l| {
+                let (link, target) = l.split_once(' ')?;
+                let n = link.rsplit('/').next()?.strip_prefix("system-")?.strip_suffix("-link")?.parse().ok()?;
+                Some((n, target.to_owned()))
+            })
+            .collect();
+        generations.sort();
+        generations
+    }
+
+    /// Target of the system profile (the boot default), if there is one.
+    pub fn profile(&self) -> Option<String> {
+        let out = self.exec("readlink -f /nix/var/nix/profiles/system");
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned()).filter(|s| !s.is_empty())
+    }
+
     /// Whether `store_path` is valid in the node's store.
     pub fn has_path(&self, store_path: &str) -> bool {
         self.exec(&format!("nix-store --check-validity '{store_path}'")).status.success()
@@ -314,6 +337,8 @@ pub enum Activation {
     RebootRequired,
     /// Moves root's authorized keys away (no new SSH logins), exits 0.
     BreakSsh,
+    /// Never ends (sleeps for an hour).
+    Hang,
 }
 
 /// A NixOS-like system closure to build on the host.
@@ -353,6 +378,7 @@ impl TestSystem {
                 format!("echo 'switch-to-configuration: test system {} needs a reboot' >&2; exit 100", self.name)
             }
             Activation::BreakSsh => format!("/bin/mv {AUTHORIZED_KEYS} {AUTHORIZED_KEYS}.off; exit 0"),
+            Activation::Hang => "/bin/sleep 3600".to_owned(),
         };
         format!(
             "#!/bin/sh\n\

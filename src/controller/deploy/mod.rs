@@ -23,10 +23,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use super::status::Conditions;
 use super::{Context, Error, Result, write_status};
 use crate::api::machine::{
-    ActivationAction, Delivery, DeployRecord, DriftPolicy, MachinePhase, MachineStatus, NixosSpec, deploy_result,
+    ActivationAction, Delivery, DeployRecord, MachinePhase, MachineStatus, NixosSpec, deploy_result,
 };
 use crate::api::{Machine, Network};
-use crate::nix::activation::{self, NodeState, Watchdog};
+use crate::fault;
+use crate::nix::activation::{self, Activation, ActivationFacts, NodeState, RollbackCause};
 use crate::nix::cache::BinaryCacheSource;
 use crate::nix::keys::{self, KeyFile};
 use crate::nix::local_store::LocalStore;
@@ -35,8 +36,11 @@ use crate::nix::serve::ServeConnection;
 use crate::nix::{PathInfo, StorePath};
 use crate::provider::ProviderError;
 use crate::ssh::{HostKey, Session, SshError};
+use plan::{Desired, Plan, Settle, Verdict};
 
 /// Machine condition types set by deployments.
+pub mod plan;
+
 pub mod conditions {
     /// The desired closure was activated.
     pub const DEPLOYED: &str = "Deployed";
@@ -50,11 +54,11 @@ pub mod conditions {
 
 /// How often a running push writes its progress to the Machine.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
-/// Extra time given to a machine's watchdog beyond its timeout before the
-/// operator looks at what it did.
+/// Extra time given to a machine's watchdog beyond its window before the
+/// operator reads what it did.
 const WATCHDOG_GRACE: Duration = Duration::from_secs(3);
-/// How long a machine may take to roll back and answer again.
-const ROLLBACK_WAIT: Duration = Duration::from_secs(120);
+/// How soon a Machine waiting for a rollout slot looks again.
+const ROLLOUT_RECHECK: Duration = Duration::from_secs(3);
 
 /// State shared by all deployments of one operator.
 pub struct Deployments {
@@ -127,6 +131,15 @@ pub async fn reconcile(
 }
 
 impl Run<'_> {
+    fn desired(&self) -> Desired<'_> {
+        Desired {
+            closure: &self.nixos.closure,
+            action: self.nixos.action,
+            drift: self.nixos.drift,
+            generation: self.generation,
+        }
+    }
+
     async fn reconcile(&self, status: &mut MachineStatus) -> Result<Option<Duration>> {
         let desired = self.nixos.closure.clone();
         let desired_path = StorePath::parse(&desired)
@@ -134,13 +147,12 @@ impl Run<'_> {
 
         // A closure that failed at this generation is not tried again until
         // the spec changes; the machine is left on what it runs.
-        if let Some(last) = &status.last_deploy
-            && is_failure_of(last, &desired, self.generation)
+        if let Some(Plan::FailedAtThisGeneration { reason, message }) =
+            plan::failed_at_this_generation(&self.desired(), status.last_deploy.as_ref())
         {
-            let message = last.message.clone().unwrap_or_default();
             status.phase = Some(MachinePhase::Failed);
             Conditions::new(&mut status.conditions, self.generation).stalled(
-                last.result.as_deref().unwrap_or(deploy_result::FAILED),
+                &reason,
                 format!("{message}; change spec.nixos.closure (or any other spec field) to try again"),
             );
             return Ok(None);
@@ -161,62 +173,48 @@ impl Run<'_> {
         }
 
         let session = self.connect().await?;
-        let state = self.probe(&session).await?;
-        self.sync_keys(&session, status).await?;
+        let outcome = self.reconcile_on(&session, status, &desired_path).await;
+        session.close().await;
+        outcome
+    }
 
-        if let Some(last) = status.last_deploy.clone()
-            && last.closure == desired
-            && last.result.as_deref() == Some(deploy_result::ACTIVATING)
-        {
-            // An activation was interrupted (operator restart, dropped
-            // connection): settle it from what the machine shows.
-            let outcome = if state.active_for(self.nixos.action) == Some(desired.as_str()) {
-                self.after_activation(&session, status, &last, false).await?
-            } else {
-                self.failed(
-                    status,
-                    deploy_result::FAILED,
-                    format!("activation of {desired} was interrupted and the machine is not running it"),
-                )
-                .await;
-                None
-            };
-            session.close().await;
-            return Ok(outcome);
-        }
+    async fn reconcile_on(
+        &self,
+        session: &Session,
+        status: &mut MachineStatus,
+        desired_path: &StorePath,
+    ) -> Result<Option<Duration>> {
+        let desired = desired_path.to_string();
+        let state = self.probe(session).await?;
+        self.sync_keys(session, status).await?;
 
-        let active = state.active_for(self.nixos.action).map(str::to_owned);
-        let deployed_before = status
-            .last_deploy
-            .as_ref()
-            .is_some_and(|l| l.closure == desired && l.result.as_deref() == Some(deploy_result::SUCCEEDED));
-        let in_sync = match self.nixos.action {
-            ActivationAction::DryActivate => deployed_before,
-            _ => active.as_deref() == Some(desired.as_str()),
-        };
-        if in_sync || (deployed_before && self.nixos.drift == DriftPolicy::Ignore) {
-            session.close().await;
-            self.running(status, &state, &desired);
-            return Ok(None);
-        }
-        if deployed_before {
-            let found = active.clone().unwrap_or_else(|| "nothing".into());
-            match self.nixos.drift {
-                DriftPolicy::Report => {
-                    session.close().await;
-                    let message = format!(
-                        "the machine runs {found} instead of {desired}; spec.nixos.drift is Report, so it is left as is"
-                    );
-                    if crate::controller::status::is_true(&status.conditions, conditions::IN_SYNC) {
-                        self.event(EventType::Warning, "DriftDetected", message.clone()).await;
-                    }
-                    status.phase = Some(MachinePhase::Running);
-                    Conditions::new(&mut status.conditions, self.generation)
-                        .ready("Deployed", format!("deployed {desired}; drift reported"))
-                        .set(conditions::IN_SYNC, false, "DriftDetected", message);
-                    return Ok(None);
+        match plan::plan(&self.desired(), status.last_deploy.as_ref(), &state) {
+            Plan::FailedAtThisGeneration { .. } => Ok(None),
+            Plan::Settle => {
+                let record = status.last_deploy.clone().unwrap_or_default();
+                let requeue = self.settle(session, status, &record, false).await?;
+                // An older closure's activation is settled; the desired one is next.
+                Ok(if record.closure != desired && requeue.is_none() { Some(Duration::ZERO) } else { requeue })
+            }
+            Plan::InSync => {
+                self.running(status, &state, &desired);
+                Ok(None)
+            }
+            Plan::ReportDrift { found } => {
+                let message = format!(
+                    "the machine runs {found} instead of {desired}; spec.nixos.drift is Report, so it is left as is"
+                );
+                if crate::controller::status::is_true(&status.conditions, conditions::IN_SYNC) {
+                    self.event(EventType::Warning, "DriftDetected", message.clone()).await;
                 }
-                DriftPolicy::Correct => {
+                status.phase = Some(MachinePhase::Running);
+                Conditions::new(&mut status.conditions, self.generation)
+                    .ready("Deployed", format!("deployed {desired}; drift reported"))
+                    .set(conditions::IN_SYNC, false, "DriftDetected", message);
+                Ok(None)
+            }
+            Plan::Deploy { correcting } => {
+                if let Some(found) = correcting {
                     self.event(
                         EventType::Warning,
                         "CorrectingDrift",
@@ -224,14 +222,10 @@ impl Run<'_> {
                     )
                     .await;
                 }
-                DriftPolicy::Ignore => {}
+                let Some(_slot) = self.rollout_slot(status).await? else { return Ok(Some(ROLLOUT_RECHECK)) };
+                self.deploy(session, status, &state, desired_path).await
             }
         }
-
-        let _slot = self.rollout_slot(status).await?;
-        let outcome = self.deploy(&session, status, &state, &desired_path).await;
-        session.close().await;
-        outcome
     }
 
     async fn connect(&self) -> Result<Session> {
@@ -337,28 +331,24 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Waits for one of the Network's rollout slots (spec.rollout), after
-    /// checking that no other member's deployment has failed.
-    async fn rollout_slot(&self, status: &mut MachineStatus) -> Result<Option<OwnedSemaphorePermit>> {
-        let Some(rollout) = &self.network.spec.rollout else { return Ok(None) };
+    /// Takes one of the Network's rollout slots (spec.rollout), after
+    /// checking that no other member's deployment has failed. `None` when
+    /// all slots are taken: the Machine says so and looks again shortly,
+    /// without holding a worker while it waits.
+    async fn rollout_slot(&self, status: &mut MachineStatus) -> Result<Option<Option<OwnedSemaphorePermit>>> {
+        let Some(rollout) = &self.network.spec.rollout else { return Ok(Some(None)) };
         self.check_rollout_not_halted().await?;
         let slots = self.ctx.deployments.rollout_slots(self.network, rollout.max_unavailable);
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                let message = format!(
-                    "waiting for a rollout slot: Network {} deploys at most {} machine(s) at a time (spec.rollout.maxUnavailable)",
-                    self.network.name_any(),
-                    rollout.max_unavailable
-                );
-                Conditions::new(&mut status.conditions, self.generation).reconciling("RolloutWaiting", message);
-                write_status(&self.api, self.machine, status.clone(), self.ctx).await?;
-                slots.acquire_owned().await.map_err(|e| ProviderError::Transient(e.to_string()))?
-            }
+        let Ok(permit) = slots.try_acquire_owned() else {
+            let message = format!(
+                "waiting for a rollout slot: Network {} deploys at most {} machine(s) at a time (spec.rollout.maxUnavailable)",
+                self.network.name_any(),
+                rollout.max_unavailable
+            );
+            Conditions::new(&mut status.conditions, self.generation).reconciling("RolloutWaiting", message);
+            return Ok(None);
         };
-        // A machine may have failed while this one waited.
-        self.check_rollout_not_halted().await?;
-        Ok(Some(permit))
+        Ok(Some(Some(permit)))
     }
 
     async fn check_rollout_not_halted(&self) -> Result<()> {
@@ -392,9 +382,9 @@ impl Run<'_> {
         state: &NodeState,
         desired: &StorePath,
     ) -> Result<Option<Duration>> {
-        let started = Instant::now();
         let mut record = DeployRecord {
             closure: desired.to_string(),
+            previous_closure: state.active_for(self.nixos.action).map(str::to_owned),
             started_at: Some(Time(Timestamp::now())),
             result: Some(deploy_result::PUSHING.into()),
             spec_generation: self.generation,
@@ -417,11 +407,12 @@ impl Run<'_> {
             Delivery::Substitute => self.substitute(session, desired, &missing).await?,
         };
         self.ctx.metrics.pushed(stats.paths, stats.nar_bytes, stats.wire_bytes);
-        // The connection kept the machine's copies from garbage collection
-        // until the profile refers to them.
         record.paths_copied = stats.paths as i64;
         record.bytes_copied = stats.nar_bytes as i64;
+        fault::point(fault::points::DEPLOY_AFTER_PUSH, Some(session)).await;
 
+        // Recorded before the machine is touched: whatever happens next, the
+        // next look settles this activation from the machine's own facts.
         record.result = Some(deploy_result::ACTIVATING.into());
         status.last_deploy = Some(record.clone());
         Conditions::new(&mut status.conditions, self.generation).reconciling(
@@ -434,92 +425,176 @@ impl Run<'_> {
             ),
         );
         write_status(&self.api, self.machine, status.clone(), self.ctx).await?;
-
-        let watchdog = self.watchdog(&record);
-        let script = activation::activate_script(&desired.to_string(), self.nixos.action, watchdog.as_ref());
-        let activated = session.exec(&script).await;
+        // The serve connection kept the copied paths from garbage collection;
+        // the profile refers to them once the activation has started.
+        let started = self.start_activation(session, &record).await;
         let _ = serve.close().await;
-        let out = match activated {
-            Ok(out) => out,
-            Err(err) => {
-                // The activation may still be running; the next look settles it.
-                Conditions::new(&mut status.conditions, self.generation).reconciling(
-                    "Activating",
-                    format!("lost the connection while activating ({err}); checking the machine again"),
-                );
-                return Ok(Some(Duration::from_secs(5)));
-            }
-        };
-        let tail = output_tail(&out.stdout, &out.stderr);
-        match out.status {
-            Some(0) => Conditions::new(&mut status.conditions, self.generation).remove(conditions::REBOOT_REQUIRED),
-            Some(activation::EXIT_REBOOT_REQUIRED) => Conditions::new(&mut status.conditions, self.generation).set(
-                conditions::REBOOT_REQUIRED,
-                true,
-                "RebootRequired",
-                format!(
-                    "{desired} is active but needs a reboot to take full effect (switch-to-configuration exited 100)"
-                ),
-            ),
-            Some(activation::EXIT_PROFILE_FAILED) => {
-                self.failed(
-                    status,
-                    deploy_result::FAILED,
-                    format!("setting the system profile to {desired} failed: {tail}"),
-                )
-                .await;
-                return Ok(None);
-            }
-            code => {
-                let code = code.map_or("no exit status".into(), |c| format!("exit status {c}"));
-                let rolled = self.roll_back(session, watchdog.as_ref()).await;
-                self.failed(
-                    status,
-                    deploy_result::FAILED,
-                    format!(
-                        "switch-to-configuration {} of {desired} failed ({code}): {tail}; {rolled}",
-                        self.nixos.action.as_arg()
-                    ),
-                )
-                .await;
-                return Ok(None);
-            }
-        };
-        tracing::info!(machine = %self.machine.name_any(), closure = %desired, seconds = started.elapsed().as_secs_f64(), "activated");
-        self.after_activation(session, status, &record, true).await
+        started?;
+        self.settle(session, status, &record, true).await
     }
 
-    /// Health checks, then the magic-rollback confirmation, then success.
-    async fn after_activation(
+    /// The activation of `record`'s closure, named after the Machine and the
+    /// deployment's start, so a restarted operator finds it on the machine.
+    fn activation(&self, record: &DeployRecord) -> Activation {
+        let rollback = self.nixos.rollback.clone().unwrap_or_default();
+        let magic = rollback.magic && self.nixos.action != ActivationAction::DryActivate;
+        let uid = self.machine.uid().unwrap_or_default();
+        let started = record.started_at.as_ref().map(|t| t.0.as_second()).unwrap_or_default();
+        Activation {
+            token: format!(
+                "{}-{started}",
+                uid.chars().filter(char::is_ascii_alphanumeric).take(12).collect::<String>()
+            ),
+            closure: record.closure.clone(),
+            action: self.nixos.action,
+            timeout_seconds: self.nixos.activation_timeout_seconds.max(1) as u32,
+            confirm_seconds: magic.then(|| rollback.confirm_timeout_seconds.max(1) as u32),
+        }
+    }
+
+    async fn start_activation(&self, session: &Session, record: &DeployRecord) -> Result<()> {
+        let out = session.exec(&self.activation(record).start_script()).await.map_err(ssh_error)?;
+        if out.status != Some(0) {
+            return Err(ProviderError::Transient(format!(
+                "starting the activation of {} failed: {}",
+                record.closure,
+                output_tail(&out.stdout, &out.stderr)
+            ))
+            .into());
+        }
+        fault::point(fault::points::DEPLOY_AFTER_START, Some(session)).await;
+        Ok(())
+    }
+
+    /// Brings an activation to its end from the facts the machine keeps:
+    /// waits for the switch, rolls back a failed one, runs the health checks
+    /// and confirms a good one, and records the verdict. A lost connection
+    /// is an error to retry, never a verdict.
+    async fn settle(
         &self,
         session: &Session,
         status: &mut MachineStatus,
         record: &DeployRecord,
         fresh: bool,
     ) -> Result<Option<Duration>> {
-        let watchdog = self.watchdog(record);
+        let activation = self.activation(record);
+        let wait = activation.timeout_seconds + 5;
+        let mut facts = self.facts(session, &activation, wait).await?;
+        loop {
+            match plan::settle(&facts, &record.closure, activation.action, activation.timeout_seconds) {
+                Settle::Start => {
+                    self.event(
+                        EventType::Normal,
+                        "ActivationRestarted",
+                        format!(
+                            "the machine has no record of activating {} (never started, or rebooted); starting it",
+                            record.closure
+                        ),
+                    )
+                    .await;
+                    self.start_activation(session, record).await?;
+                    facts = self.facts(session, &activation, wait).await?;
+                }
+                Settle::Wait => {
+                    Conditions::new(&mut status.conditions, self.generation).reconciling(
+                        "Activating",
+                        format!(
+                            "switch-to-configuration of {} (or a rollback) is still running on the machine",
+                            record.closure
+                        ),
+                    );
+                    return Ok(Some(Duration::from_secs(2)));
+                }
+                Settle::RollBack(reason) => {
+                    let out = session
+                        .exec(&activation.rollback_script(RollbackCause::SwitchFailed, &reason))
+                        .await
+                        .map_err(ssh_error)?;
+                    facts = activation::parse_facts(&String::from_utf8_lossy(&out.stdout));
+                    if facts.outcome.is_none() {
+                        return Err(ProviderError::Transient(format!(
+                            "rolling back after \"{reason}\" left no outcome on the machine: {}",
+                            output_tail(&out.stdout, &out.stderr)
+                        ))
+                        .into());
+                    }
+                }
+                Settle::Verify { reboot_required } => {
+                    let mut conds = Conditions::new(&mut status.conditions, self.generation);
+                    if reboot_required {
+                        conds.set(
+                            conditions::REBOOT_REQUIRED,
+                            true,
+                            "RebootRequired",
+                            format!(
+                                "{} is active but needs a reboot to take full effect (switch-to-configuration exited 100)",
+                                record.closure
+                            ),
+                        );
+                    } else {
+                        conds.remove(conditions::REBOOT_REQUIRED);
+                    }
+                    fault::point(fault::points::DEPLOY_BEFORE_HEALTH_CHECKS, Some(session)).await;
+                    facts = match self.health_checks(session, status).await? {
+                        Some(failure) => {
+                            let out = session
+                                .exec(&activation.rollback_script(RollbackCause::Unhealthy, &failure))
+                                .await
+                                .map_err(ssh_error)?;
+                            activation::parse_facts(&String::from_utf8_lossy(&out.stdout))
+                        }
+                        None => {
+                            fault::point(fault::points::DEPLOY_BEFORE_CONFIRM, Some(session)).await;
+                            match self.confirm(session, &activation).await? {
+                                Some(facts) => facts,
+                                None => return Ok(Some(Duration::from_secs(2))),
+                            }
+                        }
+                    };
+                }
+                Settle::Done(verdict) => return self.record_verdict(session, status, record, verdict, fresh).await,
+            }
+        }
+    }
+
+    /// What the machine keeps about `activation`, waiting up to `seconds`
+    /// for a running switch to end.
+    async fn facts(&self, session: &Session, activation: &Activation, seconds: u32) -> Result<ActivationFacts> {
+        let script = activation.facts_script(seconds);
+        let out = tokio::time::timeout(Duration::from_secs(u64::from(seconds) + 30), session.exec(&script))
+            .await
+            .map_err(|_| ProviderError::Transient(format!("the machine did not answer within {} s", seconds + 30)))?
+            .map_err(ssh_error)?;
+        Ok(activation::parse_facts(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Runs spec.nixos.healthChecks; the first failure, described, or None.
+    /// A connection lost during a check is an error, not a failed check.
+    async fn health_checks(&self, session: &Session, status: &mut MachineStatus) -> Result<Option<String>> {
         for (i, check) in self.nixos.health_checks.iter().enumerate() {
-            let out = session.exec(&activation::health_script(check)).await.map_err(ssh_error)?;
+            let limit = Duration::from_secs(check.timeout_seconds.max(1) as u64 + 15);
+            let out = tokio::time::timeout(limit, session.exec(&activation::health_script(check)))
+                .await
+                .map_err(|_| {
+                    ProviderError::Transient(format!(
+                        "spec.nixos.healthChecks[{i}] got no answer from the machine within {} s",
+                        limit.as_secs()
+                    ))
+                })?
+                .map_err(ssh_error)?;
             if out.status != Some(0) {
                 let what = activation::describe_check(check);
-                let rolled = self.roll_back(session, watchdog.as_ref()).await;
                 Conditions::new(&mut status.conditions, self.generation).set(
                     conditions::HEALTHY,
                     false,
                     "HealthCheckFailed",
                     format!("spec.nixos.healthChecks[{i}] ({what}) failed"),
                 );
-                self.failed(
-                    status,
-                    deploy_result::ROLLED_BACK,
-                    format!(
-                        "health check spec.nixos.healthChecks[{i}] ({what}) failed after activating {}: {}; {rolled}",
-                        record.closure,
-                        output_tail(&out.stdout, &out.stderr)
-                    ),
-                )
-                .await;
-                return Ok(None);
+                return Ok(Some(format!(
+                    "health check spec.nixos.healthChecks[{i}] ({what}) failed after activating {}: {}",
+                    self.nixos.closure,
+                    output_tail(&out.stdout, &out.stderr)
+                )));
             }
         }
         if !self.nixos.health_checks.is_empty() {
@@ -530,140 +605,121 @@ impl Run<'_> {
                 format!("{} health check(s) passed", self.nixos.health_checks.len()),
             );
         }
-        if let Some(w) = &watchdog {
-            match self.confirm(w).await {
-                Confirmation::Confirmed => {}
-                Confirmation::RolledBack(note) => {
-                    self.failed(
-                        status,
-                        deploy_result::ROLLED_BACK,
-                        format!(
-                            "the machine rolled back by itself (magic rollback): {note}. A configuration that breaks SSH access cannot be confirmed; \
-                             fix it or set spec.nixos.rollback.magic to false"
-                        ),
-                    )
-                    .await;
-                    return Ok(None);
-                }
-                Confirmation::Unreachable(message) => {
-                    self.failed(status, deploy_result::FAILED, message).await;
-                    return Ok(None);
-                }
-            }
-        }
-        let state = self.probe(session).await?;
-        let mut record = record.clone();
-        record.result = Some(deploy_result::SUCCEEDED.into());
-        record.finished_at = Some(Time(Timestamp::now()));
-        self.ctx.metrics.deployments.with_label_values(&[deploy_result::SUCCEEDED]).inc();
-        status.last_deploy = Some(record.clone());
-        self.running(status, &state, &record.closure);
-        if fresh {
-            let seconds = record
-                .started_at
-                .as_ref()
-                .map(|t| (Timestamp::now().as_millisecond() - t.0.as_millisecond()) as f64 / 1000.0)
-                .unwrap_or_default();
-            self.event(
-                EventType::Normal,
-                "Deployed",
-                format!(
-                    "activated {} ({}) with {} paths ({}) copied in {seconds:.1} s",
-                    record.closure,
-                    self.nixos.action.as_arg(),
-                    record.paths_copied,
-                    mib(record.bytes_copied as u64)
-                ),
-            )
-            .await;
-        }
         Ok(None)
     }
 
-    /// The watchdog of a deployment with magic rollback, named after the
-    /// Machine and the deployment's start, so a restarted operator finds it.
-    fn watchdog(&self, record: &DeployRecord) -> Option<Watchdog> {
-        let rollback = self.nixos.rollback.clone().unwrap_or_default();
-        if !rollback.magic || self.nixos.action == ActivationAction::DryActivate {
-            return None;
-        }
-        let uid = self.machine.uid().unwrap_or_default();
-        let started = record.started_at.as_ref().map(|t| t.0.as_second()).unwrap_or_default();
-        Some(Watchdog {
-            token: format!(
-                "{}-{started}",
-                uid.chars().filter(char::is_ascii_alphanumeric).take(12).collect::<String>()
-            ),
-            timeout_seconds: rollback.confirm_timeout_seconds.max(1) as u32,
-        })
-    }
-
-    /// Confirms over a new connection, proving the new system still lets the
-    /// operator in; on failure waits for the watchdog and reads its verdict.
-    async fn confirm(&self, watchdog: &Watchdog) -> Confirmation {
-        // Past the watchdog's timeout the machine is rolling back; keep
-        // asking until it says it is done, so what is reported is what runs.
-        let deadline =
-            Instant::now() + Duration::from_secs(watchdog.timeout_seconds.into()) + WATCHDOG_GRACE + ROLLBACK_WAIT;
-        let mut last_error = String::new();
+    /// Confirms the activation. With magic rollback, over a new connection
+    /// (proving the new system still lets the operator in), retried until
+    /// the watchdog's window has passed; then the machine's facts say what
+    /// happened. `None`: the machine is still rolling back.
+    async fn confirm(&self, session: &Session, activation: &Activation) -> Result<Option<ActivationFacts>> {
+        let Some(window) = activation.confirm_seconds else {
+            let out = session.exec(&activation.confirm_script()).await.map_err(ssh_error)?;
+            if out.status != Some(0) && out.status != Some(activation::EXIT_ALREADY_DECIDED) {
+                return Err(ProviderError::Transient(format!(
+                    "confirming the activation failed: {}",
+                    output_tail(&out.stdout, &out.stderr)
+                ))
+                .into());
+            }
+            return self.facts(session, activation, 0).await.map(Some);
+        };
+        let deadline = Instant::now() + Duration::from_secs(window.into()) + WATCHDOG_GRACE;
         loop {
-            match self.connect().await {
-                Ok(session) => {
-                    let out = session.exec(&activation::confirm_script(&watchdog.token)).await;
-                    session.close().await;
-                    match out {
-                        Ok(out) if out.status == Some(0) => return Confirmation::Confirmed,
-                        Ok(out) if out.status == Some(activation::EXIT_ALREADY_DECIDED) => {
-                            let note = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                            return Confirmation::RolledBack(format!(
-                                "{note} (the operator could not confirm over a new connection: {last_error})"
-                            ));
-                        }
-                        Ok(out) if out.status == Some(activation::EXIT_ROLLING_BACK) => {
-                            last_error = "the machine is rolling back".into();
-                        }
-                        Ok(out) => last_error = output_tail(&out.stdout, &out.stderr),
-                        Err(err) => last_error = err.to_string(),
-                    }
+            if let Ok(fresh) = self.connect().await {
+                let out = fresh.exec(&activation.confirm_script()).await;
+                fresh.close().await;
+                if let Ok(out) = out
+                    && out.status != Some(activation::EXIT_ROLLING_BACK)
+                {
+                    break;
                 }
-                Err(err) => last_error = err.to_string(),
             }
             if Instant::now() >= deadline {
-                return Confirmation::Unreachable(format!(
-                    "after activating {} the machine neither let the operator confirm nor reported a rollback \
-                     within {} s: {last_error}",
-                    self.nixos.closure,
-                    (Duration::from_secs(watchdog.timeout_seconds.into()) + WATCHDOG_GRACE + ROLLBACK_WAIT).as_secs()
-                ));
+                break;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        // Past the window the watchdog has decided; read the verdict over
+        // whichever connection works (the old one may have been cut).
+        let facts = match self.facts(session, activation, 0).await {
+            Ok(facts) => facts,
+            Err(_) => {
+                let fresh = self.connect().await?;
+                let facts = self.facts(&fresh, activation, 0).await;
+                fresh.close().await;
+                facts?
+            }
+        };
+        Ok(facts.outcome.is_some().then_some(facts))
     }
 
-    /// Rolls back after a failure; returns a note for the message.
-    async fn roll_back(&self, session: &Session, watchdog: Option<&Watchdog>) -> String {
-        let script = activation::rollback_script(self.nixos.action, watchdog.map(|w| w.token.as_str()));
-        match session.exec(&script).await {
-            Ok(out) if out.status == Some(0) => "rolled back to the previous generation".into(),
-            Ok(out) if out.status == Some(activation::EXIT_ALREADY_DECIDED) => {
-                "the machine had already rolled back by itself".into()
+    /// Writes the verdict of an activation to status, with its event and metric.
+    async fn record_verdict(
+        &self,
+        session: &Session,
+        status: &mut MachineStatus,
+        record: &DeployRecord,
+        verdict: Verdict,
+        fresh: bool,
+    ) -> Result<Option<Duration>> {
+        match verdict {
+            Verdict::Succeeded => {
+                let state = self.probe(session).await?;
+                let mut record = record.clone();
+                record.result = Some(deploy_result::SUCCEEDED.into());
+                record.finished_at = Some(Time(Timestamp::now()));
+                self.ctx.metrics.deployments.with_label_values(&[deploy_result::SUCCEEDED]).inc();
+                status.last_deploy = Some(record.clone());
+                if record.closure == self.nixos.closure {
+                    self.running(status, &state, &record.closure);
+                }
+                let seconds = record
+                    .started_at
+                    .as_ref()
+                    .map(|t| (Timestamp::now().as_millisecond() - t.0.as_millisecond()) as f64 / 1000.0)
+                    .unwrap_or_default();
+                let how = if fresh { "" } else { " (settled after an interruption)" };
+                self.event(
+                    EventType::Normal,
+                    "Deployed",
+                    format!(
+                        "activated {} ({}) with {} paths ({}) copied in {seconds:.1} s{how}",
+                        record.closure,
+                        self.nixos.action.as_arg(),
+                        record.paths_copied,
+                        mib(record.bytes_copied as u64)
+                    ),
+                )
+                .await;
+                Ok(None)
             }
-            Ok(out) if out.status == Some(activation::EXIT_NO_PREVIOUS) => {
-                "there is no previous generation to roll back to".into()
+            Verdict::RolledBack(cause, note) => {
+                let (result, hint) = match cause {
+                    // The activation itself failed; the machine is back where it was.
+                    RollbackCause::SwitchFailed => (deploy_result::FAILED, ""),
+                    RollbackCause::Unhealthy => (deploy_result::ROLLED_BACK, ""),
+                    RollbackCause::Unconfirmed => (
+                        deploy_result::ROLLED_BACK,
+                        ". A configuration that breaks SSH access cannot be confirmed; fix it or set spec.nixos.rollback.magic to false",
+                    ),
+                };
+                self.failed(status, record, result, format!("{note}{hint}")).await;
+                Ok(None)
             }
-            Ok(out) => format!("rolling back failed too: {}", output_tail(&out.stdout, &out.stderr)),
-            Err(err) => format!("rolling back failed too: {err}"),
+            Verdict::Failed(note) => {
+                self.failed(status, record, deploy_result::FAILED, note).await;
+                Ok(None)
+            }
         }
     }
 
-    /// Records a failed deployment: Stalled until the spec changes.
-    async fn failed(&self, status: &mut MachineStatus, result: &str, message: String) {
-        let mut record = status.last_deploy.clone().unwrap_or_default();
-        record.closure = self.nixos.closure.clone();
+    /// Records a failed deployment of `record`: Stalled until the spec changes.
+    async fn failed(&self, status: &mut MachineStatus, record: &DeployRecord, result: &str, message: String) {
+        let mut record = record.clone();
         record.result = Some(result.to_owned());
         record.finished_at = Some(Time(Timestamp::now()));
         record.message = Some(message.clone());
-        record.spec_generation = self.generation;
         self.ctx.metrics.deployments.with_label_values(&[result]).inc();
         status.last_deploy = Some(record);
         status.phase = Some(MachinePhase::Failed);
@@ -795,13 +851,7 @@ impl Run<'_> {
         if missing.is_empty() {
             return Ok(PushStats::default());
         }
-        let q = activation::shell_quote;
-        let script = format!(
-            "nix-store --realise {} --option substituters {} --option trusted-public-keys {} --option require-sigs true >/dev/null",
-            q(&desired.to_string()),
-            q(&cache.url),
-            q(&cache.public_keys.join(" "))
-        );
+        let script = activation::substitute_script(&desired.to_string(), &cache.url, &cache.public_keys);
         let out = session.exec(&script).await.map_err(ssh_error)?;
         if out.status != Some(0) {
             return Err(ProviderError::Transient(format!(
@@ -819,29 +869,16 @@ impl Run<'_> {
     }
 }
 
-enum Confirmation {
-    Confirmed,
-    /// The watchdog rolled back; its note.
-    RolledBack(String),
-    /// Neither happened in time.
-    Unreachable(String),
-}
-
 /// Whether a Machine's last deployment of its current closure failed.
 pub fn deploy_failed(machine: &Machine) -> bool {
-    let (Some(nixos), Some(last)) = (&machine.spec.nixos, machine.status.as_ref().and_then(|s| s.last_deploy.as_ref()))
-    else {
-        return false;
+    let Some(nixos) = &machine.spec.nixos else { return false };
+    let desired = Desired {
+        closure: &nixos.closure,
+        action: nixos.action,
+        drift: nixos.drift,
+        generation: machine.metadata.generation,
     };
-    is_failure_of(last, &nixos.closure, machine.metadata.generation)
-}
-
-/// Whether `last` is a failed deployment of `closure` at spec `generation`,
-/// which is not tried again until the spec changes.
-fn is_failure_of(last: &DeployRecord, closure: &str, generation: Option<i64>) -> bool {
-    last.closure == closure
-        && last.spec_generation == generation
-        && matches!(last.result.as_deref(), Some(deploy_result::FAILED | deploy_result::ROLLED_BACK))
+    plan::failed_at_this_generation(&desired, machine.status.as_ref().and_then(|s| s.last_deploy.as_ref())).is_some()
 }
 
 /// Whether a Machine runs its desired closure.

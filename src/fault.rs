@@ -1,0 +1,55 @@
+//! Named fault points where tests make the operator fail at an exact step:
+//! `kill` ends the process with SIGKILL right there (what a crash, an OOM
+//! kill or a node loss does), `drop` cuts the SSH connection the step is
+//! using. Tests set them with the `FAILPOINTS` variable of fail-rs, e.g.
+//! `FAILPOINTS=deploy-after-start=return(kill)`. Without the
+//! `fault-injection` feature every point compiles to nothing.
+
+use crate::ssh::Session;
+
+/// The points, in the order a deployment passes them.
+pub mod points {
+    /// The closure is on the machine; nothing is activated yet.
+    pub const DEPLOY_AFTER_PUSH: &str = "deploy-after-push";
+    /// The activation was started on the machine (watchdog armed, switch
+    /// running or done); the operator has not seen how it ended.
+    pub const DEPLOY_AFTER_START: &str = "deploy-after-start";
+    /// The switch ended; the health checks are about to run.
+    pub const DEPLOY_BEFORE_HEALTH_CHECKS: &str = "deploy-before-health-checks";
+    /// The health checks passed; the confirmation is about to be sent.
+    pub const DEPLOY_BEFORE_CONFIRM: &str = "deploy-before-confirm";
+}
+
+/// Reads `FAILPOINTS` (fault-injection builds only).
+pub fn setup() {
+    #[cfg(feature = "fault-injection")]
+    {
+        // The scenario lives as long as the process.
+        std::mem::forget(fail::FailScenario::setup());
+    }
+}
+
+/// Evaluates fault point `name`; `session` is the connection a `drop` cuts.
+pub async fn point(name: &str, session: Option<&Session>) {
+    #[cfg(feature = "fault-injection")]
+    {
+        let Some(action) = fail::eval(name, |arg| arg.unwrap_or_default()) else { return };
+        tracing::warn!(point = name, action = %action, "fault point");
+        match action.as_str() {
+            "kill" => {
+                let pid = std::process::id().to_string();
+                let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+                // SIGKILL is not handled; nothing after this line runs.
+                std::thread::sleep(std::time::Duration::from_secs(60));
+            }
+            "drop" => {
+                if let Some(session) = session {
+                    session.disconnect().await;
+                }
+            }
+            _ => {}
+        }
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = (name, session);
+}
