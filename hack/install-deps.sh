@@ -2,8 +2,8 @@
 # Installs what a fresh machine lacks for building and testing: Debian
 # packages (openssh-server for test hosts, …), the Rust lint components, and,
 # cached outside the repository: the Go-built control plane
-# (kube-apiserver, kubectl, etcd), kstatus, toxiproxy and helm, and moto server in
-# a Python virtualenv.
+# (kube-apiserver, kubectl, etcd), kstatus, toxiproxy, helm and kube-score, and
+# moto server in a Python virtualenv.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -38,3 +38,4 @@ fi
 "$root/hack/moto/install.sh" >/dev/null
 "$root/hack/toxiproxy/build.sh" >/dev/null
 "$root/hack/helm/build.sh" >/dev/null
+"$root/hack/kube-score/build.sh" >/dev/null

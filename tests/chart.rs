@@ -1,39 +1,62 @@
 //! The Helm chart against the real helm (built from Go modules by
 //! hack/helm) and the real API server: lint, render, server-side dry run,
 //! install, upgrade, and RBAC that allows what the operator does and
-//! nothing else.
+//! nothing else; and kube-score (hack/kube-score) on what it renders.
 
 mod support;
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+/// A Go tool built into the cache by its hack/<tool>/build.sh.
+fn go_tool(build_script: &str) -> PathBuf {
+    let out = Command::new(support::repo_root().join(build_script)).output().expect("run the build script");
+    assert!(out.status.success(), "{build_script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 fn helm_binary() -> &'static PathBuf {
     static HELM: OnceLock<PathBuf> = OnceLock::new();
-    HELM.get_or_init(|| {
-        let out =
-            Command::new(support::repo_root().join("hack/helm/build.sh")).output().expect("run hack/helm/build.sh");
-        assert!(out.status.success(), "hack/helm/build.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
+    HELM.get_or_init(|| go_tool("hack/helm/build.sh"))
+}
+
+fn kube_score_binary() -> &'static PathBuf {
+    static KUBE_SCORE: OnceLock<PathBuf> = OnceLock::new();
+    KUBE_SCORE.get_or_init(|| go_tool("hack/kube-score/build.sh"))
 }
 
 fn chart() -> PathBuf {
     support::repo_root().join("charts/nixops-operator")
 }
 
-fn helm(args: &[&str]) -> Output {
-    let cp = support::control_plane();
+/// helm with its own empty home, against `kubeconfig`.
+fn helm_with(args: &[&str], kubeconfig: &Path) -> Output {
     let home = tempfile::tempdir().expect("helm home");
     Command::new(helm_binary())
         .args(args)
-        .env("KUBECONFIG", &cp.kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .env("HELM_CACHE_HOME", home.path().join("cache"))
         .env("HELM_CONFIG_HOME", home.path().join("config"))
         .env("HELM_DATA_HOME", home.path().join("data"))
         .output()
         .expect("run helm")
+}
+
+/// helm against the test control plane.
+fn helm(args: &[&str]) -> Output {
+    helm_with(args, &support::control_plane().kubeconfig)
+}
+
+/// The chart rendered with `set` (`helm template` needs no cluster).
+fn render(set: &str) -> String {
+    let chart = chart();
+    let mut args = vec!["template", "nixops", chart.to_str().unwrap()];
+    if !set.is_empty() {
+        args.extend(["--set", set]);
+    }
+    ok(helm_with(&args, Path::new("/nonexistent/kubeconfig")), &format!("helm template --set {set}"))
 }
 
 fn ok(out: Output, what: &str) -> String {
@@ -77,9 +100,9 @@ fn chart_lints_strictly_and_its_schema_rejects_bad_values() {
             "--strict",
             chart,
             "--set",
-            "replicas=3,watchNamespace=apps,metrics.serviceMonitor.enabled=true",
+            "replicas=3,watchNamespace=apps,metrics.serviceMonitor.enabled=true,networkPolicy.enabled=true",
         ]),
-        "helm lint --strict (namespaced, HA, ServiceMonitor)",
+        "helm lint --strict (namespaced, HA, ServiceMonitor, NetworkPolicy)",
     );
     let bad = helm(&["template", "x", chart, "--set", "logFormat=xml"]);
     assert!(!bad.status.success(), "a logFormat outside the schema must be refused");
@@ -97,11 +120,22 @@ async fn chart_installs_upgrades_and_grants_only_what_the_operator_needs() {
 
     // Everything the chart renders is accepted by the API server.
     let rendered = ok(
-        helm(&["template", "nixops", chart, "--include-crds", "--namespace", &release_ns, "--set", "replicas=2"]),
+        helm(&[
+            "template",
+            "nixops",
+            chart,
+            "--include-crds",
+            "--namespace",
+            &release_ns,
+            "--set",
+            "replicas=2,networkPolicy.enabled=true,networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
+        ]),
         "helm template",
     );
     ok(support::kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered)), "kubectl apply --dry-run=server");
     assert!(rendered.contains("--leader-election"), "two replicas elect a leader");
+    assert!(rendered.contains("kind: PodDisruptionBudget"), "two replicas get a PodDisruptionBudget");
+    assert!(rendered.contains("kind: NetworkPolicy"), "networkPolicy.enabled renders one");
     assert!(rendered.contains("readOnlyRootFilesystem: true") && rendered.contains("runAsNonRoot: true"));
 
     // Namespaced install, then an upgrade to two replicas.
@@ -152,4 +186,116 @@ async fn chart_installs_upgrades_and_grants_only_what_the_operator_needs() {
         assert!(!can_i(&sa, verb, resource, ns), "the operator must not be allowed to {verb} {resource} in {ns}");
     }
     ok(helm(&["uninstall", "nixops", "--namespace", &release_ns]), "helm uninstall");
+}
+
+/// A kube-score finding the chart keeps on purpose: (check, finding, why).
+type Accepted = (&'static str, &'static str, &'static str);
+
+/// Accepted in every render; values.yaml explains each to users where the
+/// value is set.
+const KUBE_SCORE_ACCEPTED: &[Accepted] = &[
+    (
+        "container-resources",
+        "CPU limit is not set",
+        "a CPU limit throttles the operator in the bursts after a start or resync, and a throttled leader renews \
+         its Lease late and loses it; the CPU request reserves what it needs",
+    ),
+    (
+        "container-image-pull-policy",
+        "ImagePullPolicy is not set to Always",
+        "the tag is a release that never changes: Always would only add a registry round trip to every restart \
+         and stop restarts while the registry is down",
+    ),
+];
+
+/// Accepted with default values only.
+const KUBE_SCORE_ACCEPTED_WITHOUT_NETWORK_POLICY: &[Accepted] = &[(
+    "pod-networkpolicy",
+    "The pod does not have a matching NetworkPolicy",
+    "the NetworkPolicy is off by default, as the API server's address and the machines' depend on the cluster; \
+     networkPolicy.enabled turns it on, and it must then satisfy kube-score (the second render)",
+)];
+
+/// A critical kube-score finding: the object, the check's ID and the finding.
+struct Finding {
+    object: String,
+    check: String,
+    summary: String,
+}
+
+/// kube-score's critical findings in `rendered`.
+fn kube_score_criticals(rendered: &str) -> Vec<Finding> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manifests = dir.path().join("chart.yaml");
+    std::fs::write(&manifests, rendered).expect("write the rendered chart");
+    let out = Command::new(kube_score_binary())
+        .args(["score", "--kubernetes-version", "v1.37", "--output-format", "json"])
+        .arg(&manifests)
+        .output()
+        .expect("run kube-score");
+    // kube-score exits 1 when it finds anything critical; the report says what.
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("kube-score printed no JSON report ({e}):\n{}", String::from_utf8_lossy(&out.stderr))
+    });
+    let objects = report.as_array().expect("kube-score's report is a list of objects");
+    assert!(
+        objects.iter().any(|o| o["type_meta"]["kind"] == "Deployment"),
+        "kube-score did not score the Deployment: {report}"
+    );
+    let mut findings = Vec::new();
+    for object in objects {
+        let name = object["object_name"].as_str().unwrap_or("?").to_owned();
+        for check in object["checks"].as_array().into_iter().flatten() {
+            if check["skipped"] == true || check["grade"] != 1 {
+                continue;
+            }
+            let id = check["check"]["id"].as_str().expect("check id").to_owned();
+            let comments = check["comments"].as_array().cloned().unwrap_or_default();
+            let summaries: Vec<String> = if comments.is_empty() {
+                vec![String::new()]
+            } else {
+                comments.iter().map(|c| c["summary"].as_str().unwrap_or_default().to_owned()).collect()
+            };
+            for summary in summaries {
+                findings.push(Finding { object: name.clone(), check: id.clone(), summary });
+            }
+        }
+    }
+    findings
+}
+
+#[test]
+fn kube_score_finds_nothing_critical_in_the_chart_but_what_it_accepts_on_purpose() {
+    let renders: [(&str, &[Accepted]); 2] = [
+        ("", KUBE_SCORE_ACCEPTED_WITHOUT_NETWORK_POLICY),
+        ("replicas=3,metrics.serviceMonitor.enabled=true,networkPolicy.enabled=true", &[]),
+    ];
+    let mut unaccepted = Vec::new();
+    let mut seen = HashSet::new();
+    for (set, accepted_here) in renders {
+        for finding in kube_score_criticals(&render(set)) {
+            let accepted = KUBE_SCORE_ACCEPTED
+                .iter()
+                .chain(accepted_here)
+                .find(|(check, summary, _)| finding.check == *check && finding.summary == *summary);
+            match accepted {
+                Some((check, summary, _)) => {
+                    seen.insert((*check, *summary));
+                }
+                None => unaccepted
+                    .push(format!("--set '{set}': {}: {} ({})", finding.object, finding.summary, finding.check)),
+            }
+        }
+    }
+    assert!(
+        unaccepted.is_empty(),
+        "kube-score finds these critical; fix the chart, or accept them in tests/chart.rs with the reason:\n{}",
+        unaccepted.join("\n")
+    );
+    for (check, summary, _) in KUBE_SCORE_ACCEPTED.iter().chain(KUBE_SCORE_ACCEPTED_WITHOUT_NETWORK_POLICY) {
+        assert!(
+            seen.contains(&(*check, *summary)),
+            "kube-score no longer finds '{summary}' ({check}); take it off the accepted list"
+        );
+    }
 }

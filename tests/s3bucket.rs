@@ -1,4 +1,5 @@
-//! S3Bucket lifecycle against moto's S3 API.
+//! S3Bucket lifecycle against moto's S3 API, and the bucket names the API
+//! server and the controller refuse.
 
 mod support;
 
@@ -6,6 +7,7 @@ use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use nixops_operator::api::S3Bucket;
+use nixops_operator::api::s3bucket::bucket_name_violation;
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -102,4 +104,95 @@ async fn bucket_lifecycle_with_versioning_policy_tags_and_deletion_rules() {
     buckets.delete("kept", &DeleteParams::default()).await.unwrap();
     support::wait_gone(&buckets, "kept", TIMEOUT).await;
     assert!(s3.head_bucket().bucket(format!("{ns}-kept")).send().await.is_ok(), "Orphan must keep the bucket");
+}
+
+/// The controller's check of the names it derives and the schema's check of
+/// spec.bucketName are two codings of AWS's rules; the API server decides
+/// whether they agree.
+#[tokio::test]
+async fn the_controller_refuses_exactly_the_bucket_names_the_api_server_refuses() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "bucket-names").await;
+    let names = [
+        "nix-cache",
+        "my.bucket.example",
+        "team-a-xn--cache",
+        "s3alias",
+        "1.2.3",
+        "1.2.3.4.5",
+        "a-b",
+        "ab",
+        "My_Bucket",
+        "cache-",
+        "a..b",
+        "192.168.5.4",
+        "192.168.05.4",
+        "xn--bcher-kva",
+        "sthree-cache",
+        "sthree-configurator-x",
+        "amzn-s3-demo-bucket",
+        "cache-s3alias",
+        "cache--ol-s3",
+        "cache.mrap",
+        "cache--x-s3",
+        "cache--table-s3",
+    ];
+    let long = "a".repeat(64);
+    let mut failures = Vec::new();
+    for name in names.iter().copied().chain([long.as_str()]) {
+        let manifest = serde_json::to_string(&bucket("names", json!({"bucketName": name}))).unwrap();
+        let out = support::kubectl(&["create", "--dry-run=server", "-n", &ns, "-f", "-"], Some(&manifest));
+        let refused = String::from_utf8_lossy(&out.stderr).into_owned();
+        match (out.status.success(), bucket_name_violation(name)) {
+            (true, None) => {}
+            (true, Some(violation)) => {
+                failures.push(format!("{name}: accepted by the API server, refused: {violation}"))
+            }
+            (false, None) => failures.push(format!("{name}: refused by the API server only: {refused}")),
+            // The API server words length limits itself.
+            (false, Some(violation)) if !violation.contains("characters long") && !refused.contains(&violation) => {
+                failures
+                    .push(format!("{name}: the messages differ:\n  API server: {refused}\n  controller: {violation}"))
+            }
+            (false, Some(_)) => {}
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn a_default_bucket_name_s3_refuses_stalls_until_spec_bucket_name_is_set() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "bucket").await;
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let _operator = support::Operator::start(&ns, &[]);
+    let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
+    let s3 = support::s3_client().await;
+
+    // <namespace>-cache-s3alias ends with a suffix AWS reserves.
+    buckets.create(&PostParams::default(), &bucket("cache-s3alias", json!({}))).await.unwrap();
+    support::wait_for(&buckets, "cache-s3alias", TIMEOUT, "Stalled", |b| cond(b, "Stalled").as_deref() == Some("True"))
+        .await;
+    let stalled = buckets.get("cache-s3alias").await.unwrap().status.unwrap();
+    let msg = support::condition_message(&stalled.conditions, "Stalled");
+    assert!(msg.contains("must not end with '-s3alias'") && msg.contains("set spec.bucketName"), "{msg}");
+    assert!(s3.head_bucket().bucket(format!("{ns}-cache-s3alias")).send().await.is_err(), "no bucket may be created");
+
+    // Setting spec.bucketName (allowed once, while unset) unblocks it.
+    let patch = json!({"spec": {"bucketName": format!("{ns}-cache"), "forceDestroy": true}});
+    buckets.patch("cache-s3alias", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    support::wait_for(&buckets, "cache-s3alias", TIMEOUT, "Ready", |b| cond(b, "Ready").as_deref() == Some("True"))
+        .await;
+    assert!(s3.head_bucket().bucket(format!("{ns}-cache")).send().await.is_ok());
+    buckets.delete("cache-s3alias", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&buckets, "cache-s3alias", TIMEOUT).await;
+
+    // Deleting one still stalled on its name does not wait for a bucket that cannot exist.
+    buckets.create(&PostParams::default(), &bucket("stuck.mrap", json!({}))).await.unwrap();
+    support::wait_for(&buckets, "stuck.mrap", TIMEOUT, "Stalled", |b| cond(b, "Stalled").as_deref() == Some("True"))
+        .await;
+    buckets.delete("stuck.mrap", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&buckets, "stuck.mrap", TIMEOUT).await;
 }

@@ -11,7 +11,7 @@ use kube::{Resource, ResourceExt};
 use super::status::Conditions;
 use super::{Cleanup, Context, Error, Reconciler, Result, object_status, record_external_name};
 use crate::api::network::ResourcePhase;
-use crate::api::s3bucket::{PublicAccessBlock, S3BucketStatus};
+use crate::api::s3bucket::{PublicAccessBlock, S3BucketStatus, bucket_name_violation};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, S3Bucket};
 use crate::provider::aws::owner_tags;
 use crate::provider::{BucketSpec, CloudTarget, Owner};
@@ -26,6 +26,26 @@ impl S3Bucket {
             .clone()
             .unwrap_or_else(|| format!("{}-{}", self.namespace().unwrap_or_default(), self.name_any()))
     }
+}
+
+/// The bucket's name, or a stall saying why S3 would refuse it and what to
+/// change. The schema checks spec.bucketName, but the default name joins a
+/// namespace and a name the schema cannot see together, and can be too long
+/// or use a prefix or suffix AWS reserves (a namespace `sthree`, a name
+/// ending in `-s3alias`).
+fn valid_bucket_name(bucket: &S3Bucket) -> Result<String> {
+    let name = bucket.bucket_name();
+    let Some(violation) = bucket_name_violation(&name) else { return Ok(name) };
+    let message = if bucket.spec.bucket_name.is_some() {
+        // Only when the installed CRD predates the rule.
+        format!("spec.bucketName {name} {violation}; delete this S3Bucket and create it with another bucketName")
+    } else {
+        format!(
+            "the default bucket name {name} (<namespace>-<name>, as spec.bucketName is not set) {violation}; \
+             set spec.bucketName to a name S3 accepts"
+        )
+    };
+    Err(Error::stalled("InvalidBucketName", message))
 }
 
 /// Parses spec.policy, or explains where it is broken.
@@ -61,10 +81,10 @@ impl Reconciler for S3Bucket {
     }
 
     async fn apply(self: Arc<Self>, ctx: Arc<Context>, status: &mut S3BucketStatus) -> Result<Option<Duration>> {
+        let name = valid_bucket_name(&self)?;
         let policy = parse_policy(self.spec.policy.as_deref())?;
         let target = target(&ctx, &self).await?;
         let provider = ctx.providers.bucket()?;
-        let name = self.bucket_name();
         let owner = Owner::of(&*self);
         let mut tags = owner_tags(&owner, "S3Bucket");
         tags.extend(self.spec.tags.clone());
@@ -139,6 +159,11 @@ impl Reconciler for S3Bucket {
         {
             return Ok(Cleanup::Done);
         }
+        let name = self.bucket_name();
+        if bucket_name_violation(&name).is_some() && self.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(&name) {
+            // S3 refuses the name, so no bucket was ever created under it.
+            return Ok(Cleanup::Done);
+        }
         let provider = ctx.providers.bucket()?;
         let target = match target(&ctx, &self).await {
             Ok(target) => target,
@@ -147,7 +172,6 @@ impl Reconciler for S3Bucket {
             }
             Err(err) => return Err(err),
         };
-        let name = self.bucket_name();
         if !provider.exists(&target, &name).await? {
             return Ok(Cleanup::Done);
         }
@@ -171,6 +195,41 @@ impl Reconciler for S3Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bucket(namespace: &str, name: &str, bucket_name: Option<&str>) -> S3Bucket {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "S3Bucket",
+            "metadata": {"namespace": namespace, "name": name},
+            "spec": {"networkRef": {"name": "aws"}, "bucketName": bucket_name},
+        }))
+        .unwrap()
+    }
+
+    fn stall(bucket: &S3Bucket) -> String {
+        let Err(Error::Stalled { reason, message }) = valid_bucket_name(bucket) else { panic!("must stall") };
+        assert_eq!(reason, "InvalidBucketName");
+        message
+    }
+
+    #[test]
+    fn a_default_bucket_name_s3_refuses_stalls_asking_for_spec_bucket_name() {
+        assert_eq!(valid_bucket_name(&bucket("team-a", "cache", None)).unwrap(), "team-a-cache");
+        for (namespace, name, rule) in [
+            ("sthree", "cache", "must not start with 'sthree-'"),
+            ("xn--fleet", "cache", "must not start with 'xn--'"),
+            ("amzn-s3", "demo-cache", "must not start with 'amzn-s3-demo-'"),
+            ("team-a", "cache-s3alias", "must not end with '-s3alias'"),
+            ("team-a", "cache.mrap", "must not end with '.mrap'"),
+            ("team-a", "cache--table-s3", "must not end with '--table-s3'"),
+            ("a-namespace-of-thirty-characters", "and-a-name-of-thirty-two-characters", "3 to 63 characters"),
+        ] {
+            let message = stall(&bucket(namespace, name, None));
+            assert!(message.contains(rule), "{namespace}/{name}: {message}");
+            assert!(message.contains("set spec.bucketName"), "{message}");
+        }
+        // spec.bucketName avoids the default and is taken as it is.
+        assert_eq!(valid_bucket_name(&bucket("sthree", "cache", Some("nix-cache"))).unwrap(), "nix-cache");
+    }
 
     #[test]
     fn bad_policy_json_names_the_field() {
