@@ -74,6 +74,11 @@ struct RunArgs {
     #[arg(long, env = "NIXOPS_SSH_TIMEOUT_SECONDS", default_value_t = 10)]
     ssh_timeout_seconds: u64,
 
+    /// The largest NAR (one store path, compressed or not) read from a
+    /// binary cache, in MiB; a larger one is refused before it is read.
+    #[arg(long, env = "NIXOPS_MAX_NAR_MIB", default_value_t = 4096)]
+    max_nar_mib: u64,
+
     /// Seconds to let reconciliations in flight finish after SIGTERM.
     #[arg(long, env = "NIXOPS_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
     shutdown_grace_seconds: u64,
@@ -125,6 +130,7 @@ async fn run(args: RunArgs) -> Result<(), operator::RunError> {
         settings: Settings {
             resync: Duration::from_secs(args.resync_seconds),
             ssh_timeout: Duration::from_secs(args.ssh_timeout_seconds),
+            max_nar_bytes: args.max_nar_mib.saturating_mul(1 << 20),
             ..Settings::default()
         },
     };

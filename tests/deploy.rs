@@ -170,6 +170,34 @@ async fn a_hung_activation_is_stopped_and_rolled_back() {
     assert!(node.exec("pgrep -f '^/bin/sleep 3600'").stdout.is_empty(), "the hung switch was stopped");
 }
 
+/// A push the machine's store cannot take (its disk is full) stalls with
+/// what nix-store said, and goes through once there is room.
+#[tokio::test]
+async fn a_full_disk_on_the_machine_stalls_with_its_cause() {
+    let fleet = Fleet::start("deploy-disk", json!({})).await;
+    let node = fleet.node();
+    // 256 KiB for the store: the closure below needs more.
+    node.exec_ok("mount -t tmpfs -o size=256k tmpfs /nix/store");
+    let n = nonce();
+    let big = "x".repeat(1 << 20);
+    let sys = system("full", &n, &[("blob", big.as_str())], Activation::Ok);
+    fleet.create("full", &node, json!({"closure": sys}), json!({})).await;
+    let m = fleet.wait_stalled("full", "MachineDiskFull").await;
+    let message = support::condition_message(&m.status.unwrap().conditions, "Stalled");
+    assert!(message.contains("No space left on device"), "the machine's own words: {message}");
+    assert!(message.contains("nix-collect-garbage"), "and the fix: {message}");
+    assert!(node.current_system().is_none());
+
+    node.exec_ok("mount -o remount,size=64m /nix/store");
+    fleet
+        .machines
+        .patch("full", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": {"retry": "1"}}})))
+        .await
+        .unwrap();
+    fleet.wait_running("full", &sys).await;
+    node.verify();
+}
+
 #[tokio::test]
 async fn failing_health_check_rolls_back() {
     let fleet = Fleet::start("deploy-health", json!({})).await;
@@ -430,6 +458,176 @@ impl SignedCache {
     fn url(&self) -> String {
         format!("file://{}", self.dir.path().join("cache").display())
     }
+}
+
+impl SignedCache {
+    /// A copy of this cache where `path` has other contents (`from`
+    /// replaced by `to`, same length), re-signed with a key of its own: the
+    /// same store path name, different bytes, a different signer.
+    fn forged(&self, path: &str, from: &str, to: &str, key_name: &str) -> Self {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let dir = tempfile::tempdir().unwrap();
+        let copied =
+            std::process::Command::new("cp").arg("-a").arg(self.dir.path().join("cache")).arg(dir.path()).status();
+        assert!(copied.unwrap().success());
+        let (secret, public) = (dir.path().join("key.sec"), dir.path().join("key.pub"));
+        let out = std::process::Command::new("nix-store")
+            .args(["--generate-binary-cache-key", key_name])
+            .args([&secret, &public])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let cache = dir.path().join("cache");
+        let secret_text = std::fs::read_to_string(&secret).unwrap();
+        let (name, key) = secret_text.trim().split_once(':').unwrap();
+        let key = b64.decode(key).unwrap();
+        let signer = ring::signature::Ed25519KeyPair::from_seed_unchecked(&key[..32]).unwrap();
+        let sha = |bytes: &[u8]| {
+            format!(
+                "sha256:{}",
+                nixops_operator::nix::base32::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+            )
+        };
+        for entry in std::fs::read_dir(&cache).unwrap() {
+            let narinfo_file = entry.unwrap().path();
+            if narinfo_file.extension().is_none_or(|e| e != "narinfo") {
+                continue;
+            }
+            let narinfo = std::fs::read_to_string(&narinfo_file).unwrap();
+            let field = |name: &str| {
+                narinfo.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).unwrap_or_default().to_owned()
+            };
+            let mut fields: Vec<(String, String)> =
+                narinfo.lines().filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+            let mut set = |k: &str, v: String| {
+                fields.iter_mut().filter(|(key, _)| key == k).for_each(|(_, old)| *old = v.clone())
+            };
+            let (mut nar_hash, mut nar_size) = (field("NarHash"), field("NarSize"));
+            if field("StorePath") == path {
+                let mut nar = zstd::decode_all(&std::fs::read(cache.join(field("URL"))).unwrap()[..]).unwrap();
+                assert_eq!(from.len(), to.len(), "a NAR keeps its lengths");
+                let at = nar.windows(from.len()).position(|w| w == from.as_bytes()).expect("the content to replace");
+                nar[at..at + to.len()].copy_from_slice(to.as_bytes());
+                let file = zstd::encode_all(&nar[..], 3).unwrap();
+                let file_hash = sha(&file);
+                let url = format!("nar/{}.nar.zst", file_hash.trim_start_matches("sha256:"));
+                std::fs::write(cache.join(&url), &file).unwrap();
+                (nar_hash, nar_size) = (sha(&nar), nar.len().to_string());
+                set("URL", url);
+                set("FileHash", file_hash);
+                set("FileSize", file.len().to_string());
+                set("NarHash", nar_hash.clone());
+                set("NarSize", nar_size.clone());
+            }
+            let references: Vec<String> =
+                field("References").split_whitespace().map(|r| format!("/nix/store/{r}")).collect();
+            let fingerprint = format!("1;{};{nar_hash};{nar_size};{}", field("StorePath"), references.join(","));
+            set("Sig", format!("{name}:{}", b64.encode(signer.sign(fingerprint.as_bytes()).as_ref())));
+            let text: String = fields.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+            std::fs::write(&narinfo_file, text).unwrap();
+        }
+        let public_key = std::fs::read_to_string(public).unwrap().trim().to_owned();
+        Self { dir, public_key }
+    }
+}
+
+/// Trust never crosses between Machines: the same store path, different in
+/// two caches each Machine trusts alone, reaches each machine as its own
+/// cache signed it, although the operator keeps pushed paths for reuse.
+#[tokio::test]
+async fn each_machine_gets_the_bytes_its_own_cache_signed() {
+    let fleet = Fleet::start("deploy-trust", json!({})).await;
+    let n = nonce();
+    let sys = system("trust", &n, &[("lib", "genuine"), ("bin", "tool")], Activation::Ok);
+    let lib = closure(&sys).into_iter().find(|p| p.ends_with("-lib")).expect("the lib path");
+    let a = SignedCache::new(&sys, &format!("a-{n}-1"));
+    let b = a.forged(&lib, "genuine", "forgery", &format!("b-{n}-1"));
+
+    let node_a = fleet.node();
+    let source_a = json!({"binaryCache": {"url": a.url(), "publicKeys": [a.public_key]}});
+    fleet.create("a", &node_a, json!({"closure": sys, "source": source_a}), json!({})).await;
+    fleet.wait_running("a", &sys).await;
+    // Then the other Machine, while the operator still holds what it pushed to the first.
+    let node_b = fleet.node();
+    let source_b = json!({"binaryCache": {"url": b.url(), "publicKeys": [b.public_key]}});
+    fleet.create("b", &node_b, json!({"closure": sys, "source": source_b}), json!({})).await;
+    fleet.wait_running("b", &sys).await;
+
+    assert_eq!(node_a.exec_ok(&format!("cat {lib}/lib")), "genuine");
+    assert_eq!(node_b.exec_ok(&format!("cat {lib}/lib")), "forgery", "machine b got the bytes its cache signed");
+    node_a.verify();
+    node_b.verify();
+}
+
+/// A cache whose NAR never ends is refused once it passes the size its
+/// narinfo signed, and the operator's memory stays flat.
+#[tokio::test]
+async fn an_endless_nar_is_refused_without_growing_the_operator() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fleet = Fleet::start("deploy-endless", json!({})).await;
+    let n = nonce();
+    let sys = system("endless", &n, &[("lib", "libfoo")], Activation::Ok);
+    let cache = SignedCache::new(&sys, &format!("cache-{n}-1"));
+    // Serves the cache's files, except that every NAR is an endless stream.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let root = cache.dir.path().join("cache");
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let root = root.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 4096];
+                let n = conn.read(&mut request).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&request[..n]).to_string();
+                let path = request.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_owned();
+                if path.starts_with("nar/") {
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n").await;
+                    let chunk = vec![0u8; 1 << 16];
+                    while conn.write_all(&chunk).await.is_ok() {
+                        counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                } else if let Ok(body) = std::fs::read(root.join(&path)) {
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = conn.write_all(head.as_bytes()).await;
+                    let _ = conn.write_all(&body).await;
+                } else {
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                }
+            });
+        }
+    });
+    let rss = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = rss(fleet.operator.pid());
+    let node = fleet.node();
+    let source = json!({"binaryCache": {"url": format!("http://127.0.0.1:{port}"), "publicKeys": [cache.public_key]}});
+    fleet.create("endless", &node, json!({"closure": sys, "source": source}), json!({})).await;
+    let m = fleet.wait_stalled("endless", "ClosureTooLarge").await;
+    let message = support::condition_message(&m.status.unwrap().conditions, "Stalled");
+    assert!(message.contains("FileSize") && message.contains("stopped reading"), "{message}");
+    let after = rss(fleet.operator.pid());
+    let sent = served.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(after < before + 64 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    assert!(sent < 64 << 20, "the operator stopped reading after {sent} bytes");
+    assert!(node.store_paths().is_empty(), "nothing reached the machine");
 }
 
 #[tokio::test]

@@ -123,6 +123,8 @@ pub struct Settings {
     pub ssh_timeout: Duration,
     /// Longest wait between retries of a failing object.
     pub max_backoff: Duration,
+    /// The largest NAR read from a binary cache.
+    pub max_nar_bytes: u64,
 }
 
 impl Default for Settings {
@@ -131,6 +133,7 @@ impl Default for Settings {
             resync: Duration::from_secs(300),
             ssh_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(300),
+            max_nar_bytes: crate::nix::cache::DEFAULT_MAX_NAR_BYTES,
         }
     }
 }

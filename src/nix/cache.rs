@@ -62,6 +62,12 @@ pub enum CacheError {
     #[error("{path} in the binary cache is corrupt: {reason}; copy it to the cache again")]
     Corrupt { path: StorePath, reason: String },
 
+    #[error(
+        "{url} is larger than {limit} bytes ({why}); the operator stopped reading it. \
+         Check the cache, or raise --max-nar-mib if the path really is that large"
+    )]
+    TooLarge { url: String, limit: u64, why: String },
+
     #[error("cannot fetch {url}: {reason}")]
     Fetch { url: String, reason: String },
 
@@ -144,18 +150,33 @@ impl Backend {
         }
     }
 
-    /// The file at `key`, or None when the cache does not have it.
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+    /// The file at `key`, or None when the cache does not have it. Reading
+    /// stops past `limit` bytes (`why` says where the limit comes from): a
+    /// cache serving an endless or oversized body costs at most `limit`.
+    async fn get(&self, key: &str, limit: u64, why: &str) -> Result<Option<Vec<u8>>, CacheError> {
         let fetch = |reason: String| CacheError::Fetch { url: self.location(key), reason };
+        let too_large = || CacheError::TooLarge { url: self.location(key), limit, why: why.to_owned() };
+        let mut body = Bounded { bytes: Vec::new(), limit };
         match self {
-            Self::File(dir) => match tokio::fs::read(dir.join(key)).await {
-                Ok(bytes) => Ok(Some(bytes)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(fetch(e.to_string())),
-            },
+            Self::File(dir) => {
+                let mut file = match tokio::fs::File::open(dir.join(key)).await {
+                    Ok(file) => file,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(fetch(e.to_string())),
+                };
+                let mut chunk = vec![0u8; 1 << 16];
+                loop {
+                    let n =
+                        tokio::io::AsyncReadExt::read(&mut file, &mut chunk).await.map_err(|e| fetch(e.to_string()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    body.extend(&chunk[..n]).ok_or_else(too_large)?;
+                }
+            }
             Self::Http { client, .. } => {
                 let url = self.location(key);
-                let response = client.get(&url).send().await.map_err(|e| fetch(error_chain(&e)))?;
+                let mut response = client.get(&url).send().await.map_err(|e| fetch(error_chain(&e)))?;
                 let status = response.status();
                 if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
                     return Ok(None);
@@ -163,19 +184,45 @@ impl Backend {
                 if !status.is_success() {
                     return Err(fetch(format!("the server answered {status}")));
                 }
-                let body = response.bytes().await.map_err(|e| fetch(error_chain(&e)))?;
-                Ok(Some(body.to_vec()))
+                if response.content_length().is_some_and(|n| n > limit) {
+                    return Err(too_large());
+                }
+                while let Some(chunk) = response.chunk().await.map_err(|e| fetch(error_chain(&e)))? {
+                    body.extend(&chunk).ok_or_else(too_large)?;
+                }
             }
             Self::S3 { client, bucket } => {
-                let output = match client.get_object().bucket(bucket).key(key).send().await {
+                let mut output = match client.get_object().bucket(bucket).key(key).send().await {
                     Ok(output) => output,
                     Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
                     Err(e) => return Err(fetch(aws_sdk_s3::error::DisplayErrorContext(&e).to_string())),
                 };
-                let body = output.body.collect().await.map_err(|e| fetch(error_chain(&e)))?;
-                Ok(Some(body.into_bytes().to_vec()))
+                if output.content_length().is_some_and(|n| n as u64 > limit) {
+                    return Err(too_large());
+                }
+                while let Some(chunk) = output.body.try_next().await.map_err(|e| fetch(error_chain(&e)))? {
+                    body.extend(&chunk).ok_or_else(too_large)?;
+                }
             }
         }
+        Ok(Some(body.bytes))
+    }
+}
+
+/// A body read up to a limit.
+struct Bounded {
+    bytes: Vec<u8>,
+    limit: u64,
+}
+
+impl Bounded {
+    /// Appends `chunk`; None once the body would pass the limit.
+    fn extend(&mut self, chunk: &[u8]) -> Option<()> {
+        if self.bytes.len() as u64 + chunk.len() as u64 > self.limit {
+            return None;
+        }
+        self.bytes.extend_from_slice(chunk);
+        Some(())
     }
 }
 
@@ -207,7 +254,14 @@ pub struct BinaryCacheSource {
     /// Verified narinfos from earlier `closure` calls, so that `nar` does not
     /// fetch and verify them again.
     narinfos: Mutex<HashMap<StorePath, Narinfo>>,
+    /// The largest NAR (and compressed file) read from the cache.
+    max_nar_bytes: u64,
 }
+
+/// The largest narinfo read: far more than the references of any real path.
+const MAX_NARINFO_BYTES: u64 = 1 << 20;
+/// The default largest NAR read from a cache.
+pub const DEFAULT_MAX_NAR_BYTES: u64 = 4 << 30;
 
 impl BinaryCacheSource {
     /// A cache at `url` (`file:///dir`, `http(s)://…`, or `s3://bucket` with
@@ -259,7 +313,15 @@ impl BinaryCacheSource {
             keys,
             backend,
             narinfos: Mutex::new(HashMap::new()),
+            max_nar_bytes: DEFAULT_MAX_NAR_BYTES,
         })
+    }
+
+    /// Refuses NARs (compressed or not) larger than `bytes`, whatever their
+    /// narinfo says.
+    pub fn with_max_nar_bytes(mut self, bytes: u64) -> Self {
+        self.max_nar_bytes = bytes;
+        self
     }
 
     /// The URL as given, for a node's `substituters`: Nix on the node reads
@@ -315,9 +377,27 @@ impl BinaryCacheSource {
         };
         let key = self.nar_key(&narinfo)?;
         let url = self.backend.location(&key);
+        if narinfo.nar_size > self.max_nar_bytes {
+            return Err(CacheError::TooLarge {
+                url,
+                limit: self.max_nar_bytes,
+                why: format!("its narinfo says NarSize {}; the operator's --max-nar-mib", narinfo.nar_size),
+            });
+        }
+        // The signed FileSize when there is one; otherwise what a compressor
+        // can add to NarSize, at most.
+        let (limit, why) = match narinfo.file_size {
+            Some(size) => (size, "its narinfo's FileSize".to_owned()),
+            None => (narinfo.nar_size + narinfo.nar_size / 64 + (64 << 10), "its narinfo's NarSize".to_owned()),
+        };
+        let (limit, why) = if limit > self.max_nar_bytes {
+            (self.max_nar_bytes, "the operator's --max-nar-mib".into())
+        } else {
+            (limit, why)
+        };
         let file = self
             .backend
-            .get(&key)
+            .get(&key, limit, &why)
             .await?
             .ok_or_else(|| CacheError::NotFound { path: path.clone(), url: url.clone() })?;
         // Hashing and decompressing hundreds of megabytes must not stall the runtime.
@@ -334,7 +414,9 @@ impl BinaryCacheSource {
     /// refuses a cache without nix-cache-info, so this says it plainly.
     async fn check_cache_info(&self) -> Result<(), CacheError> {
         let location = self.backend.location(CACHE_INFO);
-        let Some(bytes) = self.backend.get(CACHE_INFO).await? else {
+        let Some(bytes) =
+            self.backend.get(CACHE_INFO, MAX_NARINFO_BYTES, "the largest nix-cache-info the operator reads").await?
+        else {
             return Err(CacheError::BadUrl {
                 url: self.url.clone(),
                 reason: format!(
@@ -357,7 +439,8 @@ impl BinaryCacheSource {
     async fn fetch_narinfo(&self, path: StorePath) -> Result<Narinfo, CacheError> {
         let key = format!("{}.narinfo", path.hash());
         let url = self.backend.location(&key);
-        let Some(bytes) = self.backend.get(&key).await? else {
+        let Some(bytes) = self.backend.get(&key, MAX_NARINFO_BYTES, "the largest narinfo the operator reads").await?
+        else {
             return Err(CacheError::NotFound { path, url });
         };
         let corrupt = |reason: String| CacheError::Corrupt { path: path.clone(), reason };

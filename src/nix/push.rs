@@ -163,6 +163,17 @@ async fn build_record(source: &PathSource, info: &PathInfo, compress: bool) -> R
     .map_err(|e| PushError::Compress { path: String::new(), reason: e.to_string() })?
 }
 
+/// What the machine's nix-store said when it failed (the end of it).
+fn remote_failure(out: &crate::ssh::CommandOutput) -> ServeError {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr.trim();
+    let start = stderr.char_indices().rev().nth(999).map_or(0, |(i, _)| i);
+    ServeError::Remote {
+        status: out.status.map_or("none".into(), |s| s.to_string()),
+        stderr: stderr[start..].replace('\n', " | "),
+    }
+}
+
 fn zstd_frame(bytes: &[u8], what: &str) -> Result<Vec<u8>, PushError> {
     zstd::bulk::compress(bytes, ZSTD_LEVEL)
         .map_err(|e| PushError::Compress { path: what.to_owned(), reason: e.to_string() })
@@ -207,18 +218,20 @@ pub async fn import(
     let mut sizes = missing.iter().map(|i| i.nar_size);
     while let Some(record) = records.try_next().await? {
         stats.wire_bytes += record.bytes.len() as u64;
-        process.send(record.bytes.clone()).await?;
+        if let Err(err) = process.send(record.bytes.clone()).await {
+            // The command on the machine died mid-stream: what it said is the cause.
+            return Err(match process.finish().await {
+                Ok(out) if !out.stderr.is_empty() => remote_failure(&out).into(),
+                _ => err.into(),
+            });
+        }
         done.paths_done += 1;
         done.bytes_done += sizes.next().unwrap_or(0);
         progress(done);
     }
     let out = process.finish().await?;
     if out.status != Some(0) {
-        return Err(ServeError::Remote {
-            status: out.status.map_or("none".into(), |s| s.to_string()),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        }
-        .into());
+        return Err(remote_failure(&out).into());
     }
     serve::check_add_replies(&out.stdout, missing.len())?;
     stats.paths = done.paths_done;

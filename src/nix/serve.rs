@@ -25,6 +25,29 @@ pub enum ServeError {
     Remote { status: String, stderr: String },
 }
 
+/// Failures of the machine's store that retrying cannot fix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// The machine's disk (or /nix) is full.
+    DiskFull,
+    /// What arrived does not hash to what its path info says.
+    HashMismatch,
+}
+
+impl ServeError {
+    /// Whether the machine's answer names a failure that needs a person.
+    pub fn store_failure(&self) -> Option<StoreFailure> {
+        let Self::Remote { stderr, .. } = self else { return None };
+        if stderr.contains("No space left on device") || stderr.contains("Disk quota exceeded") {
+            Some(StoreFailure::DiskFull)
+        } else if stderr.contains("hash mismatch") {
+            Some(StoreFailure::HashMismatch)
+        } else {
+            None
+        }
+    }
+}
+
 /// Appends a protocol integer (little-endian u64).
 pub fn put_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(&n.to_le_bytes());

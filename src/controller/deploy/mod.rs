@@ -771,7 +771,8 @@ impl Run<'_> {
                 None
             };
             let source = BinaryCacheSource::new(&cache.url, &cache.public_keys, s3)
-                .map_err(|e| Error::stalled("InvalidBinaryCache", format!("spec.nixos.source.binaryCache: {e}")))?;
+                .map_err(|e| Error::stalled("InvalidBinaryCache", format!("spec.nixos.source.binaryCache: {e}")))?
+                .with_max_nar_bytes(self.ctx.settings.max_nar_bytes);
             return Ok(PathSource::Cache(Arc::new(source)));
         }
         let root = source.local_store.and_then(|l| l.root).unwrap_or_else(|| "/nix".into());
@@ -799,7 +800,7 @@ impl Run<'_> {
             push::import(session, source, missing, compress, records, &progress).await
         };
         let (pushed, ()) = tokio::join!(pushed, reporter);
-        pushed.map_err(push_error)
+        pushed.map_err(source_error)
     }
 
     /// Writes push progress to status.lastDeploy and the Reconciling message
@@ -910,13 +911,32 @@ fn source_error(err: PushError) -> Error {
             Error::stalled("ClosureNotFound", format!("spec.nixos.closure: {err}"))
         }
         PushError::Cache(CacheError::Corrupt { .. }) => Error::stalled("CorruptClosure", err.to_string()),
+        PushError::Cache(CacheError::TooLarge { .. }) => Error::stalled("ClosureTooLarge", err.to_string()),
         _ => push_error(err),
     }
 }
 
+/// Errors pushing: the machine's store failing for good (disk full, a
+/// hash mismatch) needs a person and stalls; connection trouble is retried.
 fn push_error(err: PushError) -> Error {
+    use crate::nix::serve::{ServeError, StoreFailure};
     match err {
-        PushError::Serve(crate::nix::serve::ServeError::Ssh(ssh)) => ssh_error(ssh),
+        PushError::Serve(ServeError::Ssh(ssh)) => ssh_error(ssh),
+        PushError::Serve(serve) => match serve.store_failure() {
+            Some(StoreFailure::DiskFull) => Error::stalled(
+                "MachineDiskFull",
+                format!(
+                    "pushing: {serve}; free space in the machine's /nix (nix-collect-garbage -d) and the next look retries"
+                ),
+            ),
+            Some(StoreFailure::HashMismatch) => Error::stalled(
+                "CorruptClosure",
+                format!(
+                    "pushing: {serve}; the source's copy of a path does not match its recorded hash: repair the source store or cache"
+                ),
+            ),
+            None => ProviderError::Transient(format!("pushing: {serve}")).into(),
+        },
         other => ProviderError::Transient(format!("pushing: {other}")).into(),
     }
 }
