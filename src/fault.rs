@@ -18,6 +18,10 @@ pub mod points {
     pub const DEPLOY_BEFORE_HEALTH_CHECKS: &str = "deploy-before-health-checks";
     /// The health checks passed; the confirmation is about to be sent.
     pub const DEPLOY_BEFORE_CONFIRM: &str = "deploy-before-confirm";
+    /// The intent to create a cloud resource is recorded; the call is next.
+    pub const CREATE_BEFORE_CALL: &str = "create-before-call";
+    /// The cloud answered a create; its ID is not recorded yet.
+    pub const CREATE_AFTER_CALL: &str = "create-after-call";
 }
 
 /// Reads `FAILPOINTS` (fault-injection builds only).

@@ -79,6 +79,11 @@ struct RunArgs {
     #[arg(long, env = "NIXOPS_MAX_NAR_MIB", default_value_t = 4096)]
     max_nar_mib: u64,
 
+    /// Seconds a cloud create whose outcome is unknown is looked for by its
+    /// UID tag before it is tried again (or, after a crash, the object stalls).
+    #[arg(long, env = "NIXOPS_CREATE_PENDING_SECONDS", default_value_t = 120)]
+    create_pending_seconds: u64,
+
     /// Seconds to let reconciliations in flight finish after SIGTERM.
     #[arg(long, env = "NIXOPS_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
     shutdown_grace_seconds: u64,
@@ -131,6 +136,7 @@ async fn run(args: RunArgs) -> Result<(), operator::RunError> {
             resync: Duration::from_secs(args.resync_seconds),
             ssh_timeout: Duration::from_secs(args.ssh_timeout_seconds),
             max_nar_bytes: args.max_nar_mib.saturating_mul(1 << 20),
+            create_pending_window: Duration::from_secs(args.create_pending_seconds),
             ..Settings::default()
         },
     };

@@ -208,7 +208,7 @@ async fn unknown_ami_stalls_with_the_aws_error_code() {
     let client = support::client().await;
     support::install_crds(&client).await;
     let ns = support::namespace(&client, "ec2-ami").await;
-    let _operator = support::Operator::start(&ns, &[]);
+    let operator = support::Operator::start(&ns, &[]);
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let host = support::SshHost::start();
     let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
@@ -224,6 +224,20 @@ async fn unknown_ami_stalls_with_the_aws_error_code() {
     let ec2 = support::ec2_client().await;
     let uid = machines.get("bad").await.unwrap().metadata.uid.unwrap();
     assert!(instances(&ec2, &uid).await.is_empty());
+
+    // No hot loop: the intent written before each try wakes the object at
+    // once, but the refused create is not tried again before the resync.
+    let created = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(created.elapsed())).await;
+    let calls = operator.metric("nixops_provider_calls_total", &["provider=\"ec2\"", "operation=\"create\""]);
+    assert!(calls >= 1.0, "the create was tried and counted");
+    assert!(calls <= 3.0, "{calls} create calls in 60 s");
+    let status = machines.get("bad").await.unwrap().status.unwrap();
+    assert_eq!(
+        support::condition(&status.conditions, "Stalled").as_deref(),
+        Some("True"),
+        "still Stalled, not Retrying"
+    );
 }
 
 #[tokio::test]

@@ -34,7 +34,7 @@ async fn faults_are_retried_and_leave_exactly_one_resource() {
     toxi.toxic("moto", "resets", "reset_peer", 0.2, json!({"timeout": 50}));
     toxi.toxic("moto", "hangs", "timeout", 0.1, json!({"timeout": 3000}));
 
-    let operator = support::Operator::start(&ns, &[]);
+    let operator = support::Operator::start(&ns, &["--create-pending-seconds", "10"]);
     let host = support::SshHost::start();
     let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
     let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);

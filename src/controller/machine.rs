@@ -15,7 +15,7 @@ use kube::runtime::{Controller, watcher};
 
 use super::deploy;
 use super::status::Conditions;
-use super::{Cleanup, Context, Error, Reconciler, Result, object_status, record_external_name, record_intent};
+use super::{Cleanup, Context, Error, Reconciler, Result, create_once, object_status, record_external_name};
 use crate::api::machine::{JumpHost, MachinePhase, MachineProvider as MachineProviderSpec, MachineStatus, SshSpec};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, Machine, ManagementPolicy, Network};
 use crate::provider::{InstanceState, MachineTarget, Owner, ProviderError};
@@ -189,6 +189,12 @@ impl Reconciler for Machine {
         let mut instance = match observed? {
             Some(current) if self.spec.management_policy == ManagementPolicy::Observe => current,
             Some(current) => {
+                // Found by its UID tag (after a crash, or a create whose answer was lost).
+                if target.external_id.is_none()
+                    && let Some(id) = current.provider_id.as_deref().and_then(|p| p.rsplit('/').next())
+                {
+                    record_external_name(&Api::<Machine>::namespaced(ctx.client.clone(), &ns), &self, id).await?;
+                }
                 let updated = provider.update(&target, current).await;
                 ctx.metrics.provider_call(provider.name(), "update", updated.is_ok());
                 updated?
@@ -214,13 +220,15 @@ impl Reconciler for Machine {
                 // Record the intent first: a replica with a stale copy fails here
                 // instead of launching a second instance.
                 let api = Api::<Machine>::namespaced(ctx.client.clone(), &ns);
-                record_intent(&api, &self).await?;
-                let created = provider.create(&target).await;
-                ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
-                let created = created?;
-                if let Some(id) = created.provider_id.as_deref().and_then(|p| p.rsplit('/').next()) {
-                    record_external_name(&api, &self, id).await?;
-                }
+                let id_of = |c: &crate::provider::Instance| {
+                    c.provider_id.as_deref().and_then(|p| p.rsplit('/').next()).map(str::to_owned)
+                };
+                let created = create_once(&api, &*self, &ctx, "instance", id_of, || async {
+                    let created = provider.create(&target).await;
+                    ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
+                    created
+                })
+                .await?;
                 ctx.event(
                     &*self,
                     EventType::Normal,

@@ -125,6 +125,9 @@ pub struct Settings {
     pub max_backoff: Duration,
     /// The largest NAR read from a binary cache.
     pub max_nar_bytes: u64,
+    /// How long a create with an unknown outcome is looked for by tag
+    /// before creating again (or stalling, after a crash).
+    pub create_pending_window: Duration,
 }
 
 impl Default for Settings {
@@ -134,6 +137,7 @@ impl Default for Settings {
             ssh_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(300),
             max_nar_bytes: crate::nix::cache::DEFAULT_MAX_NAR_BYTES,
+            create_pending_window: Duration::from_secs(120),
         }
     }
 }
@@ -158,6 +162,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Reconciliations running now, so shutdown can wait for exactly those.
     in_flight: AtomicUsize,
+    /// Creates that failed, per object UID (see [`create_once`]).
+    refused_creates: Mutex<HashMap<String, FailedCreate>>,
 }
 
 /// Machine ("namespace/name") → the KeyPair name it uses.
@@ -181,6 +187,7 @@ impl Context {
             deployments: deploy::Deployments::new(RECORD_CACHE_BYTES),
             failures: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
+            refused_creates: Mutex::default(),
         }
     }
 
@@ -469,17 +476,162 @@ pub async fn resolve_network(ctx: &Context, ns: &str, name: &str, field: &str) -
     })
 }
 
-/// Records on the object that a cloud resource is about to be created, with
-/// an update carrying the object's resourceVersion: a replica acting on a
-/// stale copy fails here (409) instead of creating a second resource.
-pub async fn record_intent<K: Reconciler>(api: &Api<K>, obj: &K) -> Result<K> {
-    let mut updated = obj.clone();
-    updated
-        .meta_mut()
-        .annotations
-        .get_or_insert_with(Default::default)
-        .insert(CREATE_PENDING_ANNOTATION.to_owned(), k8s_openapi::jiff::Timestamp::now().to_string());
-    Ok(api.replace(&obj.name_any(), &kube::api::PostParams::default(), &updated).await?)
+/// Creates a cloud resource for `obj` at most once per intent, the way
+/// Crossplane's external-create-pending works. The caller has looked the
+/// resource up (by external name and UID tag) and found nothing.
+///
+/// - A create whose outcome is unknown left the `nixops.io/create-pending`
+///   mark: nothing is created while the lookup by UID tag may still find
+///   the resource (`Settings::create_pending_window`; cloud reads can lag
+///   a create by seconds). Past the window, a create this process saw fail
+///   without an answer is tried again (nothing appeared, so nothing was
+///   made); one interrupted by a crash, whose error nobody saw, stalls the
+///   object with what to do.
+/// - Otherwise the intent is recorded (with the object's resourceVersion,
+///   so a replica acting on a stale copy fails with 409), then `create`
+///   runs and its ID is recorded as the external name.
+/// - A create the cloud refused is remembered here, not on the object, so
+///   the next try waits for its backoff whatever wakes the object: writing
+///   the object would wake it at once.
+pub async fn create_once<K, T, F, Fut>(
+    api: &Api<K>,
+    obj: &K,
+    ctx: &Context,
+    what: &str,
+    id_of: impl Fn(&T) -> Option<String>,
+    create: F,
+) -> Result<T>
+where
+    K: Reconciler,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = std::result::Result<T, ProviderError>>,
+{
+    let uid = obj.meta().uid.clone().unwrap_or_default();
+    let pending = obj.annotations().get(CREATE_PENDING_ANNOTATION).cloned();
+    let refused = ctx.refused_creates.lock().unwrap_or_else(|e| e.into_inner()).get(&uid).cloned();
+    let window = ctx.settings.create_pending_window;
+    let mut known_unmade = false;
+    match (&pending, &refused) {
+        (Some(mark), Some(r)) if *mark == r.mark => {
+            let now = Instant::now();
+            if let Some((reason, message)) = &r.permanent
+                && r.generation == obj.meta().generation
+                && now < r.not_before
+            {
+                // A refusal that needs a spec change stays what it was until then.
+                return Err(Error::stalled(reason, message.clone()));
+            }
+            if !r.answered && now < r.at + window {
+                return Err(ProviderError::Transient(format!(
+                    "creating the {what} failed without an answer ({}); looking for it by its nixops.io/uid tag \
+                     for {} s more before creating again",
+                    r.message,
+                    (r.at + window - now).as_secs().max(1)
+                ))
+                .into());
+            }
+            known_unmade = true;
+        }
+        (Some(mark), _) => {
+            let since = mark
+                .parse::<k8s_openapi::jiff::Timestamp>()
+                .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t).unsigned_abs())
+                .unwrap_or_default();
+            if since < window {
+                return Err(ProviderError::Transient(format!(
+                    "a create of the {what} started at {mark} has an unknown outcome; looking for it by its \
+                     nixops.io/uid tag for up to {} s before creating again",
+                    window.as_secs()
+                ))
+                .into());
+            }
+            return Err(Error::stalled(
+                "CreateOutcomeUnknown",
+                format!(
+                    "a create of the {what} started at {mark} has an unknown outcome and no resource tagged \
+                     nixops.io/uid={uid} appeared within {} s. If one exists, set the {} annotation to its ID to \
+                     adopt it; if none does, remove the {CREATE_PENDING_ANNOTATION} annotation to create it",
+                    window.as_secs(),
+                    crate::api::EXTERNAL_NAME_ANNOTATION,
+                ),
+            ));
+        }
+        _ => {}
+    }
+    // After a create known not to have happened the same mark serves again:
+    // writing a new one would wake the object at once and defeat the backoff.
+    let mark = match pending {
+        Some(mark) if known_unmade => mark,
+        _ => {
+            let mark = k8s_openapi::jiff::Timestamp::now().to_string();
+            let mut updated = obj.clone();
+            updated
+                .meta_mut()
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(CREATE_PENDING_ANNOTATION.to_owned(), mark.clone());
+            api.replace(&obj.name_any(), &kube::api::PostParams::default(), &updated).await?;
+            mark
+        }
+    };
+    crate::fault::point(crate::fault::points::CREATE_BEFORE_CALL, None).await;
+    let created = create().await;
+    crate::fault::point(crate::fault::points::CREATE_AFTER_CALL, None).await;
+    match created {
+        Ok(created) => {
+            ctx.refused_creates.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
+            if let Some(id) = id_of(&created) {
+                record_external_name(api, obj, &id).await?;
+            }
+            Ok(created)
+        }
+        Err(err) => {
+            // A refusal means nothing was made; without an answer the mark
+            // stays and the lookup by tag settles it first.
+            let answered = matches!(err, ProviderError::Permanent { .. } | ProviderError::Refused(_));
+            let permanent = match &err {
+                ProviderError::Permanent { reason, message } => Some((*reason, message.clone())),
+                _ => None,
+            };
+            let mut refused = ctx.refused_creates.lock().unwrap_or_else(|e| e.into_inner());
+            let failures = refused.get(&uid).map_or(0, |r| r.failures) + 1;
+            // Asked again at the resync, or at once when the spec changes.
+            let backoff = if permanent.is_some() { ctx.settings.resync } else { Duration::ZERO };
+            let now = Instant::now();
+            refused.insert(
+                uid,
+                FailedCreate {
+                    mark,
+                    answered,
+                    permanent,
+                    generation: obj.meta().generation,
+                    failures,
+                    at: now,
+                    not_before: now + backoff,
+                    message: err.to_string(),
+                },
+            );
+            Err(err.into())
+        }
+    }
+}
+
+/// A create that failed, remembered by this process (not on the object:
+/// writing the object would wake it at once and defeat the backoff).
+#[derive(Clone, Debug)]
+pub struct FailedCreate {
+    /// The create-pending mark of that attempt.
+    mark: String,
+    /// The cloud answered with a refusal, so nothing was created.
+    answered: bool,
+    /// The refusal needs a spec change: its reason and message.
+    permanent: Option<(&'static str, String)>,
+    /// The spec generation it was made for; a new spec may try at once.
+    generation: Option<i64>,
+    failures: u32,
+    at: Instant,
+    not_before: Instant,
+    message: String,
 }
 
 /// Records the cloud ID in the `nixops.io/external-name` annotation (so a

@@ -12,7 +12,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Resource, ResourceExt};
 
 use super::status::Conditions;
-use super::{Cleanup, Context, Error, Reconciler, Result, object_status, record_external_name, record_intent};
+use super::{Cleanup, Context, Error, Reconciler, Result, create_once, object_status, record_external_name};
 use crate::api::network::ResourcePhase;
 use crate::api::volume::{VolumeAttachmentStatus, VolumeStatus};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Machine, ManagementPolicy, Volume};
@@ -129,11 +129,13 @@ impl Reconciler for Volume {
             }
             None => {
                 let api = Api::<Volume>::namespaced(ctx.client.clone(), &ns);
-                record_intent(&api, &self).await?;
-                let created = provider.create(&target, spec).await;
-                ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
-                let created = created?;
-                record_external_name(&api, &self, &created.id).await?;
+                let id_of = |v: &crate::provider::VolumeState| Some(v.id.clone());
+                let created = create_once(&api, &*self, &ctx, "volume", id_of, || async {
+                    let created = provider.create(&target, spec).await;
+                    ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
+                    created
+                })
+                .await?;
                 ctx.event(
                     &*self,
                     EventType::Normal,

@@ -15,9 +15,14 @@ use crate::api::machine::{MachineAddress, MachineProvider as MachineProviderSpec
 /// Errors providers return, classified for the controllers.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
-    /// Worth retrying with backoff (timeouts, throttling, connection resets).
+    /// Worth retrying with backoff (timeouts, connection resets, server
+    /// errors); whether a create went through is unknown.
     #[error("{0}")]
     Transient(String),
+    /// The cloud answered that it did not do it (throttling, capacity);
+    /// worth retrying with backoff, and nothing was created.
+    #[error("{0}")]
+    Refused(String),
     /// Needs a change to the spec or the environment; becomes Stalled.
     #[error("{message}")]
     Permanent { reason: &'static str, message: String },

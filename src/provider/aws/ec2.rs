@@ -36,10 +36,8 @@ impl Ec2Machines {
     }
 
     async fn clients(&self, target: &MachineTarget) -> Result<Arc<super::AwsClients>, ProviderError> {
-        let network = target
-            .network
-            .as_ref()
-            .ok_or_else(|| ProviderError::Transient("the Network is not resolved yet".into()))?;
+        let network =
+            target.network.as_ref().ok_or_else(|| ProviderError::Refused("the Network is not resolved yet".into()))?;
         self.accounts.for_network(network).await
     }
 }
@@ -120,7 +118,7 @@ impl MachineProvider for Ec2Machines {
         let network_ready =
             network.is_some_and(|s| crate::controller::status::is_true(&s.conditions, crate::api::condition::READY));
         if !network_ready {
-            return Err(ProviderError::Transient("waiting for the Network's VPC to be provisioned".into()));
+            return Err(ProviderError::Refused("waiting for the Network's VPC to be provisioned".into()));
         }
         let subnet_id = network
             .and_then(|s| s.subnets.iter().find(|sub| sub.name == spec.subnet))

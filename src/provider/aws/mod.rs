@@ -226,13 +226,32 @@ where
             let code = e.code().unwrap_or("Unknown").to_owned();
             let message = format!("{doing}: AWS {code}: {}", e.message().unwrap_or("no message"));
             if is_transient_code(&code) {
-                ProviderError::Transient(message)
+                // A server error leaves a create's outcome unknown; any other
+                // answer says it was not done.
+                if is_server_error_code(&code) {
+                    ProviderError::Transient(message)
+                } else {
+                    ProviderError::Refused(message)
+                }
             } else {
                 ProviderError::permanent("AwsError", message)
             }
         }
         _ => ProviderError::Transient(format!("{doing}: {}", aws_sdk_ec2::error::DisplayErrorContext(&err))),
     }
+}
+
+/// AWS error codes of a server that failed while handling the request.
+fn is_server_error_code(code: &str) -> bool {
+    matches!(
+        code,
+        "InternalError"
+            | "InternalFailure"
+            | "ServiceUnavailable"
+            | "Unavailable"
+            | "RequestTimeout"
+            | "RequestTimeoutException"
+    )
 }
 
 /// AWS error codes worth retrying.
