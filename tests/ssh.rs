@@ -1,6 +1,7 @@
 //! Authenticated SSH sessions against a real sshd: commands run with their
 //! output and exit status; a host with another key is refused before any
-//! authentication; a key the host does not accept is reported as such.
+//! authentication, whatever type the pinned key has; a key the host does not
+//! accept is reported as such.
 
 mod support;
 
@@ -8,8 +9,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nixops_operator::ssh::{HostKey, Session, SshError};
+use nixops_operator::ssh::{HostKey, Session, SshError, probe_host_key};
 use russh::keys::PrivateKey;
+use support::node::{NixNode, NodeSetup};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,7 +80,7 @@ async fn sessions_and_probes_go_through_a_jump_host() {
     let jump = Arc::new(
         Session::connect(&bastion.host, bastion.port, "root", &key, &pin(&bastion), TIMEOUT, None).await.unwrap(),
     );
-    let probed = nixops_operator::ssh::probe_host_key(&target.host, target.port, TIMEOUT, Some(&jump)).await.unwrap();
+    let probed = probe_host_key(&target.host, target.port, TIMEOUT, Some(&jump), None).await.unwrap();
     assert_eq!(probed, pin(&target));
     let session = Session::connect(&target.host, target.port, "root", &key, &pin(&target), TIMEOUT, Some(jump.clone()))
         .await
@@ -98,4 +100,60 @@ async fn sessions_and_probes_go_through_a_jump_host() {
         .err()
         .expect("forwarding is disabled on that jump host");
     assert!(err.to_string().contains("jump host"), "{err}");
+}
+
+/// A host with ed25519, RSA and ECDSA keys proves whichever one is pinned
+/// (russh would pick ed25519 by itself), and only that very key is
+/// accepted: another host's key of the same type is refused, naming both.
+#[tokio::test]
+async fn a_pinned_host_key_of_any_type_is_negotiated_and_enforced() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = client_key(keys.path(), "deployer");
+    let setup = NodeSetup { host_keys: vec!["rsa", "ecdsa"] };
+    let node = NixNode::start_with(&public, &setup);
+    let other = NixNode::start_with(&public, &setup);
+
+    for kind in ["rsa", "ecdsa", "ed25519"] {
+        let pinned = HostKey::parse(&node.host_key_of(kind), kind).unwrap();
+        let session = Session::connect(&node.host, node.port, "root", &key, &pinned, TIMEOUT, None)
+            .await
+            .unwrap_or_else(|e| panic!("a {kind} pin on a host that has that key: {e}"));
+        assert_eq!(session.exec("echo ok").await.unwrap().stdout, b"ok\n");
+        session.close().await;
+        let probed = probe_host_key(&node.host, node.port, TIMEOUT, None, Some(&pinned)).await.unwrap();
+        assert_eq!(probed, pinned, "a probe for a {kind} pin sees the host's {kind} key");
+
+        let wrong = HostKey::parse(&other.host_key_of(kind), kind).unwrap();
+        match Session::connect(&node.host, node.port, "root", &key, &wrong, TIMEOUT, None).await {
+            Err(err @ SshError::HostKeyMismatch { .. }) => {
+                let msg = err.to_string();
+                assert!(
+                    msg.contains(&pinned.fingerprint()) && msg.contains(&wrong.fingerprint()),
+                    "the host's own {kind} key and the wrong {kind} pin are both named: {msg}"
+                );
+            }
+            Err(err) => panic!("expected a host key mismatch for a wrong {kind} pin, got {err}"),
+            Ok(_) => panic!("connected to a host whose {kind} key is not the pinned one"),
+        }
+    }
+    // Only the sessions with the right pins logged in.
+    assert_eq!(node.sshd_log().matches("Accepted publickey").count(), 3, "{}", node.sshd_log());
+
+    // Through a jump host pinned by its ECDSA key, to the node pinned by its RSA key.
+    let jump_pin = HostKey::parse(&other.host_key_of("ecdsa"), "ecdsa").unwrap();
+    let jump =
+        Arc::new(Session::connect(&other.host, other.port, "root", &key, &jump_pin, TIMEOUT, None).await.unwrap());
+    let rsa_pin = HostKey::parse(&node.host_key_of("rsa"), "rsa").unwrap();
+    let probed = probe_host_key(&node.host, node.port, TIMEOUT, Some(&jump), Some(&rsa_pin)).await.unwrap();
+    assert_eq!(probed, rsa_pin);
+    let session =
+        Session::connect(&node.host, node.port, "root", &key, &rsa_pin, TIMEOUT, Some(jump.clone())).await.unwrap();
+    assert_eq!(session.exec("echo through").await.unwrap().stdout, b"through\n");
+
+    // Nothing pinned (first contact): always the ed25519 key, so what is
+    // recorded does not depend on the attempt.
+    for _ in 0..3 {
+        let probed = probe_host_key(&node.host, node.port, TIMEOUT, None, None).await.unwrap();
+        assert_eq!(probed, HostKey::parse(&node.host_key(), "ed25519").unwrap());
+    }
 }

@@ -2,13 +2,14 @@
 //! matches the pinned one: the key check happens during key exchange,
 //! before the operator authenticates or sends anything.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::ChannelMsg;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 
-use super::{HostKey, SshError, format_addr};
+use super::{HostKey, SshError, client_config, format_addr};
 
 /// AES-GCM first: with the AES instructions every server CPU has, it costs
 /// a fraction of ChaCha20-Poly1305 (russh's first choice) on both ends of a
@@ -93,13 +94,11 @@ impl Session {
         let addr = format_addr(host, port);
         let presented = Arc::new(Mutex::new(None));
         let handler = PinnedHost { pinned: pinned.clone(), presented: presented.clone() };
-        let config = Arc::new(russh::client::Config {
-            inactivity_timeout: Some(timeout.max(Duration::from_secs(60))),
-            keepalive_interval: Some(Duration::from_secs(15)),
-            keepalive_max: 4,
-            preferred: russh::Preferred { cipher: std::borrow::Cow::Borrowed(CIPHERS), ..russh::Preferred::default() },
-            ..russh::client::Config::default()
-        });
+        let mut config = client_config(Some(pinned), timeout.max(Duration::from_secs(60)));
+        config.keepalive_interval = Some(Duration::from_secs(15));
+        config.keepalive_max = 4;
+        config.preferred.cipher = Cow::Borrowed(CIPHERS);
+        let config = Arc::new(config);
         let connecting = connect_handler(config, host, port, handler, via.as_deref());
         let mut handle = match tokio::time::timeout(timeout, connecting).await {
             Err(_) => return Err(SshError::Timeout { addr, seconds: timeout.as_secs() }),

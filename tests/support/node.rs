@@ -8,6 +8,8 @@
 //! with sshd's default PATH, where Debian keeps nix-store, nix-env and the
 //! coreutils.
 //!
+//! A `NodeSetup` adds host keys of other types beside the ed25519 one.
+//!
 //! A node also has a pid namespace of its own, whose init holds one end of a
 //! pipe whose other end only this test process holds. When the node is
 //! dropped, or this process ends however it ends (a panic, `kill -9`), the
@@ -83,14 +85,27 @@ pub struct NixNode {
     init_pid: u32,
 }
 
+/// What a node has beyond an ed25519 host key.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSetup {
+    /// More host key types (`ssh-keygen -t`: "rsa", "ecdsa"); sshd offers
+    /// them after the ed25519 key.
+    pub host_keys: Vec<&'static str>,
+}
+
 impl NixNode {
     /// Starts a node whose root account accepts `authorized_key` (an OpenSSH
     /// public key line), and waits until its sshd accepts connections.
     pub fn start(authorized_key: &str) -> Self {
+        Self::start_with(authorized_key, &NodeSetup::default())
+    }
+
+    /// Like `start`, with the host keys of `setup`.
+    pub fn start_with(authorized_key: &str, setup: &NodeSetup) -> Self {
         let mut last_error = String::new();
         // Another process may take the free port before sshd binds it.
         for _ in 0..3 {
-            let mut node = Self::spawn(authorized_key);
+            let mut node = Self::spawn(authorized_key, setup);
             match node.wait_ready() {
                 Ok(()) => return node,
                 Err(NotReady::PortTaken(log)) => last_error = log,
@@ -101,29 +116,37 @@ impl NixNode {
         panic!("node: sshd could not bind a free port three times; last log:\n{last_error}");
     }
 
-    fn spawn(authorized_key: &str) -> Self {
+    fn spawn(authorized_key: &str, setup: &NodeSetup) -> Self {
         let dir = tempfile::Builder::new().prefix("nixops-node-").tempdir().expect("create node directory");
         let path = dir.path();
         for sub in ["nix", "root"] {
             std::fs::create_dir(path.join(sub)).unwrap_or_else(|e| panic!("create {}/{sub}: {e}", path.display()));
         }
-        let host_key = path.join("ssh_host_ed25519_key");
-        let keygen = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "nixops-test-node", "-f"])
-            .arg(&host_key)
-            .output()
-            .expect("run ssh-keygen");
-        assert!(keygen.status.success(), "ssh-keygen failed: {}", String::from_utf8_lossy(&keygen.stderr));
+        let mut host_keys = String::new();
+        for kind in std::iter::once("ed25519").chain(setup.host_keys.iter().copied()) {
+            let host_key = path.join(format!("ssh_host_{kind}_key"));
+            let keygen = Command::new("ssh-keygen")
+                .args(["-q", "-t", kind, "-N", "", "-C", "nixops-test-node", "-f"])
+                .arg(&host_key)
+                .output()
+                .expect("run ssh-keygen");
+            assert!(
+                keygen.status.success(),
+                "ssh-keygen -t {kind} failed: {}",
+                String::from_utf8_lossy(&keygen.stderr)
+            );
+            host_keys += &format!("HostKey {}\n", host_key.display());
+        }
         std::fs::write(path.join("authorized_keys"), format!("{}\n", authorized_key.trim()))
             .expect("write authorized_keys");
         let port = super::free_port();
         std::fs::write(
             path.join("sshd_config"),
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\nAuthorizedKeysFile {AUTHORIZED_KEYS}\n\
+                "Port {port}\nListenAddress 127.0.0.1\n{host_keys}PidFile none\n\
+                 AuthorizedKeysFile {AUTHORIZED_KEYS}\n\
                  PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nLogLevel VERBOSE\n\
-                 PrintMotd no\nPrintLastLog no\n",
-                host_key.display()
+                 PrintMotd no\nPrintLastLog no\n"
             ),
         )
         .expect("write sshd_config");
@@ -178,7 +201,14 @@ impl NixNode {
 
     /// The public key line ("ssh-ed25519 AAAA…") of the node's sshd.
     pub fn host_key(&self) -> String {
-        let line = std::fs::read_to_string(self.dir.path().join("ssh_host_ed25519_key.pub")).expect("read host key");
+        self.host_key_of("ed25519")
+    }
+
+    /// The public key line of the node's host key of type `kind` (as given
+    /// to `ssh-keygen -t`: "ed25519", "rsa", "ecdsa").
+    pub fn host_key_of(&self, kind: &str) -> String {
+        let file = self.dir.path().join(format!("ssh_host_{kind}_key.pub"));
+        let line = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
         line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
     }
 
