@@ -13,7 +13,7 @@ use nixops_operator::api::machine::MachinePhase;
 use nixops_operator::api::{Machine, Network};
 use serde_json::json;
 use support::fleet::{Fleet, TIMEOUT, last_deploy, nonce, system};
-use support::node::{Activation, NixNode, NodeSetup, closure};
+use support::node::{Activation, NixNode, NodeSetup, NodeUser, closure};
 
 #[tokio::test]
 async fn deploy_copies_only_missing_paths_and_reapplying_changes_nothing() {
@@ -357,7 +357,7 @@ async fn the_first_host_key_is_recorded_although_the_login_is_rejected() {
 async fn host_keys_of_any_type_can_be_pinned_and_first_contact_records_one() {
     use nixops_operator::ssh::HostKey;
     let fleet = Fleet::start("deploy-hostkey-types", json!({})).await;
-    let setup = NodeSetup { host_keys: vec!["rsa", "ecdsa"] };
+    let setup = NodeSetup { host_keys: vec!["rsa", "ecdsa"], ..NodeSetup::default() };
     let [rsa, ecdsa, wrong, tofu]: [NixNode; 4] = std::array::from_fn(|_| fleet.node_with(&setup));
     let n = nonce();
     let key = |line: &str| HostKey::parse(line, "host key").unwrap();
@@ -410,6 +410,60 @@ async fn host_keys_of_any_type_can_be_pinned_and_first_contact_records_one() {
         .filter(|e| e.involved_object.name.as_deref() == Some("tofu") && e.reason.as_deref() == Some("HostKeyRecorded"))
         .count();
     assert_eq!(recorded_events, 1, "the key is recorded at first contact only");
+}
+
+/// spec.ssh.user other than root: the push, the activation (with magic
+/// rollback's confirmation) and the keys all run as root through
+/// passwordless sudo, and the machine runs the closure.
+#[tokio::test]
+async fn a_non_root_user_with_passwordless_sudo_deploys() {
+    let fleet = Fleet::start("deploy-sudo", json!({})).await;
+    let node = fleet.node_with(&NodeSetup {
+        users: vec![NodeUser { name: "deployer".into(), sudo: true }],
+        ..NodeSetup::default()
+    });
+    let secrets: Api<Secret> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    let secret_value = format!("s3cret-{}", nonce());
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app"}, "stringData": {"token": secret_value}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let n = nonce();
+    let sys = system("app", &n, &[("app", "v1"), ("lib", "v1")], Activation::Ok);
+    let keys = json!([{"name": "token", "secretRef": {"name": "app", "key": "token"},
+                       "destDir": "/run/keys", "user": "nobody", "group": "nogroup", "permissions": "0400"}]);
+    let ssh = json!({"user": "deployer", "keyPairRef": {"name": "deployer"}});
+    fleet.create("app", &node, json!({"closure": sys}), json!({"ssh": ssh, "keys": keys})).await;
+    let m = fleet.wait_running("app", &sys).await;
+    assert_eq!(last_deploy(&m).paths_copied, closure(&sys).len() as i64);
+    assert_eq!(node.current_system().as_deref(), Some(sys.as_str()));
+    assert_eq!(node.activations(), vec![format!("switch {sys}")]);
+    assert_eq!(node.profile().as_deref(), Some(sys.as_str()));
+    node.verify();
+    let key_file = node.exec_ok("stat -c '%U %G %a' /run/keys/token && cat /run/keys/token");
+    assert_eq!(key_file, format!("nobody nogroup 400\n{secret_value}"));
+    let log = node.sshd_log();
+    assert!(log.contains("Accepted publickey for deployer"), "{log}");
+    assert!(!log.contains("Accepted publickey for root"), "the operator logged in as root: {log}");
+}
+
+/// A spec.ssh.user without passwordless sudo stalls, saying so, before
+/// anything is pushed or activated.
+#[tokio::test]
+async fn a_user_without_passwordless_sudo_stalls_naming_spec_ssh_user() {
+    let fleet = Fleet::start("deploy-nosudo", json!({})).await;
+    let node = fleet
+        .node_with(&NodeSetup { users: vec![NodeUser { name: "intern".into(), sudo: false }], ..NodeSetup::default() });
+    let n = nonce();
+    let sys = system("intern", &n, &[("app", "v1")], Activation::Ok);
+    let ssh = json!({"user": "intern", "keyPairRef": {"name": "deployer"}});
+    fleet.create("intern", &node, json!({"closure": sys}), json!({"ssh": ssh})).await;
+    let m = fleet.wait_stalled("intern", "SudoRefused").await;
+    let message = support::condition_message(&m.status.unwrap().conditions, "Stalled");
+    assert!(message.contains("spec.ssh.user (intern)") && message.contains("passwordless sudo"), "{message}");
+    assert!(node.store_paths().is_empty(), "nothing was pushed");
+    assert!(node.activations().is_empty());
 }
 
 #[tokio::test]

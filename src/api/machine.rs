@@ -223,7 +223,10 @@ pub enum EbsVolumeType {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SshSpec {
-    /// Login user; deploying needs root or passwordless sudo. Defaults to root.
+    /// Login user. Deploying runs store, activation and key commands as
+    /// root: directly as root, through `sudo -n` as any other user, which then
+    /// needs passwordless sudo (NOPASSWD); without it the Machine stalls with
+    /// SudoRefused. Defaults to root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = rules::unix_name())]
     #[schemars(length(min = 1, max = 32))]
@@ -277,7 +280,8 @@ pub struct JumpHost {
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
 
-    /// Login user on the jump host; defaults to the machine's ssh.user.
+    /// Login user on the jump host; defaults to the machine's ssh.user. It
+    /// only forwards connections, so it needs no sudo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = rules::unix_name())]
     #[schemars(length(min = 1, max = 32))]

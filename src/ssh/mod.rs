@@ -28,6 +28,11 @@ pub enum SshError {
     AuthRejected { addr: String, user: String },
     #[error("{what} is not an OpenSSH public key: {reason}")]
     BadKey { what: String, reason: String },
+    #[error(
+        "{addr}: user {user} needs passwordless sudo to run store and activation commands as root, \
+         but `sudo -n true` failed: {reason}"
+    )]
+    SudoRefused { addr: String, user: String, reason: String },
 }
 
 /// An SSH host key, compared by key material (the comment is ignored).
