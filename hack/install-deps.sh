@@ -8,7 +8,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 need_apt=()
-for cmd_pkg in openssl:openssl curl:curl python3:python3 git:git sshd:openssh-server ssh-keygen:openssh-client setsid:util-linux nsenter:util-linux nix-store:nix-bin zstd:zstd lua5.4:lua5.4; do
+for cmd_pkg in openssl:openssl curl:curl python3:python3 git:git sshd:openssh-server ssh-keygen:openssh-client setsid:util-linux nsenter:util-linux nix-store:nix-bin zstd:zstd sudo:sudo lua5.4:lua5.4; do
   command -v "${cmd_pkg%%:*}" >/dev/null || need_apt+=("${cmd_pkg#*:}")
 done
 [[ -e /etc/ssl/certs/ca-certificates.crt ]] || need_apt+=(ca-certificates)

@@ -13,7 +13,7 @@ use nixops_operator::api::machine::MachinePhase;
 use nixops_operator::api::{Machine, Network};
 use serde_json::json;
 use support::fleet::{Fleet, TIMEOUT, last_deploy, nonce, system};
-use support::node::{Activation, NixNode, closure};
+use support::node::{Activation, NixNode, NodeSetup, NodeUser, closure};
 
 #[tokio::test]
 async fn deploy_copies_only_missing_paths_and_reapplying_changes_nothing() {
@@ -375,6 +375,123 @@ async fn the_first_host_key_is_recorded_although_the_login_is_rejected() {
         .await
         .unwrap();
     fleet.wait_running("tofu", &sys).await;
+}
+
+/// Nodes with ed25519, RSA and ECDSA host keys: an RSA or ECDSA key in
+/// spec.ssh.hostKey is the key the node proves (russh alone would ask for
+/// ed25519 and find a mismatch), a wrong key of the pinned type is still
+/// refused naming both, and first contact records the ed25519 key, once.
+#[tokio::test]
+async fn host_keys_of_any_type_can_be_pinned_and_first_contact_records_one() {
+    use nixops_operator::ssh::HostKey;
+    let fleet = Fleet::start("deploy-hostkey-types", json!({})).await;
+    let setup = NodeSetup { host_keys: vec!["rsa", "ecdsa"], ..NodeSetup::default() };
+    let [rsa, ecdsa, wrong, tofu]: [NixNode; 4] = std::array::from_fn(|_| fleet.node_with(&setup));
+    let n = nonce();
+    let key = |line: &str| HostKey::parse(line, "host key").unwrap();
+    let pinned = |pin: String| json!({"ssh": {"keyPairRef": {"name": "deployer"}, "hostKey": pin}});
+    let mut systems = Vec::new();
+    for (name, node, extra) in [
+        ("rsa", &rsa, pinned(rsa.host_key_of("rsa"))),
+        ("ecdsa", &ecdsa, pinned(ecdsa.host_key_of("ecdsa"))),
+        ("wrong", &wrong, pinned(rsa.host_key_of("rsa"))),
+        ("tofu", &tofu, json!({})),
+    ] {
+        let sys = system(name, &n, &[("www", name)], Activation::Ok);
+        fleet.create(name, node, json!({"closure": sys}), extra).await;
+        systems.push(sys);
+    }
+
+    for (name, node, kind, sys) in [("rsa", &rsa, "rsa", &systems[0]), ("ecdsa", &ecdsa, "ecdsa", &systems[1])] {
+        let m = fleet.wait_running(name, sys).await;
+        assert_eq!(node.current_system().as_deref(), Some(sys.as_str()), "{name}");
+        let recorded = m.status.unwrap().host_key.expect("status.hostKey");
+        assert_eq!(key(&recorded), key(&node.host_key_of(kind)), "{name}: the pinned key is the one recorded");
+    }
+
+    let m = fleet.wait_stalled("wrong", "HostKeyMismatch").await;
+    let message = support::condition_message(&m.status.unwrap().conditions, "Stalled");
+    let (presented, pin) = (key(&wrong.host_key_of("rsa")), key(&rsa.host_key_of("rsa")));
+    assert!(
+        message.contains(&presented.fingerprint()) && message.contains(&pin.fingerprint()),
+        "the node's RSA key and the pinned one are both named: {message}"
+    );
+    assert!(wrong.store_paths().is_empty(), "nothing was pushed to an unverified host");
+
+    // First contact: the ed25519 key, recorded once and kept through resyncs
+    // (every 2 s here) and reconnections.
+    let m = fleet.wait_running("tofu", &systems[3]).await;
+    let recorded = m.status.unwrap().host_key.expect("status.hostKey recorded at first contact");
+    assert_eq!(key(&recorded), key(&tofu.host_key()));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let m = fleet.machines.get("tofu").await.unwrap();
+    let status = m.status.unwrap();
+    assert_eq!(status.host_key.as_deref(), Some(recorded.as_str()));
+    assert!(support::is_ready(&status.conditions), "{:?}", status.conditions);
+    let events: Api<Event> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    let recorded_events = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some("tofu") && e.reason.as_deref() == Some("HostKeyRecorded"))
+        .count();
+    assert_eq!(recorded_events, 1, "the key is recorded at first contact only");
+}
+
+/// spec.ssh.user other than root: the push, the activation (with magic
+/// rollback's confirmation) and the keys all run as root through
+/// passwordless sudo, and the machine runs the closure.
+#[tokio::test]
+async fn a_non_root_user_with_passwordless_sudo_deploys() {
+    let fleet = Fleet::start("deploy-sudo", json!({})).await;
+    let node = fleet.node_with(&NodeSetup {
+        users: vec![NodeUser { name: "deployer".into(), sudo: true }],
+        ..NodeSetup::default()
+    });
+    let secrets: Api<Secret> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    let secret_value = format!("s3cret-{}", nonce());
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app"}, "stringData": {"token": secret_value}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let n = nonce();
+    let sys = system("app", &n, &[("app", "v1"), ("lib", "v1")], Activation::Ok);
+    let keys = json!([{"name": "token", "secretRef": {"name": "app", "key": "token"},
+                       "destDir": "/run/keys", "user": "nobody", "group": "nogroup", "permissions": "0400"}]);
+    let ssh = json!({"user": "deployer", "keyPairRef": {"name": "deployer"}});
+    fleet.create("app", &node, json!({"closure": sys}), json!({"ssh": ssh, "keys": keys})).await;
+    let m = fleet.wait_running("app", &sys).await;
+    assert_eq!(last_deploy(&m).paths_copied, closure(&sys).len() as i64);
+    assert_eq!(node.current_system().as_deref(), Some(sys.as_str()));
+    assert_eq!(node.activations(), vec![format!("switch {sys}")]);
+    assert_eq!(node.profile().as_deref(), Some(sys.as_str()));
+    node.verify();
+    let key_file = node.exec_ok("stat -c '%U %G %a' /run/keys/token && cat /run/keys/token");
+    assert_eq!(key_file, format!("nobody nogroup 400\n{secret_value}"));
+    let log = node.sshd_log();
+    assert!(log.contains("Accepted publickey for deployer"), "{log}");
+    assert!(!log.contains("Accepted publickey for root"), "the operator logged in as root: {log}");
+}
+
+/// A spec.ssh.user without passwordless sudo stalls, saying so, before
+/// anything is pushed or activated.
+#[tokio::test]
+async fn a_user_without_passwordless_sudo_stalls_naming_spec_ssh_user() {
+    let fleet = Fleet::start("deploy-nosudo", json!({})).await;
+    let node = fleet
+        .node_with(&NodeSetup { users: vec![NodeUser { name: "intern".into(), sudo: false }], ..NodeSetup::default() });
+    let n = nonce();
+    let sys = system("intern", &n, &[("app", "v1")], Activation::Ok);
+    let ssh = json!({"user": "intern", "keyPairRef": {"name": "deployer"}});
+    fleet.create("intern", &node, json!({"closure": sys}), json!({"ssh": ssh})).await;
+    let m = fleet.wait_stalled("intern", "SudoRefused").await;
+    let message = support::condition_message(&m.status.unwrap().conditions, "Stalled");
+    assert!(message.contains("spec.ssh.user (intern)") && message.contains("passwordless sudo"), "{message}");
+    assert!(node.store_paths().is_empty(), "nothing was pushed");
+    assert!(node.activations().is_empty());
 }
 
 #[tokio::test]

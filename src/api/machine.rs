@@ -223,7 +223,10 @@ pub enum EbsVolumeType {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SshSpec {
-    /// Login user; deploying needs root or passwordless sudo. Defaults to root.
+    /// Login user. Deploying runs store, activation and key commands as
+    /// root: directly as root, through `sudo -n` as any other user, which then
+    /// needs passwordless sudo (NOPASSWD); without it the Machine stalls with
+    /// SudoRefused. Defaults to root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = rules::unix_name())]
     #[schemars(length(min = 1, max = 32))]
@@ -246,10 +249,11 @@ pub struct SshSpec {
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
 
-    /// The host's SSH public key, as in /etc/ssh/ssh_host_ed25519_key.pub.
-    /// When set, the operator refuses to talk to a host presenting any other
-    /// key. When empty, the first key seen is recorded in status.hostKey and
-    /// enforced from then on.
+    /// The host's SSH public key, as in /etc/ssh/ssh_host_ed25519_key.pub;
+    /// any type the host has (ed25519, ECDSA, RSA): the operator asks the
+    /// host for a key of that type and refuses to talk to a host presenting
+    /// any other key. When empty, the first key seen (ed25519 if the host has
+    /// one) is recorded in status.hostKey and enforced from then on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = rules::ssh_public_key())]
     #[schemars(length(max = 16384))]
@@ -276,7 +280,8 @@ pub struct JumpHost {
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
 
-    /// Login user on the jump host; defaults to the machine's ssh.user.
+    /// Login user on the jump host; defaults to the machine's ssh.user. It
+    /// only forwards connections, so it needs no sudo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = rules::unix_name())]
     #[schemars(length(min = 1, max = 32))]
@@ -286,7 +291,8 @@ pub struct JumpHost {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_pair_ref: Option<LocalObjectReference>,
 
-    /// The jump host's SSH public key (`ssh-keyscan -t ed25519 HOST`).
+    /// The jump host's SSH public key (`ssh-keyscan -t ed25519 HOST`), of
+    /// any type it has; the operator asks for a key of that type.
     #[x_kube(validation = rules::ssh_public_key())]
     #[schemars(length(min = 1, max = 16384))]
     pub host_key: String,

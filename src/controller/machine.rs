@@ -62,16 +62,28 @@ fn resolve(machine: &Machine, network: &Network) -> Result<Resolved> {
     Ok(Resolved { provider, ssh })
 }
 
-/// Compares the presented host key with the pinned one (spec, else the one
-/// recorded at first contact).
-fn check_host_key(presented: &HostKey, spec_pin: Option<&str>, recorded: Option<&str>) -> Result<()> {
+/// The host key a machine must present, and which field pins it.
+struct Pin {
+    key: HostKey,
+    source: &'static str,
+}
+
+/// The pinned host key: spec.ssh.hostKey, else the one recorded at first
+/// contact; None before first contact.
+fn host_key_pin(spec_pin: Option<&str>, recorded: Option<&str>) -> Result<Option<Pin>> {
     let (pin, source) = match (spec_pin, recorded) {
         (Some(pin), _) => (pin, "spec.ssh.hostKey"),
         (None, Some(rec)) => (rec, "status.hostKey (recorded at first contact)"),
-        (None, None) => return Ok(()),
+        (None, None) => return Ok(None),
     };
-    let pinned = HostKey::parse(pin, source).map_err(|e| Error::stalled("InvalidHostKey", e.to_string()))?;
-    if &pinned != presented {
+    let key = HostKey::parse(pin, source).map_err(|e| Error::stalled("InvalidHostKey", e.to_string()))?;
+    Ok(Some(Pin { key, source }))
+}
+
+/// Compares the presented host key with the pinned one.
+fn check_host_key(presented: &HostKey, pin: Option<&Pin>) -> Result<()> {
+    let Some(Pin { key: pinned, source }) = pin else { return Ok(()) };
+    if pinned != presented {
         return Err(Error::stalled(
             "HostKeyMismatch",
             format!(
@@ -260,8 +272,16 @@ impl Reconciler for Machine {
             Some(jump) => Some(connect_jump_host(&ctx, &ns, jump, &resolved.ssh, login_key.as_ref()).await?),
             None => None,
         };
-        let probe =
-            ssh::probe_host_key(&instance.ssh_host, instance.ssh_port, ctx.settings.ssh_timeout, via.as_deref()).await;
+        // Parsed before probing: the probe asks for a key of the pinned type.
+        let pin = host_key_pin(resolved.ssh.host_key.as_deref(), status.host_key.as_deref())?;
+        let probe = ssh::probe_host_key(
+            &instance.ssh_host,
+            instance.ssh_port,
+            ctx.settings.ssh_timeout,
+            via.as_deref(),
+            pin.as_ref().map(|p| &p.key),
+        )
+        .await;
         ctx.metrics.provider_call("ssh", "probe", probe.is_ok());
         let presented = match probe {
             Ok(key) => key,
@@ -276,7 +296,7 @@ impl Reconciler for Machine {
                 return Err(ProviderError::Transient(format!("waiting for SSH: {err}")).into());
             }
         };
-        check_host_key(&presented, resolved.ssh.host_key.as_deref(), status.host_key.as_deref())?;
+        check_host_key(&presented, pin.as_ref())?;
         if status.host_key.is_none() {
             ctx.event(
                 &*self,
@@ -428,17 +448,21 @@ mod tests {
     const A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHsf5n2k2cOqRk8yE1xXKmbvmN4QUeTSR3dOzU6pD6VJ";
     const B: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
 
+    fn check(presented: &HostKey, spec_pin: Option<&str>, recorded: Option<&str>) -> Result<()> {
+        check_host_key(presented, host_key_pin(spec_pin, recorded)?.as_ref())
+    }
+
     #[test]
     fn host_key_is_enforced_from_spec_then_from_first_contact() {
         let a = HostKey::parse(A, "a").unwrap();
-        assert!(check_host_key(&a, None, None).is_ok(), "nothing pinned: first contact is accepted");
-        assert!(check_host_key(&a, Some(A), None).is_ok());
-        assert!(check_host_key(&a, None, Some(A)).is_ok());
-        let err = check_host_key(&a, Some(B), Some(A)).unwrap_err();
+        assert!(check(&a, None, None).is_ok(), "nothing pinned: first contact is accepted");
+        assert!(check(&a, Some(A), None).is_ok());
+        assert!(check(&a, None, Some(A)).is_ok());
+        let err = check(&a, Some(B), Some(A)).unwrap_err();
         let Error::Stalled { reason, message } = err else { panic!("mismatch must stall") };
         assert_eq!(reason, "HostKeyMismatch");
         assert!(message.contains("spec.ssh.hostKey pins"), "{message}");
         assert!(message.contains(&a.fingerprint()), "message shows the presented fingerprint: {message}");
-        assert!(matches!(check_host_key(&a, None, Some(B)), Err(Error::Stalled { .. })));
+        assert!(matches!(check(&a, None, Some(B)), Err(Error::Stalled { .. })));
     }
 }

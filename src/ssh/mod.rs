@@ -5,11 +5,12 @@ pub mod session;
 
 pub use session::{CommandOutput, RemoteProcess, Session};
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use russh::keys::{HashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::keys::{Algorithm, HashAlg, PublicKey, PublicKeyOrCertificate};
 
 /// Errors talking SSH to a machine.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,11 @@ pub enum SshError {
     AuthRejected { addr: String, user: String },
     #[error("{what} is not an OpenSSH public key: {reason}")]
     BadKey { what: String, reason: String },
+    #[error(
+        "{addr}: user {user} needs passwordless sudo to run store and activation commands as root, \
+         but `sudo -n true` failed: {reason}"
+    )]
+    SudoRefused { addr: String, user: String, reason: String },
 }
 
 /// An SSH host key, compared by key material (the comment is ignored).
@@ -58,6 +64,38 @@ impl HostKey {
     }
 }
 
+/// Host key algorithms to offer in the key exchange: russh's, those of
+/// `pinned`'s type first (both SHA-2 signatures for RSA). The server takes
+/// the first one it has a key for, so a host that also has keys of other
+/// types proves the pinned one. The other types stay on offer: the pin is
+/// enforced on key material, and a host without a key of the pinned type
+/// then shows the key it has, for a mismatch that names both.
+fn preferred_algorithms(pinned: Option<&HostKey>) -> Cow<'static, [Algorithm]> {
+    let default = russh::Preferred::DEFAULT.key;
+    let Some(pinned) = pinned else { return default };
+    let wanted = pinned.0.algorithm();
+    let rsa = matches!(wanted, Algorithm::Rsa { .. });
+    let same_type = |a: &Algorithm| if rsa { matches!(a, Algorithm::Rsa { .. }) } else { *a == wanted };
+    let (mut first, rest): (Vec<Algorithm>, Vec<Algorithm>) = default.iter().cloned().partition(same_type);
+    if first.is_empty() {
+        // A type russh does not offer by default: offer it anyway; the
+        // negotiation fails with a clear error if russh cannot verify it.
+        first.push(wanted);
+    }
+    first.extend(rest);
+    Cow::Owned(first)
+}
+
+/// The client configuration every connection starts from: key exchange
+/// offering `pinned`'s algorithm first, and `timeout` of inactivity.
+pub(crate) fn client_config(pinned: Option<&HostKey>, timeout: Duration) -> russh::client::Config {
+    russh::client::Config {
+        inactivity_timeout: Some(timeout),
+        preferred: russh::Preferred { key: preferred_algorithms(pinned), ..russh::Preferred::default() },
+        ..russh::client::Config::default()
+    }
+}
+
 impl PartialEq for HostKey {
     fn eq(&self, other: &Self) -> bool {
         self.0.key_data() == other.0.key_data()
@@ -86,17 +124,20 @@ impl russh::client::Handler for KeyRecorder {
 }
 
 /// Connects to `host:port`, completes the key exchange, and returns the host
-/// key the server proved it holds. Does not authenticate.
+/// key the server proved it holds. Does not authenticate. With `pinned`, the
+/// server is asked for a key of that type first (a host has one key per
+/// type); without, russh's order decides (ed25519 first), so repeated
+/// probes of a host see the same key.
 pub async fn probe_host_key(
     host: &str,
     port: u16,
     timeout: Duration,
     via: Option<&Session>,
+    pinned: Option<&HostKey>,
 ) -> Result<HostKey, SshError> {
     let addr = format_addr(host, port);
     let seen = Arc::new(Mutex::new(None));
-    let config =
-        Arc::new(russh::client::Config { inactivity_timeout: Some(timeout), ..russh::client::Config::default() });
+    let config = Arc::new(client_config(pinned, timeout));
     let connect = session::connect_handler(config, host, port, KeyRecorder(seen.clone()), via);
     let handle = match tokio::time::timeout(timeout, connect).await {
         Err(_) => return Err(SshError::Timeout { addr, seconds: timeout.as_secs() }),
@@ -132,6 +173,32 @@ mod tests {
     fn a_bad_key_names_what_it_was() {
         let err = HostKey::parse("ssh-ed25519 nope", "spec.ssh.hostKey").unwrap_err();
         assert!(err.to_string().starts_with("spec.ssh.hostKey is not an OpenSSH public key"));
+    }
+
+    const RSA: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQCzszwNWF8HFgsKE501Vmsbl6ZWdi6uZSKpQqtoTMShKx+WfguTRZBshHSPJZ3JtPogByiM77nhwIkUSZOLeUvhwOFjpSVkjukEOlQeD3XuM7oBOBg4nyvIkatNJMKXh+j0UaW1Jia6HFnpirwqew/YvhJhf8VeXKQtzo6UPGb/kw==";
+    const ECDSA: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBK2VsUdEXQpqvDMF2oh3sMVoIHBJS6nm8F8aRwxfy6Hs0jn8fqpfwlDn7L3v0emtUvrMlaODDxlC5iEmo6Jnloc=";
+
+    #[test]
+    fn the_pinned_keys_type_is_offered_first_and_every_other_type_after_it() {
+        let names = |key: Option<&str>| -> Vec<String> {
+            let pinned = key.map(|k| HostKey::parse(k, "pin").unwrap());
+            preferred_algorithms(pinned.as_ref()).iter().map(ToString::to_string).collect()
+        };
+        let default = names(None);
+        assert_eq!(default[0], "ssh-ed25519", "first contact asks for ed25519, as russh does");
+        for (pin, first) in [
+            (KEY, &["ssh-ed25519"][..]),
+            (ECDSA, &["ecdsa-sha2-nistp256"][..]),
+            (RSA, &["rsa-sha2-512", "rsa-sha2-256"][..]),
+        ] {
+            let offered = names(Some(pin));
+            assert_eq!(&offered[..first.len()], first, "{pin}");
+            let mut sorted = offered.clone();
+            sorted.sort();
+            let mut all = default.clone();
+            all.sort();
+            assert_eq!(sorted, all, "the other types are still offered, so a mismatch names the key the host has");
+        }
     }
 
     #[test]

@@ -1,14 +1,21 @@
 //! Authenticated SSH sessions to machines, only ever to a host whose key
 //! matches the pinned one: the key check happens during key exchange,
 //! before the operator authenticates or sends anything.
+//!
+//! Commands run as root: directly when the login user is root, otherwise
+//! through `sudo -n`, which the session checks once, before the first
+//! command, so a user without passwordless sudo is named as such instead of
+//! surfacing as a failed store or activation command.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::ChannelMsg;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 
-use super::{HostKey, SshError, format_addr};
+use super::{HostKey, SshError, client_config, format_addr};
+use crate::nix::activation::shell_quote;
 
 /// AES-GCM first: with the AES instructions every server CPU has, it costs
 /// a fraction of ChaCha20-Poly1305 (russh's first choice) on both ends of a
@@ -52,6 +59,12 @@ pub struct CommandOutput {
 pub struct Session {
     handle: russh::client::Handle<PinnedHost>,
     addr: String,
+    /// The login user; commands are wrapped in `sudo -n` unless it is root.
+    user: String,
+    /// Whether `sudo -n` works for a non-root user: None if it does, else
+    /// why not. Checked at the first command, so a session only used as a
+    /// jump host never needs sudo.
+    sudo_refused: tokio::sync::OnceCell<Option<String>>,
     /// The jump host session this one is tunnelled through, kept open.
     _via: Option<Arc<Session>>,
 }
@@ -93,13 +106,11 @@ impl Session {
         let addr = format_addr(host, port);
         let presented = Arc::new(Mutex::new(None));
         let handler = PinnedHost { pinned: pinned.clone(), presented: presented.clone() };
-        let config = Arc::new(russh::client::Config {
-            inactivity_timeout: Some(timeout.max(Duration::from_secs(60))),
-            keepalive_interval: Some(Duration::from_secs(15)),
-            keepalive_max: 4,
-            preferred: russh::Preferred { cipher: std::borrow::Cow::Borrowed(CIPHERS), ..russh::Preferred::default() },
-            ..russh::client::Config::default()
-        });
+        let mut config = client_config(Some(pinned), timeout.max(Duration::from_secs(60)));
+        config.keepalive_interval = Some(Duration::from_secs(15));
+        config.keepalive_max = 4;
+        config.preferred.cipher = Cow::Borrowed(CIPHERS);
+        let config = Arc::new(config);
         let connecting = connect_handler(config, host, port, handler, via.as_deref());
         let mut handle = match tokio::time::timeout(timeout, connecting).await {
             Err(_) => return Err(SshError::Timeout { addr, seconds: timeout.as_secs() }),
@@ -122,7 +133,7 @@ impl Session {
         if !auth.success() {
             return Err(SshError::AuthRejected { addr, user: user.to_owned() });
         }
-        Ok(Self { handle, addr, _via: via })
+        Ok(Self { handle, addr, user: user.to_owned(), sudo_refused: tokio::sync::OnceCell::new(), _via: via })
     }
 
     /// Opens a TCP connection to `host:port` from this host (`ssh -J`).
@@ -137,8 +148,47 @@ impl Session {
         Ok(channel.into_stream())
     }
 
-    /// Runs `command` and collects its output and exit status.
+    /// `command` as it must be sent to run as root: unchanged for root,
+    /// else under `sudo -n` (never prompting), once sudo is known to work.
+    /// Standard input and output pass through sudo untouched.
+    async fn as_root<'c>(&self, command: &'c str) -> Result<Cow<'c, str>, SshError> {
+        if self.user == "root" {
+            return Ok(Cow::Borrowed(command));
+        }
+        let refused = self.sudo_refused.get_or_try_init(|| self.check_sudo()).await?;
+        if let Some(reason) = refused {
+            return Err(SshError::SudoRefused {
+                addr: self.addr.clone(),
+                user: self.user.clone(),
+                reason: reason.clone(),
+            });
+        }
+        Ok(Cow::Owned(format!("sudo -n sh -c {}", shell_quote(command))))
+    }
+
+    /// Whether the login user may run commands as root without a password:
+    /// None if so, else what sudo (or the shell, without sudo) said.
+    async fn check_sudo(&self) -> Result<Option<String>, SshError> {
+        let out = self.run("sudo -n true").await?;
+        if out.status == Some(0) {
+            return Ok(None);
+        }
+        let said = String::from_utf8_lossy(&out.stderr).trim().replace('\n', " | ");
+        Ok(Some(match (said.is_empty(), out.status) {
+            (false, _) => said,
+            (true, Some(status)) => format!("exit status {status}"),
+            (true, None) => "killed by a signal".into(),
+        }))
+    }
+
+    /// Runs `command` as root and collects its output and exit status.
     pub async fn exec(&self, command: &str) -> Result<CommandOutput, SshError> {
+        let command = self.as_root(command).await?;
+        self.run(&command).await
+    }
+
+    /// Runs `command` as the login user and collects its output and exit status.
+    async fn run(&self, command: &str) -> Result<CommandOutput, SshError> {
         let failed = |e: russh::Error| SshError::Connect { addr: self.addr.clone(), reason: e.to_string() };
         let mut channel = self.handle.channel_open_session().await.map_err(failed)?;
         channel.exec(true, command).await.map_err(failed)?;
@@ -153,21 +203,22 @@ impl Session {
         Ok(out)
     }
 
-    /// Runs `command` with `input` as its standard input.
+    /// Runs `command` as root with `input` as its standard input.
     pub async fn exec_with_input(&self, command: &str, input: &[u8]) -> Result<CommandOutput, SshError> {
         let mut process = self.spawn(command).await?;
         process.send(input.to_vec()).await?;
         process.finish().await
     }
 
-    /// Starts `command` and returns it running, for a conversation over its
-    /// standard input and output.
+    /// Starts `command` as root and returns it running, for a conversation
+    /// over its standard input and output.
     pub async fn spawn(&self, command: &str) -> Result<RemoteProcess, SshError> {
+        let command = self.as_root(command).await?;
         let failed = |e: russh::Error| SshError::Connect { addr: self.addr.clone(), reason: e.to_string() };
         let channel = self.handle.channel_open_session().await.map_err(failed)?;
         // No reply wanted: input can follow at once instead of a round trip
         // later; a command that cannot start shows in its exit status.
-        channel.exec(false, command).await.map_err(failed)?;
+        channel.exec(false, command.as_ref()).await.map_err(failed)?;
         let (reader, writer) = channel.split();
         Ok(RemoteProcess { reader, writer, addr: self.addr.clone(), received: Received::default(), read: 0 })
     }

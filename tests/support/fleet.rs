@@ -9,7 +9,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use nixops_operator::api::{KeyPair, Machine, Network};
 use serde_json::json;
 
-use super::node::{Activation, NixNode, TestSystem, build_system};
+use super::node::{Activation, NixNode, NodeSetup, TestSystem, build_system};
 
 pub const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -51,6 +51,11 @@ impl Fleet {
 
     pub fn node(&self) -> NixNode {
         NixNode::start(&self.public_key)
+    }
+
+    /// A node with more host keys or login users, all accepting the KeyPair.
+    pub fn node_with(&self, setup: &NodeSetup) -> NixNode {
+        NixNode::start_with(&self.public_key, setup)
     }
 
     pub async fn create(&self, name: &str, node: &NixNode, nixos: serde_json::Value, extra: serde_json::Value) {

@@ -8,6 +8,12 @@
 //! with sshd's default PATH, where Debian keeps nix-store, nix-env and the
 //! coreutils.
 //!
+//! A `NodeSetup` adds host keys of other types beside the ed25519 one, and
+//! login users beside root (with or without passwordless sudo): they live
+//! in the node's own copies of /etc/passwd, group, shadow and
+//! /etc/sudoers.d, bind-mounted over the host's in the node only, so
+//! nothing of them outlives the node.
+//!
 //! A node also has a pid namespace of its own, whose init holds one end of a
 //! pipe whose other end only this test process holds. When the node is
 //! dropped, or this process ends however it ends (a panic, `kill -9`), the
@@ -33,6 +39,10 @@ pub const ACTIVATIONS: &str = "/run/nixops-test/activations";
 /// file to `<this>.off`, and any other test system moves it back.
 pub const AUTHORIZED_KEYS: &str = "/run/node/authorized_keys";
 
+/// Inside a node: the home directories of `NodeSetup::users`, each with
+/// the user's authorized_keys.
+const HOMES: &str = "/run/node/home";
+
 /// PATH for commands run in a node with `exec`: sshd's default for root.
 const NODE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -52,6 +62,7 @@ mount --no-mtab --bind "$dir/nix" /nix
 mount --no-mtab --bind "$dir/root" /root
 mkdir -p /run/sshd /run/node
 install -m 600 "$dir/authorized_keys" /run/node/authorized_keys
+if [ -e "$dir/users.sh" ]; then . "$dir/users.sh"; fi
 nix-store --init
 /usr/sbin/sshd -D -e -f "$dir/sshd_config" &
 cat >/dev/null
@@ -83,14 +94,37 @@ pub struct NixNode {
     init_pid: u32,
 }
 
+/// What a node has beyond an ed25519 host key and root.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSetup {
+    /// More host key types (`ssh-keygen -t`: "rsa", "ecdsa"); sshd offers
+    /// them after the ed25519 key.
+    pub host_keys: Vec<&'static str>,
+    /// Login users besides root; they accept the same key as root.
+    pub users: Vec<NodeUser>,
+}
+
+/// A login user of a node.
+#[derive(Clone, Debug)]
+pub struct NodeUser {
+    pub name: String,
+    /// Whether the user may run anything as root with `sudo -n` (NOPASSWD).
+    pub sudo: bool,
+}
+
 impl NixNode {
     /// Starts a node whose root account accepts `authorized_key` (an OpenSSH
     /// public key line), and waits until its sshd accepts connections.
     pub fn start(authorized_key: &str) -> Self {
+        Self::start_with(authorized_key, &NodeSetup::default())
+    }
+
+    /// Like `start`, with the host keys and users of `setup`.
+    pub fn start_with(authorized_key: &str, setup: &NodeSetup) -> Self {
         let mut last_error = String::new();
         // Another process may take the free port before sshd binds it.
         for _ in 0..3 {
-            let mut node = Self::spawn(authorized_key);
+            let mut node = Self::spawn(authorized_key, setup);
             match node.wait_ready() {
                 Ok(()) => return node,
                 Err(NotReady::PortTaken(log)) => last_error = log,
@@ -101,29 +135,40 @@ impl NixNode {
         panic!("node: sshd could not bind a free port three times; last log:\n{last_error}");
     }
 
-    fn spawn(authorized_key: &str) -> Self {
+    fn spawn(authorized_key: &str, setup: &NodeSetup) -> Self {
         let dir = tempfile::Builder::new().prefix("nixops-node-").tempdir().expect("create node directory");
         let path = dir.path();
         for sub in ["nix", "root"] {
             std::fs::create_dir(path.join(sub)).unwrap_or_else(|e| panic!("create {}/{sub}: {e}", path.display()));
         }
-        let host_key = path.join("ssh_host_ed25519_key");
-        let keygen = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "nixops-test-node", "-f"])
-            .arg(&host_key)
-            .output()
-            .expect("run ssh-keygen");
-        assert!(keygen.status.success(), "ssh-keygen failed: {}", String::from_utf8_lossy(&keygen.stderr));
+        let mut host_keys = String::new();
+        for kind in std::iter::once("ed25519").chain(setup.host_keys.iter().copied()) {
+            let host_key = path.join(format!("ssh_host_{kind}_key"));
+            let keygen = Command::new("ssh-keygen")
+                .args(["-q", "-t", kind, "-N", "", "-C", "nixops-test-node", "-f"])
+                .arg(&host_key)
+                .output()
+                .expect("run ssh-keygen");
+            assert!(
+                keygen.status.success(),
+                "ssh-keygen -t {kind} failed: {}",
+                String::from_utf8_lossy(&keygen.stderr)
+            );
+            host_keys += &format!("HostKey {}\n", host_key.display());
+        }
         std::fs::write(path.join("authorized_keys"), format!("{}\n", authorized_key.trim()))
             .expect("write authorized_keys");
+        if !setup.users.is_empty() {
+            write_users(path, &setup.users);
+        }
         let port = super::free_port();
         std::fs::write(
             path.join("sshd_config"),
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\nAuthorizedKeysFile {AUTHORIZED_KEYS}\n\
+                "Port {port}\nListenAddress 127.0.0.1\n{host_keys}PidFile none\n\
+                 AuthorizedKeysFile {AUTHORIZED_KEYS} {HOMES}/%u/authorized_keys\n\
                  PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nLogLevel VERBOSE\n\
-                 PrintMotd no\nPrintLastLog no\n",
-                host_key.display()
+                 PrintMotd no\nPrintLastLog no\n"
             ),
         )
         .expect("write sshd_config");
@@ -178,7 +223,14 @@ impl NixNode {
 
     /// The public key line ("ssh-ed25519 AAAA…") of the node's sshd.
     pub fn host_key(&self) -> String {
-        let line = std::fs::read_to_string(self.dir.path().join("ssh_host_ed25519_key.pub")).expect("read host key");
+        self.host_key_of("ed25519")
+    }
+
+    /// The public key line of the node's host key of type `kind` (as given
+    /// to `ssh-keygen -t`: "ed25519", "rsa", "ecdsa").
+    pub fn host_key_of(&self, kind: &str) -> String {
+        let file = self.dir.path().join(format!("ssh_host_{kind}_key.pub"));
+        let line = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
         line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
     }
 
@@ -307,6 +359,51 @@ impl Drop for NixNode {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Writes the node's copies of /etc/passwd, group and shadow with `users`
+/// added, its /etc/sudoers.d (only their NOPASSWD rules), and users.sh,
+/// which NODE_INIT sources to mount them and give each user a home holding
+/// the node's authorized key.
+fn write_users(dir: &Path, users: &[NodeUser]) {
+    assert!(
+        Path::new("/etc/sudoers").exists() && Path::new("/usr/bin/sudo").exists(),
+        "test nodes with login users need sudo on the host: run hack/install-deps.sh"
+    );
+    let etc = dir.join("etc");
+    let sudoers = etc.join("sudoers.d");
+    std::fs::create_dir_all(&sudoers).expect("create the node's etc");
+    let read =
+        |f: &str| std::fs::read_to_string(Path::new("/etc").join(f)).unwrap_or_else(|e| panic!("read /etc/{f}: {e}"));
+    let (mut passwd, mut group, mut shadow) = (read("passwd"), read("group"), read("shadow"));
+    let mut script = String::from(
+        "for f in passwd group shadow; do mount --no-mtab --bind \"$dir/etc/$f\" /etc/$f; done\n\
+         mount --no-mtab --bind \"$dir/etc/sudoers.d\" /etc/sudoers.d\n",
+    );
+    for (i, user) in users.iter().enumerate() {
+        // Ids no host account has; they mean nothing outside the node.
+        let id = 61000 + i;
+        let (name, home) = (&user.name, format!("{HOMES}/{}", user.name));
+        passwd += &format!("{name}:x:{id}:{id}:node user:{home}:/bin/sh\n");
+        group += &format!("{name}:x:{id}:\n");
+        // `*`: no password, and not locked (sshd refuses locked accounts).
+        shadow += &format!("{name}:*:19000:0:99999:7:::\n");
+        if user.sudo {
+            let rule = sudoers.join(name);
+            std::fs::write(&rule, format!("{name} ALL=(ALL:ALL) NOPASSWD: ALL\n")).expect("write sudoers rule");
+            std::fs::set_permissions(&rule, std::os::unix::fs::PermissionsExt::from_mode(0o440))
+                .expect("chmod sudoers rule");
+        }
+        script += &format!(
+            "mkdir -p {home}\ninstall -m 644 \"$dir/authorized_keys\" {home}/authorized_keys\nchown -R {id}:{id} {home}\n"
+        );
+    }
+    for (file, text) in [("passwd", passwd), ("group", group), ("shadow", shadow)] {
+        std::fs::write(etc.join(file), text).unwrap_or_else(|e| panic!("write the node's /etc/{file}: {e}"));
+    }
+    std::fs::set_permissions(etc.join("shadow"), std::os::unix::fs::PermissionsExt::from_mode(0o640))
+        .expect("chmod the node's shadow");
+    std::fs::write(dir.join("users.sh"), script).expect("write users.sh");
 }
 
 enum NotReady {

@@ -897,6 +897,13 @@ fn ssh_error(err: SshError) -> Error {
             Error::stalled("HostKeyMismatch", format!("{err}; no work is done on this machine"))
         }
         SshError::AuthRejected { .. } => Error::stalled("AuthRejected", err.to_string()),
+        SshError::SudoRefused { ref user, .. } => Error::stalled(
+            "SudoRefused",
+            format!(
+                "{err}; give spec.ssh.user ({user}) passwordless sudo on the machine (a NOPASSWD sudoers rule), \
+                 or set spec.ssh.user to root"
+            ),
+        ),
         other => ProviderError::Transient(other.to_string()).into(),
     }
 }
