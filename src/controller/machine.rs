@@ -193,9 +193,14 @@ impl Reconciler for Machine {
                 })?;
             let status = keypair.status.clone().unwrap_or_default();
             if !super::status::is_true(&status.conditions, crate::api::condition::READY) {
+                // Its own message says why (a lost private key, say).
+                let why = super::status::message(&status.conditions, crate::api::condition::READY)
+                    .filter(|m| !m.is_empty())
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
                 return Err(Error::waiting(
                     "KeyPairNotReady",
-                    format!("KeyPair {} (spec.ssh.keyPairRef.name) is not Ready yet", key_ref.name),
+                    format!("KeyPair {} (spec.ssh.keyPairRef.name) is not Ready yet{why}", key_ref.name),
                 ));
             }
             key_name = status.cloud_key_name;
