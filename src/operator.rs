@@ -174,7 +174,7 @@ async fn run_controllers(client: &Client, opts: &Options, ctx: Arc<Context>, sto
         wc.clone(),
     );
     let networks = controller::network::controller(api(client, ns), api(client, ns), wc.clone());
-    let keypairs = Controller::new(api::<KeyPair>(client, ns), wc.clone());
+    let keypairs = controller::keypair::controller(api(client, ns), api(client, ns), wc.clone());
     let volumes = controller::volume::controller(api(client, ns), api(client, ns), wc.clone());
     let buckets = Controller::new(api::<S3Bucket>(client, ns), wc.clone());
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use nixops_operator::api::KeyPair;
+use nixops_operator::api::network::ResourcePhase;
+use nixops_operator::api::{KeyPair, Machine};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -110,5 +111,123 @@ async fn imported_public_key_and_a_secret_without_a_key() {
     let status = keypairs.get("empty").await.unwrap().status.unwrap();
     let message = support::condition_message(&status.conditions, "Stalled");
     assert!(message.contains("Secret empty exists but has no ssh-privatekey"), "{message}");
-    assert_eq!(status.phase, Some(nixops_operator::api::network::ResourcePhase::Failed));
+    assert_eq!(status.phase, Some(ResourcePhase::Failed));
+}
+
+fn stalled_with(reason: &'static str) -> impl Fn(&KeyPair) -> bool {
+    move |k| {
+        k.status.as_ref().is_some_and(|s| {
+            s.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True" && c.reason == reason)
+        })
+    }
+}
+
+/// A new ed25519 private key from ssh-keygen, in OpenSSH format.
+fn other_private_key() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(&file).unwrap()
+}
+
+/// EC2 and the machines keep authorising the key a KeyPair issued, so a
+/// lost private key is never silently replaced by a new one (logins would
+/// then fail with nothing saying why), nor a different key in the Secret
+/// taken: the KeyPair stalls, naming the key, where it is registered and the
+/// fix, and goes on once the key is restored.
+#[tokio::test]
+async fn a_registered_key_whose_secret_is_lost_is_not_regenerated() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "keypair-lost").await;
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    // No resync during the test: the Secret's deletion itself must wake the KeyPair.
+    let _operator = support::Operator::start(&ns, &["--resync-seconds", "3600"]);
+    let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let ec2 = support::ec2_client().await;
+    let cloud_name = format!("{ns}-deployer");
+
+    let kp: KeyPair = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "KeyPair", "metadata": {"name": "deployer"},
+        "spec": {"secretRef": {"name": "deployer-ssh"}, "networkRef": {"name": "aws"}, "provider": {"ec2": {}}}
+    }))
+    .unwrap();
+    keypairs.create(&PostParams::default(), &kp).await.unwrap();
+    support::wait_for(&keypairs, "deployer", TIMEOUT, "Ready and registered", |k| {
+        ready(k) && k.status.as_ref().is_some_and(|s| s.cloud_key_name.is_some())
+    })
+    .await;
+    let issued = keypairs.get("deployer").await.unwrap().status.unwrap();
+    let fingerprint = issued.fingerprint.clone().unwrap();
+    let private = secrets.get("deployer-ssh").await.unwrap().data.unwrap()["ssh-privatekey"].clone();
+    let registered = ec2.describe_key_pairs().key_names(&cloud_name).send().await.unwrap();
+    let registered_id = registered.key_pairs()[0].key_pair_id().unwrap().to_owned();
+
+    // A Machine logging in with it (on a port where nothing listens).
+    let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
+    let machine: Machine = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": "web"},
+        "spec": {"networkRef": {"name": "aws"},
+                 "provider": {"existing": {"host": "127.0.0.1", "port": support::free_port()}},
+                 "ssh": {"keyPairRef": {"name": "deployer"}}}
+    }))
+    .unwrap();
+    machines.create(&PostParams::default(), &machine).await.unwrap();
+
+    // The Secret goes: no new key, a Stalled condition that says why.
+    secrets.delete("deployer-ssh", &DeleteParams::default()).await.unwrap();
+    support::wait_for(&keypairs, "deployer", TIMEOUT, "Stalled PrivateKeyLost", stalled_with("PrivateKeyLost")).await;
+    support::wait_for(&machines, "web", TIMEOUT, "waiting for the KeyPair, saying why", |m| {
+        m.status.as_ref().is_some_and(|s| {
+            support::condition_message(&s.conditions, "Ready").contains("KeyPair deployer")
+                && support::condition_message(&s.conditions, "Ready").contains("no longer holds ssh-privatekey")
+        })
+    })
+    .await;
+    let status = keypairs.get("deployer").await.unwrap().status.unwrap();
+    let message = support::condition_message(&status.conditions, "Stalled");
+    for says in [
+        fingerprint.as_str(),
+        &format!("EC2 key pair {cloud_name}"),
+        "Restore ssh-privatekey in Secret deployer-ssh",
+        "delete this KeyPair, create it again",
+    ] {
+        assert!(message.contains(says), "the message must say {says:?}: {message}");
+    }
+    assert_eq!(status.fingerprint.as_deref(), Some(fingerprint.as_str()), "status keeps the key EC2 authorises");
+    assert_eq!(status.phase, Some(ResourcePhase::Failed));
+    assert!(secrets.get_opt("deployer-ssh").await.unwrap().is_none(), "no new key may be generated");
+    let still = ec2.describe_key_pairs().key_names(&cloud_name).send().await.unwrap();
+    assert_eq!(still.key_pairs()[0].key_pair_id(), Some(registered_id.as_str()), "EC2 keeps the issued key");
+
+    // Another key put in its place is not taken either.
+    let secret = |private: Vec<u8>| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": "deployer-ssh"}, "type": "kubernetes.io/ssh-auth",
+            "data": {"ssh-privatekey": k8s_openapi::ByteString(private)}
+        }))
+        .unwrap()
+    };
+    secrets.create(&PostParams::default(), &secret(other_private_key())).await.unwrap();
+    support::wait_for(&keypairs, "deployer", TIMEOUT, "Stalled KeyReplaced", stalled_with("KeyReplaced")).await;
+    let status = keypairs.get("deployer").await.unwrap().status.unwrap();
+    let message = support::condition_message(&status.conditions, "Stalled");
+    assert!(message.contains(&format!("issued {fingerprint}")), "{message}");
+    assert_eq!(status.fingerprint.as_deref(), Some(fingerprint.as_str()));
+
+    // The issued key restored: Ready again, nothing re-imported.
+    secrets.delete("deployer-ssh", &DeleteParams::default()).await.unwrap();
+    secrets.create(&PostParams::default(), &secret(private.0)).await.unwrap();
+    support::wait_for(&keypairs, "deployer", TIMEOUT, "Ready again", ready).await;
+    let status = keypairs.get("deployer").await.unwrap().status.unwrap();
+    assert_eq!(status.fingerprint.as_deref(), Some(fingerprint.as_str()));
+    assert!(support::condition(&status.conditions, "Stalled").is_none());
+    let after = ec2.describe_key_pairs().key_names(&cloud_name).send().await.unwrap();
+    assert_eq!(after.key_pairs()[0].key_pair_id(), Some(registered_id.as_str()));
 }

@@ -186,6 +186,16 @@ async fn a_default_bucket_name_s3_refuses_stalls_until_spec_bucket_name_is_set()
     support::wait_for(&buckets, "cache-s3alias", TIMEOUT, "Ready", |b| cond(b, "Ready").as_deref() == Some("True"))
         .await;
     assert!(s3.head_bucket().bucket(format!("{ns}-cache")).send().await.is_ok());
+
+    // Once the bucket exists, another name (or none) is refused: it would
+    // create a second bucket and leave this one behind.
+    for other in [json!(format!("{ns}-cache-2")), json!(null)] {
+        let patch = json!({"spec": {"bucketName": other}});
+        let refused = buckets.patch("cache-s3alias", &PatchParams::default(), &Patch::Merge(&patch)).await;
+        let Err(kube::Error::Api(status)) = refused else { panic!("bucketName {other} was accepted: {refused:?}") };
+        assert!(status.message.contains("spec.bucketName"), "{}", status.message);
+        assert!(status.message.contains("is immutable once the bucket exists"), "{}", status.message);
+    }
     buckets.delete("cache-s3alias", &DeleteParams::default()).await.unwrap();
     support::wait_gone(&buckets, "cache-s3alias", TIMEOUT).await;
 

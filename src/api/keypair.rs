@@ -37,13 +37,22 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, r
 #[x_kube(validation = Rule::new("!has(self.provider) || has(self.networkRef)")
     .message("registering the key with a cloud needs networkRef, which names the account")
     .field_path(".networkRef"))]
+#[x_kube(validation = Rule::new("has(self.provider) == has(oldSelf.provider)")
+    .message("cannot be added or removed after creation: a key registered with a cloud stays registered (removing provider would leave it there), and one kept in Kubernetes stays there; create a new KeyPair instead")
+    .field_path(".provider"))]
+#[x_kube(validation = Rule::new("!has(self.provider) || !has(oldSelf.networkRef) || (has(self.networkRef) && self.networkRef.name == oldSelf.networkRef.name)")
+    .message("is immutable while the key is registered with a cloud: it names the account the key lives in; create a new KeyPair instead")
+    .field_path(".networkRef"))]
+#[x_kube(validation = rules::fixed_at_creation("provider.ec2.keyName", "the EC2 key name"))]
+#[x_kube(validation = rules::fixed_at_creation("publicKey", "the imported public key"))]
 pub struct KeyPairSpec {
     /// The Secret holding the key pair (keys `ssh-privatekey` and
     /// `ssh-publickey`). The operator creates it when generating a key.
     pub secret_ref: LocalObjectReference,
 
     /// Import this public key instead of generating a pair; the private half
-    /// must then be in the Secret under `ssh-privatekey`.
+    /// must then be in the Secret under `ssh-privatekey`. Immutable: machines
+    /// and the cloud authorise the key, so a new key is a new KeyPair.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = rules::ssh_public_key())]
     #[schemars(length(max = 16384))]
@@ -54,11 +63,13 @@ pub struct KeyPairSpec {
     #[x_kube(validation = rules::immutable("the key type"))]
     pub key_type: KeyType,
 
-    /// The Network whose cloud account the key is registered in.
+    /// The Network whose cloud account the key is registered in. Immutable
+    /// while `provider` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_ref: Option<LocalObjectReference>,
 
-    /// Register the public key with a cloud. Omit to keep it in Kubernetes only.
+    /// Register the public key with a cloud. Omit to keep it in Kubernetes
+    /// only. It cannot be added or removed after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<KeyPairProvider>,
 
@@ -98,10 +109,10 @@ pub struct KeyPairProvider {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Ec2KeyPair {
-    /// Name of the key pair in EC2; defaults to `<namespace>-<name>`. Immutable.
+    /// Name of the key pair in EC2; defaults to `<namespace>-<name>`. It
+    /// cannot be added, changed or removed after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[ -~]+$')").message("must be printable ASCII"))]
-    #[x_kube(validation = rules::immutable("the EC2 key name"))]
     #[schemars(length(min = 1, max = 255))]
     pub key_name: Option<String>,
 }

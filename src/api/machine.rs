@@ -38,14 +38,20 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, S
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.provider) == has(oldSelf.provider)")
+    .message("cannot be added or removed after creation: the machine would move to or from its Network's machineDefaults.provider; create a new Machine instead")
+    .field_path(".provider"))]
 pub struct MachineSpec {
     /// The Network this machine belongs to. The Network supplies the cloud
     /// account, the physical network and defaults for provider and ssh.
+    /// Immutable.
+    #[x_kube(validation = rules::immutable("the Network"))]
     pub network_ref: LocalObjectReference,
 
     /// Where the machine runs. Exactly one block is set. When omitted, the
     /// Network's `machineDefaults.provider` is used. The kind of provider
-    /// cannot change after creation.
+    /// cannot change after creation, and this field cannot be added or
+    /// removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<MachineProvider>,
 

@@ -35,9 +35,12 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, T
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.?provider.?ec2.hasValue() == oldSelf.?provider.?ec2.hasValue()")
+    .message("the provider kind is immutable: a Network keeps the cloud it was created with (removing provider.ec2 would leave its VPC behind), and a Network of existing hosts cannot gain one; create a new Network instead")
+    .field_path(".provider"))]
 pub struct NetworkSpec {
     /// The cloud account and physical network. Omit it for a network of
-    /// existing hosts only.
+    /// existing hosts only. Which cloud (or none) cannot change after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<NetworkProvider>,
 
@@ -66,8 +69,6 @@ pub struct NetworkSpec {
 /// The cloud behind a Network. At most one block is set.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.ec2) == has(oldSelf.ec2)")
-    .message("the provider kind is immutable; create a new Network instead"))]
 pub struct NetworkProvider {
     /// An AWS account and region, with a VPC the operator creates.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -98,11 +98,33 @@ pub fn http_url() -> Rule {
         .message("must be an http:// or https:// URL, e.g. https://s3.eu-west-1.amazonaws.com")
 }
 
-/// A field that cannot change after creation.
+/// A field that cannot change after creation. Only for fields every object
+/// has (required or defaulted): the API server runs a rule on a field only
+/// when both the old and the new object have it, so adding or removing an
+/// optional field would pass; use [`fixed_at_creation`] for those.
 pub fn immutable(what: &str) -> Rule {
     Rule::new("self == oldSelf").message(Message::Message(format!(
         "is immutable: {what} cannot change after creation; delete the object and create a new one"
     )))
+}
+
+/// An optional field that cannot be added, changed or removed after
+/// creation. The rule goes on a struct every object has (the spec, or a
+/// block whose presence is itself fixed), with `path` the field's path below
+/// it, e.g. `provider.ec2.keyName`; the message names that field.
+pub fn fixed_at_creation(path: &str, what: &str) -> Rule {
+    // has() on every step, as `self.?a.?b == oldSelf.?a.?b` compares values
+    // of unknown type, which the API server prices beyond its CEL budget.
+    let steps: Vec<&str> = path.split('.').collect();
+    let present = |root: &str| {
+        (1..=steps.len()).map(|n| format!("has({root}.{})", steps[..n].join("."))).collect::<Vec<_>>().join(" && ")
+    };
+    let (new, old) = (present("self"), present("oldSelf"));
+    Rule::new(format!("({new}) == ({old}) && (!({new}) || self.{path} == oldSelf.{path})"))
+        .message(Message::Message(format!(
+            "is immutable: {what} cannot be added, changed or removed after creation; delete the object and create a new one"
+        )))
+        .field_path(format!(".{path}"))
 }
 
 /// A list merged by server-side apply as a map keyed by `key`, so two

@@ -23,6 +23,7 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, T
     printcolumn(name = "Region", type_ = "string", json_path = ".status.region"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = bucket_name_fixed_once_a_bucket_exists(),
     printcolumn(name = "Versioning", type_ = "boolean", json_path = ".spec.versioning", priority = 1),
     printcolumn(
         name = "Message",
@@ -33,7 +34,9 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, T
 )]
 #[serde(rename_all = "camelCase")]
 pub struct S3BucketSpec {
-    /// The Network whose cloud account (region, credentials, endpoint) the bucket lives in.
+    /// The Network whose cloud account (region, credentials, endpoint) the
+    /// bucket lives in. Immutable.
+    #[x_kube(validation = rules::immutable("the Network"))]
     pub network_ref: LocalObjectReference,
 
     /// Bucket name, globally unique in S3; defaults to `<namespace>-<name>`,
@@ -42,13 +45,13 @@ pub struct S3BucketSpec {
     /// '-', no '..', not an IP address, and none of the prefixes and
     /// suffixes AWS reserves (`xn--`, `sthree-`, `amzn-s3-demo-`,
     /// `-s3alias`, `--ol-s3`, `.mrap`, `--x-s3`, `--table-s3`).
-    /// Immutable once set.
+    /// It can be added, changed or removed only while no bucket exists
+    /// (`status.bucketName` is empty); after that only to name that bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = bucket_name_characters())]
     #[x_kube(validation = bucket_name_without_adjacent_periods())]
     #[x_kube(validation = bucket_name_not_an_ip_address())]
     #[x_kube(validation = bucket_name_not_reserved())]
-    #[x_kube(validation = rules::immutable("the bucket name"))]
     #[schemars(length(min = 3, max = 63))]
     pub bucket_name: Option<String>,
 
@@ -175,6 +178,25 @@ fn reserved_prefix_message(prefix: &str, what_for: &str) -> String {
 
 fn reserved_suffix_message(suffix: &str, what_for: &str) -> String {
     format!("must not end with '{suffix}': AWS reserves that suffix for {what_for}")
+}
+
+/// spec.bucketName may change freely until a bucket exists, so an S3Bucket
+/// stalled on a default name S3 refuses can be given one; after that it may
+/// only name the bucket in status (any other name would create a second
+/// bucket and leave the first behind). A rule on the whole object, as it
+/// reads status; the controller checks the same for CRDs without it.
+fn bucket_name_fixed_once_a_bucket_exists() -> Rule {
+    Rule::new(
+        "(has(self.spec.bucketName) == has(oldSelf.spec.bucketName) \
+           && (!has(self.spec.bucketName) || self.spec.bucketName == oldSelf.spec.bucketName)) \
+         || !has(self.status) || !has(self.status.bucketName) \
+         || (has(self.spec.bucketName) && self.spec.bucketName == self.status.bucketName)",
+    )
+    .message(
+        "is immutable once the bucket exists (status.bucketName): another name, or none, would create a second bucket \
+         and leave the first behind; delete this S3Bucket and create a new one for another bucket",
+    )
+    .field_path(".spec.bucketName")
 }
 
 /// Lower-case letters, digits, '.' and '-', a letter or digit at each end.

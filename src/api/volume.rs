@@ -34,7 +34,8 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, T
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeSpec {
-    /// The Network whose cloud account the volume lives in.
+    /// The Network whose cloud account the volume lives in. Immutable.
+    #[x_kube(validation = rules::immutable("the Network"))]
     pub network_ref: LocalObjectReference,
 
     /// Where the volume lives. Exactly one block is set.
@@ -71,6 +72,8 @@ pub struct VolumeProvider {
     .message("io1 and io2 volumes need iops").field_path(".iops"))]
 #[x_kube(validation = Rule::new("has(self.sizeGiB) || has(self.snapshotId)")
     .message("set sizeGiB, or snapshotId to take the size from the snapshot").field_path(".sizeGiB"))]
+#[x_kube(validation = rules::fixed_at_creation("snapshotId", "the source snapshot"))]
+#[x_kube(validation = rules::fixed_at_creation("kmsKeyId", "the KMS key"))]
 pub struct EbsVolume {
     /// Availability zone; it must match the zone of the machines it attaches to. Immutable.
     #[x_kube(validation = rules::aws_zone())]
@@ -104,7 +107,7 @@ pub struct EbsVolume {
     #[x_kube(validation = rules::immutable("encryption"))]
     pub encrypted: bool,
 
-    /// KMS key for encryption; defaults to the account's EBS key.
+    /// KMS key for encryption; defaults to the account's EBS key. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     pub kms_key_id: Option<String>,
@@ -113,7 +116,6 @@ pub struct EbsVolume {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^snap-([0-9a-f]{8}|[0-9a-f]{17})$')")
         .message("must be a snapshot ID: 'snap-' followed by 8 or 17 hex digits"))]
-    #[x_kube(validation = rules::immutable("the source snapshot"))]
     #[schemars(length(max = 22))]
     pub snapshot_id: Option<String>,
 

@@ -9,6 +9,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
 use kube::{Resource, ResourceExt};
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::LineEnding;
@@ -47,6 +49,7 @@ impl Reconciler for KeyPair {
         let secret_name = &self.spec.secret_ref.name;
         let secret = secrets.get_opt(secret_name).await?;
         let private = secret.as_ref().and_then(|s| s.data.as_ref()?.get(PRIVATE_KEY)).map(|b| b.0.clone());
+        let issued = IssuedKey::of(status);
 
         let (public, message) = match (&self.spec.public_key, private) {
             // Imported: the spec's public key is authoritative; a private key, if present, must match it.
@@ -78,6 +81,8 @@ impl Reconciler for KeyPair {
                 }
             }
             (None, Some(bytes)) => (public_of(&bytes, secret_name)?, format!("key pair in Secret {secret_name}")),
+            // Never a new key for one that was lost: see IssuedKey.
+            (None, None) if let Some(issued) = &issued => return Err(issued.lost(secret_name)),
             (None, None) if secret.is_some() => {
                 return Err(Error::stalled(
                     "SecretWithoutKey",
@@ -99,6 +104,14 @@ impl Reconciler for KeyPair {
                 (public, format!("key pair in Secret {secret_name}"))
             }
         };
+
+        if let Some(issued) = &issued {
+            let source = match self.spec.public_key {
+                Some(_) => "spec.publicKey".to_owned(),
+                None => format!("Secret {secret_name}"),
+            };
+            issued.check(&public, &source)?;
+        }
 
         status.cloud_key_name = None;
         if self.spec.provider.as_ref().is_some_and(|p| p.ec2.is_some()) {
@@ -176,6 +189,72 @@ impl Reconciler for KeyPair {
     }
 }
 
+/// The key a KeyPair handed out (status.fingerprint), and where it is
+/// registered. It is the KeyPair's identity: EC2 keeps the public key it
+/// imported, instances launched with it authorise it, and so do machines
+/// configured with status.publicKey; the operator cannot change any of that
+/// (it cannot log in with a key they do not accept). So a lost private key
+/// is not replaced by a new one, nor a key swapped in the Secret taken: the
+/// KeyPair stalls, saying how to restore the key or replace it deliberately.
+#[derive(Debug)]
+struct IssuedKey {
+    fingerprint: String,
+    cloud_key_name: Option<String>,
+}
+
+impl IssuedKey {
+    fn of(status: &KeyPairStatus) -> Option<Self> {
+        Some(Self { fingerprint: status.fingerprint.clone()?, cloud_key_name: status.cloud_key_name.clone() })
+    }
+
+    /// Who accepts the key, for messages.
+    fn authorised_by(&self) -> String {
+        match &self.cloud_key_name {
+            Some(name) => format!(
+                "EC2 key pair {name}, instances launched with it and machines configured with its public key accept only {}",
+                self.fingerprint
+            ),
+            None => format!("machines configured with its public key accept only {}", self.fingerprint),
+        }
+    }
+
+    fn replace_deliberately() -> &'static str {
+        "or, to replace the key, delete this KeyPair, create it again and authorise its new status.publicKey on the machines that use it"
+    }
+
+    /// The Secret lost the private key of the issued key.
+    fn lost(&self, secret_name: &str) -> Error {
+        Error::stalled(
+            "PrivateKeyLost",
+            format!(
+                "Secret {secret_name} no longer holds {PRIVATE_KEY} for {}, the key this KeyPair issued; {}, so no new key is generated. \
+                 Restore {PRIVATE_KEY} in Secret {secret_name} from a backup, {}",
+                self.fingerprint,
+                self.authorised_by(),
+                Self::replace_deliberately()
+            ),
+        )
+    }
+
+    /// The key found now (in `source`) must be the issued one.
+    fn check(&self, found: &HostKey, source: &str) -> Result<()> {
+        if found.fingerprint() == self.fingerprint {
+            return Ok(());
+        }
+        Err(Error::stalled(
+            "KeyReplaced",
+            format!(
+                "{source} now holds key {}, but this KeyPair issued {}; {}. Restore the key {} in {source}, {}",
+                found.fingerprint(),
+                self.fingerprint,
+                self.authorised_by(),
+                self.fingerprint,
+                Self::replace_deliberately()
+            ),
+        ))
+    }
+}
+
 impl KeyPair {
     /// The name of the key pair in EC2: spec.provider.ec2.keyName, else `<namespace>-<name>`.
     pub fn ec2_key_name(&self) -> String {
@@ -199,6 +278,23 @@ impl KeyPair {
         let network = super::resolve_network(ctx, &ns, &name, "spec.networkRef.name").await?;
         Ok(CloudTarget { owner: self.owner(), network })
     }
+}
+
+/// The KeyPair controller. A change to a KeyPair's Secret wakes it, so a
+/// deleted or replaced key is reported at once, not at the next resync.
+pub fn controller(keypairs: Api<KeyPair>, secrets: Api<Secret>, wc: watcher::Config) -> Controller<KeyPair> {
+    let controller = Controller::new(keypairs, wc.clone());
+    let by_secret = controller.store();
+    controller.watches(secrets, wc, move |secret| {
+        let ns = secret.namespace();
+        let name = secret.name_any();
+        by_secret
+            .state()
+            .into_iter()
+            .filter(|k| k.namespace() == ns && k.spec.secret_ref.name == name)
+            .map(|k| ObjectRef::from_obj(&*k))
+            .collect::<Vec<_>>()
+    })
 }
 
 /// The private key a Machine logs in with: the KeyPair's Secret's
@@ -278,4 +374,47 @@ async fn generate_into(secrets: &Api<Secret>, keypair: &KeyPair) -> Result<HostK
         Err(err) => return Err(err.into()),
     }
     HostKey::parse(&public_text, "generated public key").map_err(|e| Error::stalled("KeyEncoding", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHsf5n2k2cOqRk8yE1xXKmbvmN4QUeTSR3dOzU6pD6VJ";
+    const B: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+
+    fn stalled(err: Error) -> (&'static str, String) {
+        let Error::Stalled { reason, message } = err else { panic!("must stall: {err}") };
+        (reason, message)
+    }
+
+    #[test]
+    fn a_key_never_issued_is_generated_and_an_issued_one_is_kept() {
+        assert!(IssuedKey::of(&KeyPairStatus::default()).is_none(), "nothing issued: the operator may generate");
+        let a = HostKey::parse(A, "a").unwrap();
+        let issued = IssuedKey::of(&KeyPairStatus {
+            fingerprint: Some(a.fingerprint()),
+            cloud_key_name: Some("team-a-deployer".into()),
+            ..KeyPairStatus::default()
+        })
+        .unwrap();
+        assert!(issued.check(&a, "Secret deployer").is_ok());
+
+        let (reason, message) = stalled(issued.lost("deployer"));
+        assert_eq!(reason, "PrivateKeyLost");
+        for says in [
+            &a.fingerprint(),
+            "EC2 key pair team-a-deployer",
+            "Restore ssh-privatekey in Secret deployer",
+            "delete this KeyPair",
+        ] {
+            assert!(message.contains(says), "{says}: {message}");
+        }
+
+        let b = HostKey::parse(B, "b").unwrap();
+        let (reason, message) = stalled(issued.check(&b, "Secret deployer").unwrap_err());
+        assert_eq!(reason, "KeyReplaced");
+        assert!(message.contains(&format!("Secret deployer now holds key {}", b.fingerprint())), "{message}");
+        assert!(message.contains(&format!("issued {}", a.fingerprint())), "{message}");
+    }
 }

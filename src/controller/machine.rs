@@ -62,6 +62,35 @@ fn resolve(machine: &Machine, network: &Network) -> Result<Resolved> {
     Ok(Resolved { provider, ssh })
 }
 
+/// Where the provider in use comes from, for messages.
+fn provider_source(machine: &Machine) -> String {
+    match machine.spec.provider {
+        Some(_) => "spec.provider".into(),
+        None => format!("Network {} spec.machineDefaults.provider", machine.spec.network_ref.name),
+    }
+}
+
+/// A machine never moves between providers: the kind it was provisioned
+/// with (status.provider) must still be the one resolved. The schema fixes
+/// spec.provider, but a Machine that takes its Network's
+/// machineDefaults.provider would otherwise launch an instance for a host
+/// it used to deploy to, or forget the instance it launched.
+fn check_provider_kind(recorded: Option<&str>, resolved: Option<&MachineProviderSpec>, source: &str) -> Result<()> {
+    let Some(recorded) = recorded else { return Ok(()) };
+    let now = resolved.and_then(MachineProviderSpec::kind);
+    if now == Some(recorded) {
+        return Ok(());
+    }
+    Err(Error::stalled(
+        "ProviderChanged",
+        format!(
+            "this Machine was provisioned with provider {recorded} (status.provider), but {source} now gives {}; \
+             a machine cannot move between providers: restore {source}, or create a new Machine",
+            now.unwrap_or("none")
+        ),
+    ))
+}
+
 /// The host key a machine must present, and which field pins it.
 struct Pin {
     key: HostKey,
@@ -153,6 +182,7 @@ impl Reconciler for Machine {
         let network_name = &self.spec.network_ref.name;
         let network = super::resolve_network(&ctx, &ns, network_name, "spec.networkRef.name").await?;
         let resolved = resolve(&self, &network)?;
+        check_provider_kind(status.provider.as_deref(), Some(&resolved.provider), &provider_source(&self))?;
         {
             let mut users = ctx.keypair_users.lock().unwrap_or_else(|e| e.into_inner());
             match &resolved.ssh.key_pair_ref {
@@ -175,9 +205,14 @@ impl Reconciler for Machine {
                 })?;
             let status = keypair.status.clone().unwrap_or_default();
             if !super::status::is_true(&status.conditions, crate::api::condition::READY) {
+                // Its own message says why (a lost private key, say).
+                let why = super::status::message(&status.conditions, crate::api::condition::READY)
+                    .filter(|m| !m.is_empty())
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
                 return Err(Error::waiting(
                     "KeyPairNotReady",
-                    format!("KeyPair {} (spec.ssh.keyPairRef.name) is not Ready yet", key_ref.name),
+                    format!("KeyPair {} (spec.ssh.keyPairRef.name) is not Ready yet{why}", key_ref.name),
                 ));
             }
             key_name = status.cloud_key_name;
@@ -362,6 +397,15 @@ impl Reconciler for Machine {
             (None, Some(n)) => n.spec.machine_defaults.as_ref().and_then(|d| d.provider.clone()),
             (None, None) => None,
         };
+        let recorded = self.status.as_ref().and_then(|s| s.provider.as_deref());
+        if let Err(Error::Stalled { reason, message }) =
+            check_provider_kind(recorded, provider_spec.as_ref(), &provider_source(&self))
+        {
+            return Ok(Cleanup::Stalled {
+                reason,
+                message: format!("{message}; or set spec.deletionPolicy: Orphan to leave what it provisioned"),
+            });
+        }
         // Without a provider nothing was ever created.
         let Some(provider_spec) = provider_spec else { return Ok(Cleanup::Done) };
         let provider = ctx.providers.machine(&provider_spec)?;
@@ -464,5 +508,32 @@ mod tests {
         assert!(message.contains("spec.ssh.hostKey pins"), "{message}");
         assert!(message.contains(&a.fingerprint()), "message shows the presented fingerprint: {message}");
         assert!(matches!(check(&a, None, Some(B)), Err(Error::Stalled { .. })));
+    }
+
+    #[test]
+    fn a_machine_keeps_the_provider_it_was_provisioned_with() {
+        let existing: MachineProviderSpec =
+            serde_json::from_value(serde_json::json!({"existing": {"host": "203.0.113.5"}})).unwrap();
+        let ec2: MachineProviderSpec = serde_json::from_value(
+            serde_json::json!({"ec2": {"instanceType": "t3.small", "ami": "ami-0123456789abcdef0", "subnet": "a"}}),
+        )
+        .unwrap();
+        let source = "Network web spec.machineDefaults.provider";
+        assert!(check_provider_kind(None, Some(&ec2), source).is_ok(), "nothing provisioned yet");
+        assert!(check_provider_kind(Some("ec2"), Some(&ec2), source).is_ok());
+        for (recorded, now, says) in [
+            ("existing", Some(&ec2), "now gives ec2"),
+            ("ec2", Some(&existing), "now gives existing"),
+            ("ec2", None, "now gives none"),
+        ] {
+            let Err(Error::Stalled { reason, message }) = check_provider_kind(Some(recorded), now, source) else {
+                panic!("{recorded} -> {says} must stall")
+            };
+            assert_eq!(reason, "ProviderChanged");
+            assert!(
+                message.contains(says) && message.contains("restore Network web spec.machineDefaults.provider"),
+                "{message}"
+            );
+        }
     }
 }

@@ -242,6 +242,7 @@ impl Context {
 pub trait ObjectStatus: Default + Clone + PartialEq + Serialize + Send + Sync {
     fn conditions_mut(&mut self) -> &mut Vec<Condition>;
     fn conditions(&self) -> &[Condition];
+    fn observed_generation(&self) -> Option<i64>;
     fn set_observed_generation(&mut self, generation: Option<i64>);
     /// Sets the phase that goes with Stalled.
     fn set_failed(&mut self);
@@ -349,13 +350,7 @@ async fn reconcile_inner<K: Reconciler>(obj: Arc<K>, ctx: Arc<Context>) -> Resul
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
 
     if is_paused(&*obj) {
-        let mut status = base_status(&*obj);
-        Conditions::new(status.conditions_mut(), obj.meta().generation).set(
-            condition::PAUSED,
-            true,
-            "Paused",
-            format!("the {PAUSED_ANNOTATION} annotation is set; no external calls are made until it is removed"),
-        );
+        let status = paused_status(obj.status(), obj.meta().generation);
         write_status(&api, &*obj, status, &ctx).await?;
         return Ok(Action::await_change());
     }
@@ -376,11 +371,48 @@ async fn reconcile_inner<K: Reconciler>(obj: Arc<K>, ctx: Arc<Context>) -> Resul
     })
 }
 
-/// The current status with observedGeneration set and Paused cleared.
+/// Reason of the conditions a paused object shows.
+const PAUSED_REASON: &str = "Paused";
+
+/// The status of a paused object at `generation`. It still describes the
+/// last spec the operator acted on, observedGeneration included: kstatus
+/// (Flux, `kubectl wait`) must not call a spec nobody applied Current. A
+/// spec not acted on yet (a change made while paused, or a new object) is
+/// also Reconciling, which kstatus reads as InProgress even when there is no
+/// observedGeneration to compare; a Stalled condition about an older spec
+/// no longer holds. A paused object whose spec was applied stays as it was,
+/// with Paused added.
+fn paused_status<S: ObjectStatus>(current: Option<&S>, generation: Option<i64>) -> S {
+    let mut status = current.cloned().unwrap_or_default();
+    let observed = status.observed_generation();
+    let mut conditions = Conditions::new(status.conditions_mut(), generation);
+    let stop = format!("the {PAUSED_ANNOTATION} annotation is set; no external calls are made until it is removed");
+    if observed.is_some() && observed == generation {
+        conditions.set(condition::PAUSED, true, PAUSED_REASON, stop);
+    } else {
+        let message = format!(
+            "{stop}; generation {} is not applied{}",
+            generation.unwrap_or_default(),
+            observed.map(|g| format!(" (status describes generation {g})")).unwrap_or_default()
+        );
+        conditions
+            .set(condition::PAUSED, true, PAUSED_REASON, message.clone())
+            .set(condition::RECONCILING, true, PAUSED_REASON, message)
+            .remove(condition::STALLED);
+    }
+    status
+}
+
+/// The status a reconciliation starts from: the current one with
+/// observedGeneration set and what pausing added cleared.
 fn base_status<K: Reconciler>(obj: &K) -> K::Status {
-    let mut status = obj.status().cloned().unwrap_or_default();
-    status.set_observed_generation(obj.meta().generation);
-    status.conditions_mut().retain(|c| c.type_ != condition::PAUSED);
+    acting_status(obj.status(), obj.meta().generation)
+}
+
+fn acting_status<S: ObjectStatus>(current: Option<&S>, generation: Option<i64>) -> S {
+    let mut status = current.cloned().unwrap_or_default();
+    status.set_observed_generation(generation);
+    status.conditions_mut().retain(|c| c.type_ != condition::PAUSED && c.reason != PAUSED_REASON);
     status
 }
 
@@ -675,6 +707,9 @@ macro_rules! object_status {
             fn conditions(&self) -> &[$crate::api::Condition] {
                 &self.conditions
             }
+            fn observed_generation(&self) -> Option<i64> {
+                self.observed_generation
+            }
             fn set_observed_generation(&mut self, generation: Option<i64>) {
                 self.observed_generation = generation;
             }
@@ -688,3 +723,56 @@ macro_rules! object_status {
     };
 }
 pub(crate) use object_status;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::NetworkStatus;
+    use status::is_true;
+
+    fn ready_at(generation: i64) -> NetworkStatus {
+        let mut status = NetworkStatus { observed_generation: Some(generation), ..NetworkStatus::default() };
+        Conditions::new(&mut status.conditions, Some(generation)).ready("Ready", "3 machines");
+        status
+    }
+
+    #[test]
+    fn pausing_an_applied_spec_keeps_its_status_and_adds_paused() {
+        let status = paused_status(Some(&ready_at(2)), Some(2));
+        assert_eq!(status.observed_generation, Some(2));
+        assert!(is_true(&status.conditions, condition::READY));
+        assert!(is_true(&status.conditions, condition::PAUSED));
+        assert!(!status.conditions.iter().any(|c| c.type_ == condition::RECONCILING));
+    }
+
+    #[test]
+    fn a_spec_changed_while_paused_is_not_reported_as_observed() {
+        let mut before = ready_at(2);
+        Conditions::new(&mut before.conditions, Some(2)).stalled("HostKeyMismatch", "bad key");
+        let status = paused_status(Some(&before), Some(3));
+        assert_eq!(status.observed_generation, Some(2), "observedGeneration stays at the spec acted on");
+        assert!(is_true(&status.conditions, condition::RECONCILING));
+        assert!(!status.conditions.iter().any(|c| c.type_ == condition::STALLED), "Stalled was about generation 2");
+        let paused = status.conditions.iter().find(|c| c.type_ == condition::PAUSED).unwrap();
+        assert!(paused.message.contains("generation 3 is not applied"), "{}", paused.message);
+        assert!(paused.message.contains("status describes generation 2"), "{}", paused.message);
+
+        // Unpaused, the reconciler starts from a status without what pausing added.
+        let resumed = acting_status(Some(&status), Some(3));
+        assert_eq!(resumed.observed_generation, Some(3));
+        assert!(!resumed.conditions.iter().any(|c| c.type_ == condition::RECONCILING));
+        assert!(!resumed.conditions.iter().any(|c| c.type_ == condition::PAUSED));
+        assert!(
+            resumed.conditions.iter().any(|c| c.type_ == condition::READY),
+            "other conditions stay until the reconciler sets them"
+        );
+    }
+
+    #[test]
+    fn an_object_created_paused_is_reconciling() {
+        let status: NetworkStatus = paused_status(None, Some(1));
+        assert_eq!(status.observed_generation, None);
+        assert!(is_true(&status.conditions, condition::RECONCILING));
+        assert!(is_true(&status.conditions, condition::PAUSED));
+    }
+}

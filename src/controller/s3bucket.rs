@@ -48,6 +48,23 @@ fn valid_bucket_name(bucket: &S3Bucket) -> Result<String> {
     Err(Error::stalled("InvalidBucketName", message))
 }
 
+/// A bucket is never renamed: once one exists (status.bucketName), another
+/// name would create a second bucket and leave the first behind. The schema
+/// refuses such a change; this catches a CRD installed without that rule,
+/// and a name set while the first bucket was still being created.
+fn check_not_renamed(recorded: Option<&str>, name: &str) -> Result<()> {
+    match recorded {
+        Some(recorded) if recorded != name => Err(Error::stalled(
+            "BucketNameChanged",
+            format!(
+                "bucket {recorded} exists for this S3Bucket (status.bucketName), but the name is now {name}; \
+                 a bucket cannot be renamed: set spec.bucketName to {recorded}, or delete this S3Bucket and create a new one"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Parses spec.policy, or explains where it is broken.
 fn parse_policy(policy: Option<&str>) -> Result<Option<serde_json::Value>> {
     let Some(text) = policy else { return Ok(None) };
@@ -82,6 +99,7 @@ impl Reconciler for S3Bucket {
 
     async fn apply(self: Arc<Self>, ctx: Arc<Context>, status: &mut S3BucketStatus) -> Result<Option<Duration>> {
         let name = valid_bucket_name(&self)?;
+        check_not_renamed(status.bucket_name.as_deref(), &name)?;
         let policy = parse_policy(self.spec.policy.as_deref())?;
         let target = target(&ctx, &self).await?;
         let provider = ctx.providers.bucket()?;
@@ -159,7 +177,9 @@ impl Reconciler for S3Bucket {
         {
             return Ok(Cleanup::Done);
         }
-        let name = self.bucket_name();
+        // The bucket that was created, even if the spec names another since.
+        let recorded = self.status.as_ref().and_then(|s| s.bucket_name.clone());
+        let name = recorded.unwrap_or_else(|| self.bucket_name());
         if bucket_name_violation(&name).is_some() && self.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(&name) {
             // S3 refuses the name, so no bucket was ever created under it.
             return Ok(Cleanup::Done);
@@ -229,6 +249,17 @@ mod tests {
         }
         // spec.bucketName avoids the default and is taken as it is.
         assert_eq!(valid_bucket_name(&bucket("sthree", "cache", Some("nix-cache"))).unwrap(), "nix-cache");
+    }
+
+    #[test]
+    fn a_bucket_that_exists_is_never_renamed() {
+        assert!(check_not_renamed(None, "team-a-cache").is_ok(), "no bucket yet: any name");
+        assert!(check_not_renamed(Some("team-a-cache"), "team-a-cache").is_ok());
+        let Err(Error::Stalled { reason, message }) = check_not_renamed(Some("team-a-cache"), "nix-cache") else {
+            panic!("a rename must stall")
+        };
+        assert_eq!(reason, "BucketNameChanged");
+        assert!(message.contains("set spec.bucketName to team-a-cache"), "{message}");
     }
 
     #[test]

@@ -7,15 +7,19 @@ local hs = { status = "Progressing", message = "waiting for the operator" }
 if obj.status == nil then
   return hs
 end
+-- A paused object keeps the observedGeneration of the last spec it acted
+-- on; its Paused message says whether a newer one waits.
+for _, c in ipairs(obj.status.conditions or {}) do
+  if c.type == "Paused" and c.status == "True" then
+    return { status = "Suspended", message = c.message }
+  end
+end
 if obj.metadata ~= nil and obj.metadata.generation ~= nil and obj.status.observedGeneration ~= obj.metadata.generation then
   hs.message = "waiting for the operator to observe generation " .. tostring(obj.metadata.generation)
   return hs
 end
 local ready, reconciling
 for _, c in ipairs(obj.status.conditions or {}) do
-  if c.type == "Paused" and c.status == "True" then
-    return { status = "Suspended", message = c.message }
-  end
   if c.type == "Stalled" and c.status == "True" then
     return { status = "Degraded", message = c.message }
   end
