@@ -10,13 +10,40 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::Mutex;
 
-/// Timing of the election.
+/// Timing of the election (client-go's: a holder that cannot renew within
+/// `renew_deadline` stops acting, before others may take the lease after
+/// `duration`).
 #[derive(Clone, Copy, Debug)]
 pub struct LeaseTiming {
     /// How long a lease is valid without renewal.
     pub duration: Duration,
+    /// How long the holder keeps acting without a successful renewal; shorter
+    /// than `duration`, so it has stopped before a standby can take over.
+    pub renew_deadline: Duration,
     /// How often the holder renews, and others retry.
     pub retry: Duration,
+}
+
+impl LeaseTiming {
+    /// Refuses timing under which two replicas could act at once.
+    pub fn check(&self) -> Result<(), String> {
+        if self.renew_deadline >= self.duration {
+            return Err(format!(
+                "the lease renew deadline ({} s) must be shorter than the lease duration ({} s), \
+                 or a leader that cannot renew may still act when another takes over",
+                self.renew_deadline.as_secs(),
+                self.duration.as_secs()
+            ));
+        }
+        if self.retry >= self.renew_deadline {
+            return Err(format!(
+                "the lease retry period ({} s) must be shorter than the renew deadline ({} s)",
+                self.retry.as_secs(),
+                self.renew_deadline.as_secs()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One replica's view of the lease.
@@ -45,36 +72,49 @@ impl LeaseLock {
         &self.identity
     }
 
-    /// Waits until this replica holds the lease.
-    pub async fn acquire(&self) {
+    /// Waits until this replica holds the lease. `on_contact` runs after the
+    /// first answer from the API server (this replica then takes part in
+    /// the election, as leader or standby).
+    pub async fn acquire(&self, on_contact: impl Fn()) {
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(err) => tracing::warn!(%err, lease = %self.name, "cannot read or update the leader lease"),
+            match tokio::time::timeout(self.timing.renew_deadline, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => {
+                    on_contact();
+                    return;
+                }
+                Ok(Ok(false)) => on_contact(),
+                Ok(Err(err)) => tracing::warn!(%err, lease = %self.name, "cannot read or update the leader lease"),
+                Err(_) => tracing::warn!(lease = %self.name, "the leader lease got no answer in time"),
             }
             tokio::time::sleep(self.timing.retry).await;
         }
     }
 
-    /// Renews the lease until renewal fails for longer than the lease
-    /// duration (or another replica took it); then returns.
+    /// Renews the lease until another replica took it or no renewal
+    /// succeeded within the renew deadline (a hung API call included: each
+    /// attempt is bounded by what is left of it); then returns, and this
+    /// replica must stop acting.
     pub async fn hold(&self) {
         let mut last_renewed = Instant::now();
         loop {
             tokio::time::sleep(self.timing.retry).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewed = Instant::now(),
-                Ok(false) => {
+            let left = self.timing.renew_deadline.saturating_sub(last_renewed.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_renewed = Instant::now(),
+                Ok(Ok(false)) => {
                     tracing::error!(lease = %self.name, "another replica holds the leader lease");
                     return;
                 }
-                Err(err) => {
-                    tracing::warn!(%err, lease = %self.name, "cannot renew the leader lease");
-                    if last_renewed.elapsed() >= self.timing.duration {
-                        return;
-                    }
-                }
+                Ok(Err(err)) => tracing::warn!(%err, lease = %self.name, "cannot renew the leader lease"),
+                Err(_) => tracing::warn!(lease = %self.name, "renewing the leader lease got no answer"),
+            }
+            if last_renewed.elapsed() >= self.timing.renew_deadline {
+                tracing::error!(
+                    lease = %self.name,
+                    seconds = self.timing.renew_deadline.as_secs(),
+                    "could not renew the leader lease within the renew deadline"
+                );
+                return;
             }
         }
     }

@@ -62,6 +62,11 @@ struct RunArgs {
     #[arg(long, env = "NIXOPS_LEASE_DURATION", default_value_t = 15)]
     lease_duration_seconds: u64,
 
+    /// Seconds the leader keeps acting without a successful renewal (shorter
+    /// than the lease duration: it stops before a standby may take over).
+    #[arg(long, env = "NIXOPS_LEASE_RENEW_DEADLINE", default_value_t = 10)]
+    lease_renew_deadline_seconds: u64,
+
     /// Seconds between lease renewals (and retries by standbys).
     #[arg(long, env = "NIXOPS_LEASE_RETRY", default_value_t = 2)]
     lease_retry_seconds: u64,
@@ -128,6 +133,7 @@ async fn run(args: RunArgs) -> Result<(), operator::RunError> {
         leader_election: args.leader_election.then_some((lease_namespace, args.lease_name)),
         lease: LeaseTiming {
             duration: Duration::from_secs(args.lease_duration_seconds),
+            renew_deadline: Duration::from_secs(args.lease_renew_deadline_seconds),
             retry: Duration::from_secs(args.lease_retry_seconds),
         },
         identity: identity(),

@@ -50,10 +50,15 @@ pub enum RunError {
     Http { addr: SocketAddr, source: std::io::Error },
     #[error("lost the leader lease; exiting so that another replica takes over")]
     LeaseLost,
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Runs until SIGTERM/SIGINT (Ok) or until the lease is lost (Err).
 pub async fn run(opts: Options) -> Result<(), RunError> {
+    if opts.leader_election.is_some() {
+        opts.lease.check().map_err(RunError::Config)?;
+    }
     let client = Client::try_default().await.map_err(RunError::Client)?;
     let metrics = Metrics::new()?;
     let ready = Arc::new(AtomicBool::new(false));
@@ -72,14 +77,20 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     let lease = opts.leader_election.as_ref().map(|(ns, name)| {
         LeaseLock::new(Api::<Lease>::namespaced(client.clone(), ns), name, &opts.identity, opts.lease)
     });
-    ready.store(true, Ordering::Relaxed);
+    // Ready: able to do its part. Without an election that is at once; with
+    // one, once the Lease has answered (as leader or as a standby that can
+    // take over). Leading is not required, or a rolling upgrade whose new
+    // pod waits for the old one's lease would never finish.
+    if lease.is_none() {
+        ready.store(true, Ordering::Relaxed);
+    }
     let signal = shutdown_signal();
     tokio::pin!(signal);
 
     if let Some(lease) = &lease {
         tracing::info!(identity = %lease.identity(), "waiting for the leader lease");
         tokio::select! {
-            _ = lease.acquire() => {}
+            _ = lease.acquire(|| ready.store(true, Ordering::Relaxed)) => {}
             _ = &mut signal => {
                 let _ = stop_tx.send(true);
                 let _ = http_listener.await;

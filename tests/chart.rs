@@ -133,7 +133,7 @@ async fn chart_installs_upgrades_and_grants_only_what_the_operator_needs() {
         "helm template",
     );
     ok(support::kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered)), "kubectl apply --dry-run=server");
-    assert!(rendered.contains("--leader-election"), "two replicas elect a leader");
+    assert!(rendered.contains("--leader-election"), "replicas elect a leader");
     assert!(rendered.contains("kind: PodDisruptionBudget"), "two replicas get a PodDisruptionBudget");
     assert!(rendered.contains("kind: NetworkPolicy"), "networkPolicy.enabled renders one");
     assert!(rendered.contains("readOnlyRootFilesystem: true") && rendered.contains("runAsNonRoot: true"));

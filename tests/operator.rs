@@ -149,10 +149,20 @@ async fn http_endpoints_answer() {
 }
 
 fn lease_flags(ns: &str) -> Vec<String> {
-    ["--leader-election", "--lease-namespace", ns, "--lease-duration-seconds", "4", "--lease-retry-seconds", "1"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "--leader-election",
+        "--lease-namespace",
+        ns,
+        "--lease-duration-seconds",
+        "4",
+        "--lease-renew-deadline-seconds",
+        "3",
+        "--lease-retry-seconds",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 #[tokio::test]
@@ -199,6 +209,82 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     let spec = lease.spec.unwrap();
     assert_eq!(spec.lease_transitions, Some(1));
     assert_ne!(spec.holder_identity, None);
+}
+
+/// A leader whose connection to the API server hangs (toxiproxy stops all
+/// traffic between it and kube-apiserver) stops acting before the standby
+/// takes over: its renewals are bounded by the renew deadline, shorter than
+/// the lease.
+#[tokio::test]
+async fn a_leader_whose_api_connection_hangs_stops_before_the_standby_starts() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "leader-hang").await;
+    let kubeconfig = std::fs::read_to_string(&support::control_plane().kubeconfig).unwrap();
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .expect("the kubeconfig names its server")
+        .to_owned();
+    let toxi = support::toxiproxy();
+    let listen = toxi.proxy("apiserver", &server);
+    let dir = tempfile::tempdir().unwrap();
+    let proxied = dir.path().join("kubeconfig");
+    std::fs::write(&proxied, kubeconfig.replace(&server, &listen)).unwrap();
+
+    let flags = [
+        "--leader-election",
+        "--lease-namespace",
+        &ns,
+        "--lease-duration-seconds",
+        "6",
+        "--lease-renew-deadline-seconds",
+        "4",
+        "--lease-retry-seconds",
+        "1",
+    ];
+    let mut first = support::Operator::start_env(&ns, &flags, &[("KUBECONFIG", proxied.to_str().unwrap())]);
+    first.wait_ready().await;
+    let deadline = Instant::now() + TIMEOUT;
+    while first.metric("nixops_leader", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "the first replica never led");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = support::Operator::start(&ns, &flags);
+    second.wait_ready().await;
+    assert_eq!(second.metric("nixops_leader", &[]), 0.0, "a ready standby, not a second leader");
+
+    // Everything between the leader and the API server now hangs.
+    for stream in ["upstream", "downstream"] {
+        toxi.toxic_on(
+            "apiserver",
+            &format!("hang-{stream}"),
+            "timeout",
+            stream,
+            1.0,
+            serde_json::json!({"timeout": 0}),
+        );
+    }
+    let hung_at = Instant::now();
+    let mut first_stopped = None;
+    let mut second_leads = None;
+    while second_leads.is_none() {
+        assert!(hung_at.elapsed() < TIMEOUT, "the standby never took over");
+        if first_stopped.is_none() && first.wait_exit(Duration::from_millis(50)).is_some() {
+            first_stopped = Some(hung_at.elapsed());
+        }
+        if second.metric("nixops_leader", &[]) >= 1.0 {
+            second_leads = Some(hung_at.elapsed());
+        }
+    }
+    let first_stopped = first_stopped.expect("the hung leader was still running when the standby took over");
+    let second_leads = second_leads.unwrap_or_default();
+    eprintln!("hung leader stopped after {first_stopped:?}, standby led after {second_leads:?}");
+    assert!(
+        first_stopped < second_leads,
+        "the hung leader stopped {first_stopped:?} after the hang, the standby led at {second_leads:?}"
+    );
+    assert!(first.logs().contains("renew deadline"), "the leader says why it stopped");
 }
 
 #[tokio::test]
