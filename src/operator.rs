@@ -185,9 +185,16 @@ async fn run_controllers(client: &Client, opts: &Options, ctx: Arc<Context>, sto
         wc.clone(),
     );
     let networks = controller::network::controller(api(client, ns), api(client, ns), wc.clone());
-    let keypairs = controller::keypair::controller(api(client, ns), api(client, ns), wc.clone());
-    let volumes = controller::volume::controller(api(client, ns), api(client, ns), wc.clone());
-    let buckets = Controller::new(api::<S3Bucket>(client, ns), wc.clone());
+    let keypairs = controller::keypair::controller(api(client, ns), api(client, ns), api(client, ns), wc.clone());
+    let volumes = controller::volume::controller(api(client, ns), api(client, ns), api(client, ns), wc.clone());
+    let buckets = {
+        let buckets = Controller::new(api::<S3Bucket>(client, ns), wc.clone());
+        let store = buckets.store();
+        fn network_of(b: &S3Bucket) -> Option<&str> {
+            Some(&b.spec.network_ref.name)
+        }
+        buckets.watches(api(client, ns), wc.clone(), controller::network_dependents(store, network_of))
+    };
 
     futures::join!(
         drive::<Machine>(machines, config.clone(), ctx.clone(), stop.clone()),

@@ -55,3 +55,68 @@ async fn network_deletion_waits_for_its_machines_and_names_them() {
     support::wait_gone(&machines, "db-1", TIMEOUT).await;
     support::wait_gone(&networks, "prod", TIMEOUT).await;
 }
+
+/// Objects that use a Network wake when it appears or becomes Ready (no
+/// waiting for the resync, five minutes here), and a deleted Machine leaves
+/// its Network's members at once.
+#[tokio::test]
+async fn dependents_wake_with_their_network_and_a_deleted_machine_leaves_it_promptly() {
+    use nixops_operator::api::{KeyPair, S3Bucket, Volume};
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "network-wake").await;
+    let _operator = support::Operator::start(&ns, &["--resync-seconds", "300"]);
+    let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);
+    let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
+    let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
+    let create = |kind: &str, name: &str, spec: serde_json::Value| json!({"apiVersion": "nixops.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
+    let vol = create(
+        "Volume",
+        "data",
+        json!({"networkRef": {"name": "aws"}, "provider": {"ec2": {"zone": "eu-west-1a", "sizeGiB": 4}}}),
+    );
+    volumes.create(&PostParams::default(), &serde_json::from_value(vol).unwrap()).await.unwrap();
+    let kp = create(
+        "KeyPair",
+        "deployer",
+        json!({"secretRef": {"name": "deployer"}, "networkRef": {"name": "aws"}, "provider": {"ec2": {}}}),
+    );
+    keypairs.create(&PostParams::default(), &serde_json::from_value(kp).unwrap()).await.unwrap();
+    let bucket = create("S3Bucket", "logs", json!({"networkRef": {"name": "aws"}}));
+    buckets.create(&PostParams::default(), &serde_json::from_value(bucket).unwrap()).await.unwrap();
+    // They wait for a Network that does not exist yet.
+    support::wait_for(&volumes, "data", TIMEOUT, "waiting for its Network", |v| {
+        v.status.as_ref().is_some_and(|s| support::condition_message(&s.conditions, "Ready").contains("aws"))
+    })
+    .await;
+
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let ready = |c: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>| {
+        c.is_some_and(|c| support::is_ready(c))
+    };
+    support::wait_for(&volumes, "data", TIMEOUT, "Ready", |v| ready(v.status.as_ref().map(|s| &s.conditions))).await;
+    support::wait_for(&keypairs, "deployer", TIMEOUT, "Ready", |k| ready(k.status.as_ref().map(|s| &s.conditions)))
+        .await;
+    support::wait_for(&buckets, "logs", TIMEOUT, "Ready", |b| ready(b.status.as_ref().map(|s| &s.conditions))).await;
+
+    // A member leaves at once when deleted.
+    let host = support::SshHost::start();
+    let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
+    let networks: Api<Network> = Api::namespaced(client.clone(), &ns);
+    let m: Machine = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": "web"},
+        "spec": {"networkRef": {"name": "aws"}, "provider": {"existing": {"host": host.host, "port": host.port}}}
+    }))
+    .unwrap();
+    machines.create(&PostParams::default(), &m).await.unwrap();
+    support::wait_for(&networks, "aws", TIMEOUT, "1 member", |n| {
+        n.status.as_ref().is_some_and(|s| s.machines == Some(1))
+    })
+    .await;
+    machines.delete("web", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&machines, "web", TIMEOUT).await;
+    support::wait_for(&networks, "aws", Duration::from_secs(20), "no members", |n| {
+        n.status.as_ref().is_some_and(|s| s.machines == Some(0) && s.members.is_empty())
+    })
+    .await;
+}

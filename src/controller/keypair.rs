@@ -282,19 +282,32 @@ impl KeyPair {
 
 /// The KeyPair controller. A change to a KeyPair's Secret wakes it, so a
 /// deleted or replaced key is reported at once, not at the next resync.
-pub fn controller(keypairs: Api<KeyPair>, secrets: Api<Secret>, wc: watcher::Config) -> Controller<KeyPair> {
+pub fn controller(
+    keypairs: Api<KeyPair>,
+    secrets: Api<Secret>,
+    networks: Api<crate::api::Network>,
+    wc: watcher::Config,
+) -> Controller<KeyPair> {
     let controller = Controller::new(keypairs, wc.clone());
     let by_secret = controller.store();
-    controller.watches(secrets, wc, move |secret| {
-        let ns = secret.namespace();
-        let name = secret.name_any();
-        by_secret
-            .state()
-            .into_iter()
-            .filter(|k| k.namespace() == ns && k.spec.secret_ref.name == name)
-            .map(|k| ObjectRef::from_obj(&*k))
-            .collect::<Vec<_>>()
-    })
+    let by_network = controller.store();
+    fn network_of(k: &KeyPair) -> Option<&str> {
+        k.spec.network_ref.as_ref().map(|r| r.name.as_str())
+    }
+    controller.watches(networks, wc.clone(), super::network_dependents(by_network, network_of)).watches(
+        secrets,
+        wc,
+        move |secret| {
+            let ns = secret.namespace();
+            let name = secret.name_any();
+            by_secret
+                .state()
+                .into_iter()
+                .filter(|k| k.namespace() == ns && k.spec.secret_ref.name == name)
+                .map(|k| ObjectRef::from_obj(&*k))
+                .collect::<Vec<_>>()
+        },
+    )
 }
 
 /// The private key a Machine logs in with: the KeyPair's Secret's

@@ -666,6 +666,42 @@ pub struct FailedCreate {
     message: String,
 }
 
+/// A watch mapper that wakes the objects of a kind that use a Network
+/// (`network_of` names it) when that Network appears, changes its spec,
+/// becomes Ready or not, or is being deleted; not on every status write
+/// (members' readiness changes it all the time).
+pub fn network_dependents<K>(
+    store: kube::runtime::reflector::Store<K>,
+    network_of: fn(&K) -> Option<&str>,
+) -> impl Fn(crate::api::Network) -> Vec<kube::runtime::reflector::ObjectRef<K>> + Send + Sync + 'static
+where
+    K: Reconciler,
+{
+    let seen = Mutex::new(HashMap::<String, (Option<i64>, bool, bool)>::new());
+    move |network| {
+        let projection = (
+            network.metadata.generation,
+            network.status.as_ref().is_some_and(|s| status::is_true(&s.conditions, condition::READY)),
+            network.metadata.deletion_timestamp.is_some(),
+        );
+        let key = object_key(&network);
+        {
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.insert(key, projection) == Some(projection) {
+                return Vec::new();
+            }
+        }
+        let ns = network.namespace();
+        let name = network.name_any();
+        store
+            .state()
+            .into_iter()
+            .filter(|o| o.namespace() == ns && network_of(o) == Some(name.as_str()))
+            .map(|o| kube::runtime::reflector::ObjectRef::from_obj(&*o))
+            .collect()
+    }
+}
+
 /// Records the cloud ID in the `nixops.io/external-name` annotation (so a
 /// restore without status finds the resource) and clears the intent.
 pub async fn record_external_name<K: Reconciler>(api: &Api<K>, obj: &K, id: &str) -> Result<()> {

@@ -164,16 +164,23 @@ pub fn controller(networks: Api<Network>, machines: Api<Machine>, wc: watcher::C
     let seen = Mutex::new(HashMap::<String, String>::new());
     Controller::new(networks, wc.clone()).watches(machines, wc, move |machine| {
         let status = machine.status.clone().unwrap_or_default();
+        // The finalizers are part of it: their removal is the Machine leaving
+        // (its last event), which must reach the Network at once.
         let projection = format!(
-            "{}|{:?}|{:?}|{}|{}",
+            "{}|{:?}|{:?}|{}|{}|{}",
             machine.spec.network_ref.name,
             status.addresses,
             status.host_key,
             is_true(&status.conditions, condition::READY),
-            machine.metadata.deletion_timestamp.is_some()
+            machine.metadata.deletion_timestamp.is_some(),
+            machine.metadata.finalizers.as_ref().map_or(0, Vec::len),
         );
         let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.insert(super::object_key(&machine), projection.clone()).as_ref() == Some(&projection) {
+        let gone = machine.metadata.deletion_timestamp.is_some()
+            && machine.metadata.finalizers.as_ref().is_none_or(Vec::is_empty);
+        if gone {
+            seen.remove(&super::object_key(&machine));
+        } else if seen.insert(super::object_key(&machine), projection.clone()).as_ref() == Some(&projection) {
             return None;
         }
         Some(ObjectRef::new(&machine.spec.network_ref.name).within(&machine.namespace().unwrap_or_default()))

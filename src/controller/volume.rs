@@ -278,25 +278,34 @@ impl Reconciler for Volume {
 
 /// The Volume controller; a Machine adding or dropping a volume, or getting
 /// its instance, wakes the volumes it names now and named before.
-pub fn controller(volumes: Api<Volume>, machines: Api<Machine>, wc: watcher::Config) -> Controller<Volume> {
+pub fn controller(
+    volumes: Api<Volume>,
+    machines: Api<Machine>,
+    networks: Api<crate::api::Network>,
+    wc: watcher::Config,
+) -> Controller<Volume> {
     let seen = Mutex::new(HashMap::<String, (BTreeSet<String>, Option<String>)>::new());
-    Controller::new(volumes, wc.clone()).watches(machines, wc, move |machine| {
-        let ns = machine.namespace().unwrap_or_default();
-        let now: BTreeSet<String> = if machine.meta().deletion_timestamp.is_some() {
-            BTreeSet::new()
-        } else {
-            machine.spec.volumes.iter().map(|v| v.volume_ref.name.clone()).collect()
-        };
-        let provider_id = machine.status.as_ref().and_then(|s| s.provider_id.clone());
-        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-        let before = seen.insert(super::object_key(&machine), (now.clone(), provider_id.clone()));
-        if before.as_ref() == Some(&(now.clone(), provider_id)) {
-            return Vec::new();
-        }
-        let mut names = now;
-        names.extend(before.map(|(b, _)| b).unwrap_or_default());
-        names.into_iter().map(|n| ObjectRef::new(&n).within(&ns)).collect::<Vec<_>>()
-    })
+    let controller = Controller::new(volumes, wc.clone());
+    let store = controller.store();
+    controller
+        .watches(networks, wc.clone(), super::network_dependents(store, |v: &Volume| Some(&v.spec.network_ref.name)))
+        .watches(machines, wc, move |machine| {
+            let ns = machine.namespace().unwrap_or_default();
+            let now: BTreeSet<String> = if machine.meta().deletion_timestamp.is_some() {
+                BTreeSet::new()
+            } else {
+                machine.spec.volumes.iter().map(|v| v.volume_ref.name.clone()).collect()
+            };
+            let provider_id = machine.status.as_ref().and_then(|s| s.provider_id.clone());
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            let before = seen.insert(super::object_key(&machine), (now.clone(), provider_id.clone()));
+            if before.as_ref() == Some(&(now.clone(), provider_id)) {
+                return Vec::new();
+            }
+            let mut names = now;
+            names.extend(before.map(|(b, _)| b).unwrap_or_default());
+            names.into_iter().map(|n| ObjectRef::new(&n).within(&ns)).collect::<Vec<_>>()
+        })
 }
 
 #[cfg(test)]
