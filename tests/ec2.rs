@@ -273,9 +273,44 @@ async fn kill_9_during_provisioning_leaves_exactly_one_instance_and_volume() {
         operator.signal("KILL");
         drop(operator);
     }
-    let _operator = support::Operator::start(&ns, &[]);
+    // A kill between recording the intent and the create call leaves an
+    // outcome nobody saw: after the lookup window such an object stalls with
+    // CreateOutcomeUnknown and nothing in the cloud; the test then does what
+    // the message tells a user (remove the mark). Never a second resource.
+    let _operator = support::Operator::start(&ns, &["--create-pending-seconds", "5"]);
+    let settled = |c: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>| {
+        ready(c) || c.is_some_and(|c| c.iter().any(|c| c.reason == "CreateOutcomeUnknown" && c.status == "True"))
+    };
+    let unknown = |c: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>| !ready(c);
+    let clear = json!({"metadata": {"annotations": {"nixops.io/create-pending": null}}});
     for i in 0..5 {
         let name = format!("crash-{i}");
+        support::wait_for(&machines, &name, TIMEOUT, "Ready or stalled", |m| {
+            settled(m.status.as_ref().map(|s| &s.conditions))
+        })
+        .await;
+        let m = machines.get(&name).await.unwrap();
+        if unknown(m.status.as_ref().map(|s| &s.conditions)) {
+            assert_eq!(
+                instances(&ec2, m.metadata.uid.as_deref().unwrap()).await.len(),
+                0,
+                "{name}: stalled with an instance"
+            );
+            machines.patch(&name, &PatchParams::default(), &Patch::Merge(&clear)).await.unwrap();
+        }
+        support::wait_for(&volumes_api, &name, TIMEOUT, "Ready or stalled", |v| {
+            settled(v.status.as_ref().map(|s| &s.conditions))
+        })
+        .await;
+        let v = volumes_api.get(&name).await.unwrap();
+        if unknown(v.status.as_ref().map(|s| &s.conditions)) {
+            assert_eq!(
+                volumes(&ec2, v.metadata.uid.as_deref().unwrap()).await.len(),
+                0,
+                "{name}: stalled with a volume"
+            );
+            volumes_api.patch(&name, &PatchParams::default(), &Patch::Merge(&clear)).await.unwrap();
+        }
         support::wait_for(&machines, &name, TIMEOUT, "Ready", |m| ready(m.status.as_ref().map(|s| &s.conditions)))
             .await;
         support::wait_for(&volumes_api, &name, TIMEOUT, "Ready", |v| ready(v.status.as_ref().map(|s| &s.conditions)))
