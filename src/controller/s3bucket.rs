@@ -400,8 +400,9 @@ mod tests {
         let ours = || BucketHolder::ThisAccount { uid: Some("uid-1".into()) };
         let untagged = || BucketHolder::ThisAccount { uid: None };
         let other_object = || BucketHolder::ThisAccount { uid: Some("uid-2".into()) };
-        // (managementPolicy, external-name annotation, holder, outcome)
-        let table: Vec<(&str, Option<&str>, BucketHolder, std::result::Result<BucketAction, &str>)> = vec![
+        // (managementPolicy, external-name annotation, holder, action or stall reason)
+        type Case = (&'static str, Option<&'static str>, BucketHolder, std::result::Result<BucketAction, &'static str>);
+        let table: Vec<Case> = vec![
             ("Default", None, BucketHolder::Nobody, Ok(Create)),
             ("Default", None, ours(), Ok(Manage)),
             ("Default", None, untagged(), Err("BucketNotOwned")),
