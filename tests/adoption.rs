@@ -91,33 +91,77 @@ async fn observe_reads_and_adoption_takes_over_existing_volumes_and_buckets() {
     support::wait_gone(&volumes, "adopted", TIMEOUT).await;
     assert_eq!(size_of(&ec2, &adopted_id).await, None, "an adopted volume is deleted under Delete");
 
-    // An observed bucket keeps its objects and survives deletion.
-    let bucket = format!("{ns}-observed");
-    s3.create_bucket()
-        .bucket(&bucket)
-        .create_bucket_configuration(
-            aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from("eu-west-1"))
-                .build(),
+    // An observed bucket, named only by the annotation, is read, never
+    // changed, and survives deletion.
+    let s3_bucket = |name: &str, annotation: &str, spec: serde_json::Value| -> S3Bucket {
+        let mut full = json!({"networkRef": {"name": "aws"}});
+        full.as_object_mut().unwrap().extend(spec.as_object().unwrap().clone());
+        serde_json::from_value(json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "S3Bucket",
+            "metadata": {"name": name, "annotations": {"nixops.io/external-name": annotation}},
+            "spec": full
+        }))
+        .unwrap()
+    };
+    let made_elsewhere = |name: String| {
+        let s3 = s3.clone();
+        async move {
+            s3.create_bucket()
+                .bucket(&name)
+                .create_bucket_configuration(
+                    aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                        .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from("eu-west-1"))
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap();
+            name
+        }
+    };
+    let bucket_ready = |b: &S3Bucket| {
+        b.status.as_ref().is_some_and(|s| support::condition(&s.conditions, "Ready").as_deref() == Some("True"))
+    };
+    let uid_tag = |tags: aws_sdk_s3::operation::get_bucket_tagging::GetBucketTaggingOutput| {
+        tags.tag_set().iter().find(|t| t.key() == "nixops.io/uid").map(|t| t.value().to_owned())
+    };
+    let watched = made_elsewhere(format!("{ns}-watched")).await;
+    let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
+    buckets
+        .create(
+            &PostParams::default(),
+            &s3_bucket("observed", &watched, json!({"managementPolicy": "Observe", "versioning": true})),
         )
-        .send()
         .await
         .unwrap();
-    let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
-    let b: S3Bucket = serde_json::from_value(json!({
-        "apiVersion": "nixops.io/v1alpha1", "kind": "S3Bucket",
-        "metadata": {"name": "observed", "annotations": {"nixops.io/external-name": bucket}},
-        "spec": {"networkRef": {"name": "aws"}, "managementPolicy": "Observe", "versioning": true}
-    }))
-    .unwrap();
-    buckets.create(&PostParams::default(), &b).await.unwrap();
-    support::wait_for(&buckets, "observed", TIMEOUT, "Ready", |b| {
-        b.status.as_ref().is_some_and(|s| support::condition(&s.conditions, "Ready").as_deref() == Some("True"))
-    })
-    .await;
-    let versioning = s3.get_bucket_versioning().bucket(&bucket).send().await.unwrap();
+    support::wait_for(&buckets, "observed", TIMEOUT, "Ready", bucket_ready).await;
+    let status = buckets.get("observed").await.unwrap().status.unwrap();
+    assert_eq!(status.bucket_name.as_deref(), Some(watched.as_str()), "Observe reads the annotated bucket");
+    let versioning = s3.get_bucket_versioning().bucket(&watched).send().await.unwrap();
     assert!(versioning.status().is_none(), "Observe must not enable versioning");
+    assert!(s3.get_bucket_tagging().bucket(&watched).send().await.is_err(), "Observe must not tag the bucket");
     buckets.delete("observed", &DeleteParams::default()).await.unwrap();
     support::wait_gone(&buckets, "observed", TIMEOUT).await;
-    assert!(s3.head_bucket().bucket(&bucket).send().await.is_ok(), "Observe must not delete the bucket");
+    assert!(s3.head_bucket().bucket(&watched).send().await.is_ok(), "Observe must not delete the bucket");
+
+    // Adoption: the annotated bucket is tagged with the object's UID and
+    // managed, not a new one created under the default name.
+    let taken_over = made_elsewhere(format!("{ns}-taken-over")).await;
+    buckets
+        .create(&PostParams::default(), &s3_bucket("adopted", &taken_over, json!({"versioning": true})))
+        .await
+        .unwrap();
+    support::wait_for(&buckets, "adopted", TIMEOUT, "Ready", bucket_ready).await;
+    let adopted = buckets.get("adopted").await.unwrap();
+    assert_eq!(adopted.status.unwrap().bucket_name.as_deref(), Some(taken_over.as_str()));
+    let versioning = s3.get_bucket_versioning().bucket(&taken_over).send().await.unwrap();
+    assert_eq!(versioning.status().map(|s| s.as_str()), Some("Enabled"), "an adopted bucket is managed");
+    let tags = s3.get_bucket_tagging().bucket(&taken_over).send().await.unwrap();
+    assert_eq!(uid_tag(tags), adopted.metadata.uid, "an adopted bucket is tagged with its owner");
+    let listed = s3.list_buckets().send().await.unwrap();
+    let created = listed.buckets().iter().filter_map(|b| b.name()).find(|n| n.starts_with(&format!("{ns}-adopted")));
+    assert_eq!(created, None, "adoption must not create a bucket under the default name");
+    buckets.delete("adopted", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&buckets, "adopted", TIMEOUT).await;
+    assert!(s3.head_bucket().bucket(&taken_over).send().await.is_err(), "an adopted bucket is deleted under Delete");
 }

@@ -98,12 +98,16 @@ async fn bucket_lifecycle_with_versioning_policy_tags_and_deletion_rules() {
     support::wait_gone(&buckets, "cache", TIMEOUT).await;
     assert!(s3.head_bucket().bucket(&cache).send().await.is_err(), "the bucket must be gone");
 
-    // Orphan keeps the bucket; the default name is <namespace>-<name>.
+    // Orphan keeps the bucket; the default name is <namespace>-<name>-<hash>.
     buckets.create(&PostParams::default(), &bucket("kept", json!({"deletionPolicy": "Orphan"}))).await.unwrap();
     support::wait_for(&buckets, "kept", TIMEOUT, "Ready", |b| cond(b, "Ready").as_deref() == Some("True")).await;
+    let kept = buckets.get("kept").await.unwrap();
+    let name = kept.status.unwrap().bucket_name.unwrap();
+    assert!(name.starts_with(&format!("{ns}-kept-")), "{name}");
+    assert_eq!(kept.metadata.annotations.unwrap().get("nixops.io/external-name"), Some(&name), "the name is recorded");
     buckets.delete("kept", &DeleteParams::default()).await.unwrap();
     support::wait_gone(&buckets, "kept", TIMEOUT).await;
-    assert!(s3.head_bucket().bucket(format!("{ns}-kept")).send().await.is_ok(), "Orphan must keep the bucket");
+    assert!(s3.head_bucket().bucket(&name).send().await.is_ok(), "Orphan must keep the bucket");
 }
 
 /// The controller's check of the names it derives and the schema's check of
@@ -165,31 +169,33 @@ async fn the_controller_refuses_exactly_the_bucket_names_the_api_server_refuses(
 async fn a_default_bucket_name_s3_refuses_stalls_until_spec_bucket_name_is_set() {
     let client = support::client().await;
     support::install_crds(&client).await;
-    let ns = support::namespace(&client, "bucket").await;
+    // Default names in a namespace sthree-… start with a prefix AWS reserves.
+    let ns = support::namespace(&client, "sthree").await;
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let _operator = support::Operator::start(&ns, &[]);
     let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
     let s3 = support::s3_client().await;
 
-    // <namespace>-cache-s3alias ends with a suffix AWS reserves.
     buckets.create(&PostParams::default(), &bucket("cache-s3alias", json!({}))).await.unwrap();
     support::wait_for(&buckets, "cache-s3alias", TIMEOUT, "Stalled", |b| cond(b, "Stalled").as_deref() == Some("True"))
         .await;
     let stalled = buckets.get("cache-s3alias").await.unwrap().status.unwrap();
     let msg = support::condition_message(&stalled.conditions, "Stalled");
-    assert!(msg.contains("must not end with '-s3alias'") && msg.contains("set spec.bucketName"), "{msg}");
-    assert!(s3.head_bucket().bucket(format!("{ns}-cache-s3alias")).send().await.is_err(), "no bucket may be created");
+    assert!(msg.contains("must not start with 'sthree-'") && msg.contains("set spec.bucketName"), "{msg}");
+    let listed = s3.list_buckets().send().await.unwrap();
+    assert!(!listed.buckets().iter().any(|b| b.name().is_some_and(|n| n.starts_with(&ns))), "no bucket may be created");
 
     // Setting spec.bucketName (allowed once, while unset) unblocks it.
-    let patch = json!({"spec": {"bucketName": format!("{ns}-cache"), "forceDestroy": true}});
+    let cache = format!("{}-cache", ns.trim_start_matches("sthree-"));
+    let patch = json!({"spec": {"bucketName": cache, "forceDestroy": true}});
     buckets.patch("cache-s3alias", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     support::wait_for(&buckets, "cache-s3alias", TIMEOUT, "Ready", |b| cond(b, "Ready").as_deref() == Some("True"))
         .await;
-    assert!(s3.head_bucket().bucket(format!("{ns}-cache")).send().await.is_ok());
+    assert!(s3.head_bucket().bucket(&cache).send().await.is_ok());
 
     // Once the bucket exists, another name (or none) is refused: it would
     // create a second bucket and leave this one behind.
-    for other in [json!(format!("{ns}-cache-2")), json!(null)] {
+    for other in [json!(format!("{cache}-2")), json!(null)] {
         let patch = json!({"spec": {"bucketName": other}});
         let refused = buckets.patch("cache-s3alias", &PatchParams::default(), &Patch::Merge(&patch)).await;
         let Err(kube::Error::Api(status)) = refused else { panic!("bucketName {other} was accepted: {refused:?}") };
@@ -205,4 +211,98 @@ async fn a_default_bucket_name_s3_refuses_stalls_until_spec_bucket_name_is_set()
         .await;
     buckets.delete("stuck.mrap", &DeleteParams::default()).await.unwrap();
     support::wait_gone(&buckets, "stuck.mrap", TIMEOUT).await;
+}
+
+fn tag(tags: &aws_sdk_s3::operation::get_bucket_tagging::GetBucketTaggingOutput, key: &str) -> Option<String> {
+    tags.tag_set().iter().find(|t| t.key() == key).map(|t| t.value().to_owned())
+}
+
+/// `team-a/logs` and `team/a-logs` both had the default name `team-a-logs`,
+/// so the second S3Bucket took over the first one's bucket.
+#[tokio::test]
+async fn default_names_that_used_to_collide_give_each_object_its_own_bucket() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let team = support::namespace(&client, "team").await;
+    let team_a = format!("{team}-a");
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(json!({"metadata": {"name": team_a}})).unwrap();
+    namespaces.create(&PostParams::default(), &ns).await.unwrap();
+    let mut names = Vec::new();
+    let mut operators = Vec::new();
+    for (ns, name) in [(&team_a, "logs"), (&team, "a-logs")] {
+        support::aws_network(&client, ns, "aws", &support::moto().endpoint).await;
+        operators.push(support::Operator::start(ns, &[]));
+        let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), ns);
+        buckets.create(&PostParams::default(), &bucket(name, json!({"forceDestroy": true}))).await.unwrap();
+        support::wait_for(&buckets, name, TIMEOUT, "Ready", |b| cond(b, "Ready").as_deref() == Some("True")).await;
+        let b = buckets.get(name).await.unwrap();
+        names.push((b.status.unwrap().bucket_name.unwrap(), b.metadata.uid.unwrap()));
+    }
+    assert_ne!(names[0].0, names[1].0, "{team_a}/logs and {team}/a-logs must not share a bucket");
+    let s3 = support::s3_client().await;
+    for (name, uid) in &names {
+        assert!(name.starts_with(&format!("{team}-a-logs-")), "{name}");
+        let tags = s3.get_bucket_tagging().bucket(name).send().await.unwrap();
+        assert_eq!(tag(&tags, "nixops.io/uid").as_deref(), Some(uid.as_str()), "{name} is tagged with its owner");
+    }
+    for (ns, name) in [(&team_a, "logs"), (&team, "a-logs")] {
+        let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), ns);
+        buckets.delete(name, &DeleteParams::default()).await.unwrap();
+        support::wait_gone(&buckets, name, TIMEOUT).await;
+    }
+}
+
+/// A bucket of that name already in the account, not created by this
+/// S3Bucket, is neither rewritten nor deleted with it.
+#[tokio::test]
+async fn an_untagged_bucket_with_the_requested_name_is_never_changed_or_deleted() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "bucket").await;
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let _operator = support::Operator::start(&ns, &[]);
+    let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
+    let s3 = support::s3_client().await;
+
+    let theirs = format!("{ns}-theirs");
+    s3.create_bucket()
+        .bucket(&theirs)
+        .create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from("eu-west-1"))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let policy = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*",
+        "Action": "s3:DeleteObject", "Resource": format!("arn:aws:s3:::{theirs}/*")}]});
+    s3.put_bucket_policy().bucket(&theirs).policy(policy.to_string()).send().await.unwrap();
+    let tagging = aws_sdk_s3::types::Tagging::builder()
+        .tag_set(aws_sdk_s3::types::Tag::builder().key("team").value("someone-else").build().unwrap())
+        .build()
+        .unwrap();
+    s3.put_bucket_tagging().bucket(&theirs).tagging(tagging).send().await.unwrap();
+
+    let spec = json!({"bucketName": theirs, "versioning": true, "forceDestroy": true, "tags": {"team": "us"}});
+    buckets.create(&PostParams::default(), &bucket("mine", spec)).await.unwrap();
+    support::wait_for(&buckets, "mine", TIMEOUT, "Stalled", |b| cond(b, "Stalled").as_deref() == Some("True")).await;
+    let msg = support::condition_message(&buckets.get("mine").await.unwrap().status.unwrap().conditions, "Stalled");
+    assert!(msg.contains("not tagged nixops.io/uid"), "{msg}");
+    assert!(msg.contains("set spec.bucketName") && msg.contains("nixops.io/external-name"), "{msg}");
+
+    let tags = s3.get_bucket_tagging().bucket(&theirs).send().await.unwrap();
+    assert_eq!(tags.tag_set().len(), 1, "tags must stay as they were: {:?}", tags.tag_set());
+    assert_eq!(tag(&tags, "team").as_deref(), Some("someone-else"));
+    let stored: serde_json::Value =
+        serde_json::from_str(s3.get_bucket_policy().bucket(&theirs).send().await.unwrap().policy().unwrap()).unwrap();
+    assert_eq!(stored, policy, "the policy must stay as it was");
+    let versioning = s3.get_bucket_versioning().bucket(&theirs).send().await.unwrap();
+    assert!(versioning.status().is_none(), "versioning must stay off");
+
+    buckets.delete("mine", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&buckets, "mine", TIMEOUT).await;
+    assert!(s3.head_bucket().bucket(&theirs).send().await.is_ok(), "someone else's bucket must not be deleted");
 }

@@ -39,9 +39,13 @@ pub struct S3BucketSpec {
     #[x_kube(validation = rules::immutable("the Network"))]
     pub network_ref: LocalObjectReference,
 
-    /// Bucket name, globally unique in S3; defaults to `<namespace>-<name>`,
+    /// Bucket name, globally unique in S3; defaults to the bucket named by
+    /// the `nixops.io/external-name` annotation, else
+    /// `<namespace>-<name>-<hash of namespace/name>` (cut to 63 characters),
     /// and when that breaks a rule below, the S3Bucket stalls until this is
-    /// set. AWS's naming rules apply: 3-63 lower-case letters, digits, '.' and
+    /// set. A bucket of that name not tagged with this object's
+    /// `nixops.io/uid` is never changed or deleted unless the annotation
+    /// names it (adoption). AWS's naming rules apply: 3-63 lower-case letters, digits, '.' and
     /// '-', no '..', not an IP address, and none of the prefixes and
     /// suffixes AWS reserves (`xn--`, `sthree-`, `amzn-s3-demo-`,
     /// `-s3alias`, `--ol-s3`, `.mrap`, `--x-s3`, `--table-s3`).

@@ -118,7 +118,7 @@ pub struct CloudTarget {
 /// A block device as its provider sees it.
 pub use aws::ebs::{Attachment as VolumeAttachment, Observed as VolumeState};
 /// What a bucket provider is asked for, and what it did.
-pub use aws::s3::{BucketSpec, BucketState};
+pub use aws::s3::{BucketHolder, BucketSpec};
 /// The physical network of a Network.
 pub use aws::vpc::NetworkResources;
 
@@ -156,9 +156,12 @@ pub trait BucketProvider: Send + Sync {
     fn name(&self) -> &'static str;
     /// The region the bucket lives in, and its ARN.
     fn location(&self, target: &CloudTarget, bucket: &str) -> (String, String);
-    async fn exists(&self, target: &CloudTarget, bucket: &str) -> Result<bool, ProviderError>;
-    /// Creates or converges the bucket.
-    async fn ensure(&self, target: &CloudTarget, spec: &BucketSpec<'_>) -> Result<BucketState, ProviderError>;
+    /// Who holds the bucket name, and the owner tag of a bucket in this account.
+    async fn holder(&self, target: &CloudTarget, bucket: &str) -> Result<BucketHolder, ProviderError>;
+    /// Creates the bucket tagged with its owner; called only when `holder` found none.
+    async fn create(&self, target: &CloudTarget, spec: &BucketSpec<'_>) -> Result<(), ProviderError>;
+    /// Converges a bucket of this owner's to `spec`; returns what changed.
+    async fn converge(&self, target: &CloudTarget, spec: &BucketSpec<'_>) -> Result<Vec<&'static str>, ProviderError>;
     async fn object_count(&self, target: &CloudTarget, bucket: &str) -> Result<usize, ProviderError>;
     /// Deletes the bucket (its objects first when `force`); one already gone is success.
     async fn delete(&self, target: &CloudTarget, bucket: &str, force: bool) -> Result<(), ProviderError>;

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use super::{AwsAccounts, AwsClients, ebs, keypair, s3, vpc};
 use crate::api::volume::VolumeProvider as VolumeSpec;
 use crate::provider::{
-    BucketProvider, BucketSpec, BucketState, CloudTarget, KeyPairProvider, NetworkProvider, NetworkResources,
+    BucketHolder, BucketProvider, BucketSpec, CloudTarget, KeyPairProvider, NetworkProvider, NetworkResources,
     ProviderError, VolumeProvider, VolumeState,
 };
 
@@ -88,12 +88,16 @@ impl BucketProvider for Aws {
         (region, format!("arn:aws:s3:::{bucket}"))
     }
 
-    async fn exists(&self, target: &CloudTarget, bucket: &str) -> Result<bool, ProviderError> {
-        s3::exists(&*self.clients(target).await?, bucket).await
+    async fn holder(&self, target: &CloudTarget, bucket: &str) -> Result<BucketHolder, ProviderError> {
+        s3::holder(&*self.clients(target).await?, bucket).await
     }
 
-    async fn ensure(&self, target: &CloudTarget, spec: &BucketSpec<'_>) -> Result<BucketState, ProviderError> {
-        s3::ensure(&*self.clients(target).await?, spec).await
+    async fn create(&self, target: &CloudTarget, spec: &BucketSpec<'_>) -> Result<(), ProviderError> {
+        s3::create(&*self.clients(target).await?, spec).await
+    }
+
+    async fn converge(&self, target: &CloudTarget, spec: &BucketSpec<'_>) -> Result<Vec<&'static str>, ProviderError> {
+        s3::converge(&*self.clients(target).await?, spec).await
     }
 
     async fn object_count(&self, target: &CloudTarget, bucket: &str) -> Result<usize, ProviderError> {

@@ -22,15 +22,21 @@ pub struct BucketSpec<'a> {
     pub tags: BTreeMap<String, String>,
 }
 
-/// What the caller reports about a bucket.
-#[derive(Debug)]
-pub struct BucketState {
-    pub created: bool,
-    pub changed: Vec<&'static str>,
+/// Who holds a bucket name, as far as this account can tell. Buckets are
+/// matched to their S3Bucket by the `nixops.io/uid` tag, never by name
+/// alone: names are global, and one in this account may be anyone's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BucketHolder {
+    /// No bucket has the name.
+    Nobody,
+    /// A bucket in this account, with its `nixops.io/uid` tag if it has one.
+    ThisAccount { uid: Option<String> },
+    /// A bucket of another account.
+    OtherAccount,
 }
 
-/// Whether the bucket exists and is ours to manage.
-pub async fn exists(aws: &AwsClients, name: &str) -> Result<bool, ProviderError> {
+/// Whether the bucket exists in this account.
+async fn exists(aws: &AwsClients, name: &str) -> Result<bool, ProviderError> {
     match aws.reading().await.s3.head_bucket().bucket(name).send().await {
         Ok(_) => Ok(true),
         Err(err) => match err.raw_response().map(|r| r.status().as_u16()) {
@@ -44,32 +50,82 @@ pub async fn exists(aws: &AwsClients, name: &str) -> Result<bool, ProviderError>
     }
 }
 
-/// Creates or converges the bucket. Each step reads first and writes only on a difference.
-pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketState, ProviderError> {
-    let name = spec.name;
-    let mut state = BucketState { created: false, changed: Vec::new() };
-    if !exists(aws, name).await? {
-        let mut create = aws.writing().await.s3.create_bucket().bucket(name);
-        if aws.region != "us-east-1" {
-            create = create.create_bucket_configuration(
-                CreateBucketConfiguration::builder()
-                    .location_constraint(BucketLocationConstraint::from(aws.region.as_str()))
-                    .build(),
-            );
-        }
-        match create.send().await {
-            Ok(_) => state.created = true,
-            Err(err) if error_code(&err) == Some("BucketAlreadyOwnedByYou") => {}
-            Err(err) if error_code(&err) == Some("BucketAlreadyExists") => {
-                return Err(ProviderError::permanent(
-                    "BucketNameTaken",
-                    format!("bucket name {name} is taken in S3 (names are global); choose another spec.bucketName"),
-                ));
-            }
-            Err(err) => return Err(classify(err, &format!("CreateBucket {name}"))),
-        }
+/// Who holds the bucket `name`, with its owner tag.
+pub async fn holder(aws: &AwsClients, name: &str) -> Result<BucketHolder, ProviderError> {
+    match exists(aws, name).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(BucketHolder::Nobody),
+        Err(ProviderError::Permanent { reason: "BucketNameTaken", .. }) => return Ok(BucketHolder::OtherAccount),
+        Err(err) => return Err(err),
     }
+    let uid = current_tags(aws, name).await?.remove(super::tags::UID);
+    Ok(BucketHolder::ThisAccount { uid })
+}
 
+async fn current_tags(aws: &AwsClients, name: &str) -> Result<BTreeMap<String, String>, ProviderError> {
+    match aws.reading().await.s3.get_bucket_tagging().bucket(name).send().await {
+        Ok(out) => Ok(out.tag_set().iter().map(|t| (t.key().to_owned(), t.value().to_owned())).collect()),
+        Err(err) if error_code(&err) == Some("NoSuchTagSet") => Ok(BTreeMap::new()),
+        Err(err) => Err(classify(err, &format!("GetBucketTagging {name}"))),
+    }
+}
+
+async fn put_tags(aws: &AwsClients, name: &str, tags: &BTreeMap<String, String>) -> Result<(), ProviderError> {
+    let tags: Result<Vec<Tag>, _> = tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
+    let tagging = Tagging::builder()
+        .set_tag_set(Some(tags.map_err(|e| ProviderError::permanent("InvalidTag", format!("spec.tags: {e}")))?))
+        .build()
+        .map_err(|e| ProviderError::permanent("InvalidTag", format!("spec.tags: {e}")))?;
+    aws.writing()
+        .await
+        .s3
+        .put_bucket_tagging()
+        .bucket(name)
+        .tagging(tagging)
+        .send()
+        .await
+        .map_err(|e| classify(e, &format!("PutBucketTagging {name}")))?;
+    Ok(())
+}
+
+/// Creates the bucket and tags it with its owner at once, so a lookup by
+/// name and UID tag finds it again. Called only when no bucket has the name.
+pub async fn create(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<(), ProviderError> {
+    let name = spec.name;
+    let mut create = aws.writing().await.s3.create_bucket().bucket(name);
+    if aws.region != "us-east-1" {
+        create = create.create_bucket_configuration(
+            CreateBucketConfiguration::builder()
+                .location_constraint(BucketLocationConstraint::from(aws.region.as_str()))
+                .build(),
+        );
+    }
+    match create.send().await {
+        Ok(_) => {}
+        // Made by someone else since the lookup: not ours to tag.
+        Err(err) if error_code(&err) == Some("BucketAlreadyOwnedByYou") => {
+            return Err(ProviderError::permanent(
+                "BucketNotOwned",
+                format!("bucket {name} was created in this account by someone else meanwhile; it is left as it is"),
+            ));
+        }
+        Err(err) if error_code(&err) == Some("BucketAlreadyExists") => {
+            return Err(ProviderError::permanent(
+                "BucketNameTaken",
+                format!("bucket name {name} is taken in S3 (names are global); choose another spec.bucketName"),
+            ));
+        }
+        Err(err) => return Err(classify(err, &format!("CreateBucket {name}"))),
+    }
+    put_tags(aws, name, &spec.tags).await
+}
+
+/// Converges an existing bucket that is this owner's (tagged with its UID,
+/// or being adopted) to `spec`. Each step reads first and writes only on a
+/// difference; returns what it changed.
+pub async fn converge(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<Vec<&'static str>, ProviderError> {
+    let name = spec.name;
+    let mut changed = Vec::new();
     // Versioning: Enabled, or Suspended once it was ever enabled.
     let current = aws
         .reading()
@@ -92,7 +148,7 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
             .send()
             .await
             .map_err(|e| classify(e, "PutBucketVersioning"))?;
-        state.changed.push("versioning");
+        changed.push("versioning");
     }
 
     // Public access block.
@@ -118,7 +174,7 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
             .send()
             .await
             .map_err(|e| classify(e, "PutPublicAccessBlock"))?;
-        state.changed.push("publicAccessBlock");
+        changed.push("publicAccessBlock");
     }
 
     // Policy, compared as JSON values.
@@ -139,7 +195,7 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
                 .send()
                 .await
                 .map_err(|e| classify(e, "PutBucketPolicy (spec.policy)"))?;
-            state.changed.push("policy");
+            changed.push("policy");
         }
         (None, Some(_)) => {
             aws.writing()
@@ -150,36 +206,17 @@ pub async fn ensure(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<BucketSta
                 .send()
                 .await
                 .map_err(|e| classify(e, "DeleteBucketPolicy"))?;
-            state.changed.push("policy");
+            changed.push("policy");
         }
         (None, None) => {}
     }
 
     // Tags.
-    let current: BTreeMap<String, String> = match aws.reading().await.s3.get_bucket_tagging().bucket(name).send().await
-    {
-        Ok(out) => out.tag_set().iter().map(|t| (t.key().to_owned(), t.value().to_owned())).collect(),
-        Err(err) if error_code(&err) == Some("NoSuchTagSet") => BTreeMap::new(),
-        Err(err) => return Err(classify(err, "GetBucketTagging")),
-    };
-    if current != spec.tags {
-        let tags: Result<Vec<Tag>, _> = spec.tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
-        let tagging = Tagging::builder()
-            .set_tag_set(Some(tags.map_err(|e| ProviderError::permanent("InvalidTag", format!("spec.tags: {e}")))?))
-            .build()
-            .map_err(|e| ProviderError::permanent("InvalidTag", format!("spec.tags: {e}")))?;
-        aws.writing()
-            .await
-            .s3
-            .put_bucket_tagging()
-            .bucket(name)
-            .tagging(tagging)
-            .send()
-            .await
-            .map_err(|e| classify(e, "PutBucketTagging"))?;
-        state.changed.push("tags");
+    if current_tags(aws, name).await? != spec.tags {
+        put_tags(aws, name, &spec.tags).await?;
+        changed.push("tags");
     }
-    Ok(state)
+    Ok(changed)
 }
 
 /// Number of object versions and delete markers in the bucket (up to one page).
