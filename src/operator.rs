@@ -184,7 +184,14 @@ async fn run_controllers(client: &Client, opts: &Options, ctx: Arc<Context>, sto
         ctx.keypair_users.clone(),
         wc.clone(),
     );
-    let networks = controller::network::controller(api(client, ns), api(client, ns), wc.clone());
+    let networks = controller::network::controller(
+        api(client, ns),
+        api(client, ns),
+        api(client, ns),
+        api(client, ns),
+        api(client, ns),
+        wc.clone(),
+    );
     let keypairs = controller::keypair::controller(api(client, ns), api(client, ns), api(client, ns), wc.clone());
     let volumes = controller::volume::controller(api(client, ns), api(client, ns), api(client, ns), wc.clone());
     let buckets = {

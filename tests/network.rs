@@ -120,3 +120,73 @@ async fn dependents_wake_with_their_network_and_a_deleted_machine_leaves_it_prom
     })
     .await;
 }
+
+/// A Network deleted before the Volumes, KeyPairs and S3Buckets that use
+/// its account waits for them (naming them), so each cleans up its cloud
+/// resource with the Network's credentials; then the VPC goes. Counted in moto.
+#[tokio::test]
+async fn a_network_is_deleted_after_everything_that_uses_it() {
+    use nixops_operator::api::{KeyPair, S3Bucket, Volume};
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "network-deps").await;
+    let _operator = support::Operator::start(&ns, &[]);
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let networks: Api<Network> = Api::namespaced(client.clone(), &ns);
+    let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);
+    let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
+    let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
+    let object = |kind: &str, name: &str, spec: serde_json::Value| json!({"apiVersion": "nixops.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
+    let vol = object(
+        "Volume",
+        "data",
+        json!({"networkRef": {"name": "aws"}, "provider": {"ec2": {"zone": "eu-west-1a", "sizeGiB": 4}}}),
+    );
+    volumes.create(&PostParams::default(), &serde_json::from_value(vol).unwrap()).await.unwrap();
+    let kp = object(
+        "KeyPair",
+        "deployer",
+        json!({"secretRef": {"name": "deployer"}, "networkRef": {"name": "aws"}, "provider": {"ec2": {}}}),
+    );
+    keypairs.create(&PostParams::default(), &serde_json::from_value(kp).unwrap()).await.unwrap();
+    let bucket = object("S3Bucket", "logs", json!({"networkRef": {"name": "aws"}}));
+    buckets.create(&PostParams::default(), &serde_json::from_value(bucket).unwrap()).await.unwrap();
+    let ready = |c: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>| {
+        c.is_some_and(|c| support::is_ready(c))
+    };
+    support::wait_for(&volumes, "data", TIMEOUT, "Ready", |v| ready(v.status.as_ref().map(|s| &s.conditions))).await;
+    support::wait_for(&keypairs, "deployer", TIMEOUT, "Ready", |k| ready(k.status.as_ref().map(|s| &s.conditions)))
+        .await;
+    support::wait_for(&buckets, "logs", TIMEOUT, "Ready", |b| ready(b.status.as_ref().map(|s| &s.conditions))).await;
+    support::wait_for(&networks, "aws", TIMEOUT, "Ready", |n| ready(n.status.as_ref().map(|s| &s.conditions))).await;
+    let net = networks.get("aws").await.unwrap();
+    let vpc = net.status.as_ref().and_then(|s| s.vpc_id.clone()).expect("a VPC");
+    let volume_id = volumes.get("data").await.unwrap().status.unwrap().volume_id.expect("a volume");
+    let bucket_name = buckets.get("logs").await.unwrap().status.unwrap().bucket_name.expect("a bucket");
+    let key_name = keypairs.get("deployer").await.unwrap().status.unwrap().cloud_key_name.expect("a key pair");
+
+    networks.delete("aws", &DeleteParams::default()).await.unwrap();
+    support::wait_for(&networks, "aws", TIMEOUT, "waiting for its dependents", |n| {
+        n.status.as_ref().is_some_and(|s| {
+            let message = support::condition_message(&s.conditions, "Ready");
+            ["Volume data", "KeyPair deployer", "S3Bucket logs"].iter().all(|d| message.contains(d))
+        })
+    })
+    .await;
+    let ec2 = support::ec2_client().await;
+    let vpcs = ec2.describe_vpcs().vpc_ids(&vpc).send().await.unwrap();
+    assert_eq!(vpcs.vpcs().len(), 1, "the VPC stays while others use the Network");
+
+    volumes.delete("data", &DeleteParams::default()).await.unwrap();
+    keypairs.delete("deployer", &DeleteParams::default()).await.unwrap();
+    buckets.delete("logs", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&networks, "aws", TIMEOUT).await;
+    let gone_volume = ec2.describe_volumes().volume_ids(&volume_id).send().await;
+    assert!(gone_volume.map(|v| v.volumes().is_empty()).unwrap_or(true), "the volume was deleted");
+    let keys = ec2.describe_key_pairs().send().await.unwrap();
+    assert!(keys.key_pairs().iter().all(|k| k.key_name() != Some(key_name.as_str())), "the key pair was deleted");
+    let s3 = support::s3_client().await;
+    assert!(s3.head_bucket().bucket(&bucket_name).send().await.is_err(), "the bucket was deleted");
+    let vpcs = ec2.describe_vpcs().vpc_ids(&vpc).send().await;
+    assert!(vpcs.map(|v| v.vpcs().is_empty()).unwrap_or(true), "the VPC was deleted last");
+}

@@ -114,13 +114,19 @@ impl Reconciler for Network {
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
+        // Everything that uses this Network's account or VPC goes first:
+        // deleted after it, a volume, key pair or bucket could no longer be
+        // cleaned up and would leak.
         let members = members(&ctx.client, &self).await?;
-        if !members.is_empty() {
-            let names: Vec<String> = members.iter().map(|m| m.name_any()).collect();
+        let dependents = dependents(&ctx.client, &self).await?;
+        if !members.is_empty() || !dependents.is_empty() {
+            let names: Vec<String> =
+                members.iter().map(|m| format!("Machine {}", m.name_any())).chain(dependents).collect();
+            let reason = if members.is_empty() { "DependentsRemain" } else { "MachinesRemain" };
             return Ok(Cleanup::Wait {
-                reason: "MachinesRemain",
+                reason,
                 message: format!(
-                    "waiting for {} machine(s) of this Network to be deleted first: {}",
+                    "waiting for {} object(s) using this Network to be deleted first: {}",
                     names.len(),
                     names.join(", ")
                 ),
@@ -142,6 +148,32 @@ impl Reconciler for Network {
     }
 }
 
+/// The Volumes, KeyPairs and S3Buckets that name the Network, as "Kind name".
+async fn dependents(client: &Client, network: &Network) -> Result<Vec<String>> {
+    use crate::api::{KeyPair, S3Bucket, Volume};
+    let ns = network.namespace().unwrap_or_default();
+    let name = network.name_any();
+    let lp = ListParams::default();
+    let mut found = Vec::new();
+    for v in Api::<Volume>::namespaced(client.clone(), &ns).list(&lp).await?.items {
+        if v.spec.network_ref.name == name {
+            found.push(format!("Volume {}", v.name_any()));
+        }
+    }
+    for k in Api::<KeyPair>::namespaced(client.clone(), &ns).list(&lp).await?.items {
+        if k.spec.network_ref.as_ref().is_some_and(|r| r.name == name) {
+            found.push(format!("KeyPair {}", k.name_any()));
+        }
+    }
+    for b in Api::<S3Bucket>::namespaced(client.clone(), &ns).list(&lp).await?.items {
+        if b.spec.network_ref.name == name {
+            found.push(format!("S3Bucket {}", b.name_any()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// Machines in the Network's namespace whose spec.networkRef names it, sorted by name.
 async fn members(client: &Client, network: &Network) -> Result<Vec<Machine>> {
     let ns = network.namespace().unwrap_or_default();
@@ -160,29 +192,45 @@ async fn members(client: &Client, network: &Network) -> Result<Vec<Machine>> {
 /// The Network controller. A Machine wakes its Network only when what the
 /// Network publishes about it changes (membership, addresses, host key,
 /// readiness), not on every status write.
-pub fn controller(networks: Api<Network>, machines: Api<Machine>, wc: watcher::Config) -> Controller<Network> {
+pub fn controller(
+    networks: Api<Network>,
+    machines: Api<Machine>,
+    volumes: Api<crate::api::Volume>,
+    keypairs: Api<crate::api::KeyPair>,
+    buckets: Api<crate::api::S3Bucket>,
+    wc: watcher::Config,
+) -> Controller<Network> {
+    // A dependent being deleted lets a Network that waits for it go on.
+    fn leaving(meta: &kube::api::ObjectMeta, network: Option<&str>) -> Option<ObjectRef<Network>> {
+        meta.deletion_timestamp.as_ref()?;
+        Some(ObjectRef::new(network?).within(meta.namespace.as_deref().unwrap_or_default()))
+    }
     let seen = Mutex::new(HashMap::<String, String>::new());
-    Controller::new(networks, wc.clone()).watches(machines, wc, move |machine| {
-        let status = machine.status.clone().unwrap_or_default();
-        // The finalizers are part of it: their removal is the Machine leaving
-        // (its last event), which must reach the Network at once.
-        let projection = format!(
-            "{}|{:?}|{:?}|{}|{}|{}",
-            machine.spec.network_ref.name,
-            status.addresses,
-            status.host_key,
-            is_true(&status.conditions, condition::READY),
-            machine.metadata.deletion_timestamp.is_some(),
-            machine.metadata.finalizers.as_ref().map_or(0, Vec::len),
-        );
-        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-        let gone = machine.metadata.deletion_timestamp.is_some()
-            && machine.metadata.finalizers.as_ref().is_none_or(Vec::is_empty);
-        if gone {
-            seen.remove(&super::object_key(&machine));
-        } else if seen.insert(super::object_key(&machine), projection.clone()).as_ref() == Some(&projection) {
-            return None;
-        }
-        Some(ObjectRef::new(&machine.spec.network_ref.name).within(&machine.namespace().unwrap_or_default()))
-    })
+    Controller::new(networks, wc.clone())
+        .watches(volumes, wc.clone(), |v| leaving(&v.metadata, Some(&v.spec.network_ref.name)))
+        .watches(keypairs, wc.clone(), |k| leaving(&k.metadata, k.spec.network_ref.as_ref().map(|r| r.name.as_str())))
+        .watches(buckets, wc.clone(), |b| leaving(&b.metadata, Some(&b.spec.network_ref.name)))
+        .watches(machines, wc, move |machine| {
+            let status = machine.status.clone().unwrap_or_default();
+            // The finalizers are part of it: their removal is the Machine leaving
+            // (its last event), which must reach the Network at once.
+            let projection = format!(
+                "{}|{:?}|{:?}|{}|{}|{}",
+                machine.spec.network_ref.name,
+                status.addresses,
+                status.host_key,
+                is_true(&status.conditions, condition::READY),
+                machine.metadata.deletion_timestamp.is_some(),
+                machine.metadata.finalizers.as_ref().map_or(0, Vec::len),
+            );
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            let gone = machine.metadata.deletion_timestamp.is_some()
+                && machine.metadata.finalizers.as_ref().is_none_or(Vec::is_empty);
+            if gone {
+                seen.remove(&super::object_key(&machine));
+            } else if seen.insert(super::object_key(&machine), projection.clone()).as_ref() == Some(&projection) {
+                return None;
+            }
+            Some(ObjectRef::new(&machine.spec.network_ref.name).within(&machine.namespace().unwrap_or_default()))
+        })
 }
