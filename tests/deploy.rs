@@ -429,15 +429,17 @@ async fn host_keys_of_any_type_can_be_pinned_and_first_contact_records_one() {
     assert_eq!(status.host_key.as_deref(), Some(recorded.as_str()));
     assert!(support::is_ready(&status.conditions), "{:?}", status.conditions);
     let events: Api<Event> = Api::namespaced(fleet.client.clone(), &fleet.ns);
-    let recorded_events = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.involved_object.name.as_deref() == Some("tofu") && e.reason.as_deref() == Some("HostKeyRecorded"))
-        .count();
-    assert_eq!(recorded_events, 1, "the key is recorded at first contact only");
+    let events = events.list(&ListParams::default()).await.unwrap().items;
+    let recorded_events = |name: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                e.involved_object.name.as_deref() == Some(name) && e.reason.as_deref() == Some("HostKeyRecorded")
+            })
+            .count()
+    };
+    assert_eq!(recorded_events("tofu"), 1, "the key is recorded at first contact only");
+    assert_eq!(recorded_events("rsa"), 0, "a key the spec pins is not news");
 }
 
 /// spec.ssh.user other than root: the push, the activation (with magic

@@ -332,7 +332,8 @@ impl Reconciler for Machine {
             }
         };
         check_host_key(&presented, pin.as_ref())?;
-        if status.host_key.is_none() {
+        // Trust on first use is news; a key the spec pins is only confirmed.
+        if status.host_key.is_none() && resolved.ssh.host_key.is_none() {
             ctx.event(
                 &*self,
                 EventType::Normal,
