@@ -5,9 +5,12 @@
 //! (shared libraries, documentation, man pages, Python modules).
 //!
 //! Prints `push_ratio_fresh`, `push_ratio_wan` (50 ms round trip, 100 Mbit/s
-//! through toxiproxy), `push_ratio_incremental` (one changed package, same
+//! through toxiproxy), `push_ratio_incremental` and
+//! `push_ratio_incremental_wan` (one changed package, loopback and over that
 //! link) and `push_ratio_fanout10` (10 nodes at once against 10 parallel
 //! nix-copy-closure runs), each ours ÷ theirs, plus the raw seconds.
+//! Ours runs the deploy path's steps in its order and concurrency: the
+//! probe alongside `push::survey`, then the import, then the release.
 //! A benchmark, not a test: figures go in notes, not assertions.
 
 #[path = "../tests/support/mod.rs"]
@@ -22,7 +25,6 @@ use nixops_operator::nix::StorePath;
 use nixops_operator::nix::activation;
 use nixops_operator::nix::local_store::LocalStore;
 use nixops_operator::nix::push::{self, PathSource, RecordCache};
-use nixops_operator::nix::serve::ServeConnection;
 use nixops_operator::ssh::{HostKey, Session};
 use russh::keys::PrivateKey;
 use support::node::NixNode;
@@ -131,15 +133,15 @@ async fn ours(keys: &Keys, node: &NixNode, port: u16, closure: &str, records: &R
     let session = Session::connect("127.0.0.1", port, "root", &keys.private, &pinned, Duration::from_secs(30), None)
         .await
         .expect("connect");
-    let probe = session.exec(&activation::probe_script()).await.expect("probe");
-    let state = activation::parse_probe(&String::from_utf8_lossy(&probe.stdout));
     let source = PathSource::Local(LocalStore::new("/nix"));
     let root = StorePath::parse(closure).expect("store path");
-    let infos = source.closure(&root).await.expect("closure");
-    let mut serve = ServeConnection::open(&session).await.expect("serve");
-    let missing = push::missing_paths(&mut serve, &infos).await.expect("query");
-    let stats = push::import(&session, &source, &missing, state.has_zstd, records, &|_| {}).await.expect("import");
-    serve.close().await.expect("close");
+    let probe_script = activation::probe_script();
+    let (probe, survey) = tokio::join!(session.exec(&probe_script), push::survey(&session, &source, &root));
+    let state = activation::parse_probe(&String::from_utf8_lossy(&probe.expect("probe").stdout));
+    let survey = survey.expect("survey");
+    let stats =
+        push::import(&session, &source, &survey.missing, state.has_zstd, records, &|_| {}).await.expect("import");
+    survey.serve.release().await;
     session.close().await;
     (started.elapsed(), stats.wire_bytes)
 }
@@ -221,6 +223,11 @@ async fn main() {
     assert_complete(&b, &v1);
     println!("wire_mib: {:.1}", wire as f64 / (1 << 20) as f64);
     ratio("push_ratio_fresh", ours_fresh, theirs_fresh);
+    let (ours_inc, _) = ours(&keys, &a, a.port, &v2, &fresh_cache()).await;
+    let theirs_inc = theirs(&keys, b.port, &v2);
+    assert_complete(&a, &v2);
+    assert_complete(&b, &v2);
+    ratio("push_ratio_incremental", ours_inc, theirs_inc);
 
     // Fresh, over a 50 ms / 100 Mbit/s link; then one changed package.
     let proxy = support::toxiproxy();
@@ -231,11 +238,11 @@ async fn main() {
     assert_complete(&c, &v1);
     assert_complete(&d, &v1);
     ratio("push_ratio_wan", ours_wan, theirs_wan);
-    let (ours_inc, _) = ours(&keys, &c, port_c, &v2, &fresh_cache()).await;
-    let theirs_inc = theirs(&keys, port_d, &v2);
+    let (ours_inc_wan, _) = ours(&keys, &c, port_c, &v2, &fresh_cache()).await;
+    let theirs_inc_wan = theirs(&keys, port_d, &v2);
     assert_complete(&c, &v2);
     assert_complete(&d, &v2);
-    ratio("push_ratio_incremental", ours_inc, theirs_inc);
+    ratio("push_ratio_incremental_wan", ours_inc_wan, theirs_inc_wan);
 
     // Fan-out to 10 empty nodes at once, loopback.
     let ours_nodes: Vec<NixNode> = (0..10).map(|_| NixNode::start(&keys.public)).collect();

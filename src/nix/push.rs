@@ -179,9 +179,34 @@ fn zstd_frame(bytes: &[u8], what: &str) -> Result<Vec<u8>, PushError> {
         .map_err(|e| PushError::Compress { path: what.to_owned(), reason: e.to_string() })
 }
 
+/// A closure as a machine has it: the paths it lacks, in dependency order,
+/// and the serve connection that keeps the ones it has from garbage
+/// collection until released (once the machine's profile refers to them).
+pub struct Survey {
+    pub serve: ServeConnection,
+    pub missing: Vec<PathInfo>,
+}
+
+/// Reads the closure of `root` while the serve connection starts, then
+/// asks the machine which paths it has: the handshake and the question go
+/// in one round trip.
+pub async fn survey(session: &Session, source: &PathSource, root: &StorePath) -> Result<Survey, PushError> {
+    let (closure, serve) = tokio::join!(source.closure(root), ServeConnection::open(session));
+    let mut serve = serve?;
+    let closure = match closure {
+        Ok(closure) => closure,
+        Err(err) => {
+            serve.release().await;
+            return Err(err);
+        }
+    };
+    let missing = missing_paths(&mut serve, &closure).await?;
+    Ok(Survey { serve, missing })
+}
+
 /// The paths of `closure` the machine lacks, in the same (dependency) order.
 /// The connection holds a temporary GC root on the ones it has until closed.
-pub async fn missing_paths(conn: &mut ServeConnection, closure: &[PathInfo]) -> Result<Vec<PathInfo>, PushError> {
+async fn missing_paths(conn: &mut ServeConnection, closure: &[PathInfo]) -> Result<Vec<PathInfo>, PushError> {
     let valid = conn.query_valid_paths(closure.iter().map(|i| &i.path), true).await?;
     Ok(closure.iter().filter(|i| !valid.contains(&i.path)).cloned().collect())
 }

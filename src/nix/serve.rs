@@ -152,18 +152,28 @@ pub fn check_add_replies(stdout: &[u8], paths: usize) -> Result<(), ServeError> 
 /// An interactive `nix-store --serve --write` on a machine.
 pub struct ServeConnection {
     process: RemoteProcess,
+    /// Whether the server's half of the handshake has been read and checked.
+    greeted: bool,
 }
 
 impl ServeConnection {
-    /// Starts `nix-store --serve --write` and completes the handshake.
+    /// Starts `nix-store --serve --write` and sends the client's half of the
+    /// handshake. The server's half is read with the first answer, so the
+    /// first request follows at once instead of a round trip later.
     pub async fn open(session: &Session) -> Result<Self, ServeError> {
         let mut process = session.spawn("nix-store --serve --write").await?;
         process.send(client_hello()).await?;
-        let mut conn = Self { process };
-        let magic = conn.read_u64().await?;
-        let version = conn.read_u64().await?;
-        check_server_hello(magic, version)?;
-        Ok(conn)
+        Ok(Self { process, greeted: false })
+    }
+
+    async fn greeting(&mut self) -> Result<(), ServeError> {
+        if !self.greeted {
+            let magic = self.read_u64().await?;
+            let version = self.read_u64().await?;
+            check_server_hello(magic, version)?;
+            self.greeted = true;
+        }
+        Ok(())
     }
 
     async fn read_u64(&mut self) -> Result<u64, ServeError> {
@@ -195,6 +205,7 @@ impl ServeConnection {
         put_u64(&mut request, 0); // do not substitute
         put_paths(&mut request, paths);
         self.process.send(request).await?;
+        self.greeting().await?;
         let count = self.read_u64().await?;
         let mut valid = BTreeSet::new();
         for _ in 0..count {
@@ -204,16 +215,11 @@ impl ServeConnection {
         Ok(valid)
     }
 
-    /// Ends the conversation.
-    pub async fn close(self) -> Result<(), ServeError> {
-        let out = self.process.finish().await?;
-        match out.status {
-            Some(0) => Ok(()),
-            status => Err(ServeError::Remote {
-                status: status.map_or("none".into(), |s| s.to_string()),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            }),
-        }
+    /// Ends the conversation without waiting for the machine's nix-store
+    /// to exit: nothing it could still say is needed. It drops its
+    /// temporary GC roots when it exits, at the end of its input.
+    pub async fn release(self) {
+        self.process.close_input().await;
     }
 }
 

@@ -325,6 +325,12 @@ impl RemoteProcess {
         Ok(bytes)
     }
 
+    /// Closes standard input and leaves the command to end by itself,
+    /// without waiting for it (a round trip) or for what it still says.
+    pub async fn close_input(self) {
+        let _ = self.writer.eof().await;
+    }
+
     /// Closes standard input, waits for the command to end and returns the
     /// output not yet read and the exit status.
     pub async fn finish(mut self) -> Result<CommandOutput, SshError> {

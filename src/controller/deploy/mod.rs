@@ -31,8 +31,7 @@ use crate::nix::activation::{self, Activation, ActivationFacts, NodeState, Rollb
 use crate::nix::cache::BinaryCacheSource;
 use crate::nix::keys::{self, KeyFile};
 use crate::nix::local_store::LocalStore;
-use crate::nix::push::{self, PathSource, Progress, PushError, PushStats, RecordCache};
-use crate::nix::serve::ServeConnection;
+use crate::nix::push::{self, PathSource, Progress, PushError, PushStats, RecordCache, Survey};
 use crate::nix::{PathInfo, StorePath};
 use crate::provider::ProviderError;
 use crate::ssh::{HostKey, Session, SshError};
@@ -185,10 +184,28 @@ impl Run<'_> {
         desired_path: &StorePath,
     ) -> Result<Option<Duration>> {
         let desired = desired_path.to_string();
-        let state = self.probe(session).await?;
-        self.sync_keys(session, status).await?;
+        // The machine's state, its keys and, when a deployment is likely,
+        // which paths of the closure it has: asked at once, one wait instead
+        // of three over a slow link.
+        let likely = plan::deploy_likely(&self.desired(), status.last_deploy.as_ref());
+        let surveying = async { if likely { Some(self.survey(session, desired_path).await) } else { None } };
+        let (state, keys, survey) = tokio::join!(self.probe(session), self.sync_keys(session, status), surveying);
+        let state = match state.and_then(|state| keys.map(|()| state)) {
+            Ok(state) => state,
+            Err(err) => {
+                release(survey).await;
+                return Err(err);
+            }
+        };
 
-        match plan::plan(&self.desired(), status.last_deploy.as_ref(), &state) {
+        let plan = plan::plan(&self.desired(), status.last_deploy.as_ref(), &state);
+        let survey = if matches!(plan, Plan::Deploy { .. }) {
+            survey
+        } else {
+            release(survey).await;
+            None
+        };
+        match plan {
             Plan::FailedAtThisGeneration { .. } => Ok(None),
             Plan::Settle => {
                 let record = status.last_deploy.clone().unwrap_or_default();
@@ -222,8 +239,14 @@ impl Run<'_> {
                     )
                     .await;
                 }
-                let Some(_slot) = self.rollout_slot(status).await? else { return Ok(Some(ROLLOUT_RECHECK)) };
-                self.deploy(session, status, &state, desired_path).await
+                let _slot = match self.rollout_slot(status).await {
+                    Ok(Some(slot)) => slot,
+                    other => {
+                        release(survey).await;
+                        return other.map(|_| Some(ROLLOUT_RECHECK));
+                    }
+                };
+                self.deploy(session, status, &state, desired_path, survey).await
             }
         }
     }
@@ -374,13 +397,22 @@ impl Run<'_> {
         ))
     }
 
-    /// Pushes (or substitutes) the closure and activates it.
+    /// The closure's source, and which of its paths the machine lacks.
+    async fn survey(&self, session: &Session, desired: &StorePath) -> Result<Surveyed> {
+        let source = self.path_source().await?;
+        let survey = push::survey(session, &source, desired).await.map_err(source_error)?;
+        Ok((source, survey))
+    }
+
+    /// Pushes (or substitutes) the closure and activates it; `survey` is
+    /// what the machine was found to lack, if that was asked already.
     async fn deploy(
         &self,
         session: &Session,
         status: &mut MachineStatus,
         state: &NodeState,
         desired: &StorePath,
+        survey: Option<Result<Surveyed>>,
     ) -> Result<Option<Duration>> {
         let mut record = DeployRecord {
             closure: desired.to_string(),
@@ -396,10 +428,10 @@ impl Run<'_> {
             .reconciling("Deploying", format!("reading the closure of {desired}"));
         write_status(&self.api, self.machine, status.clone(), self.ctx).await?;
 
-        let source = self.path_source().await?;
-        let closure = source.closure(desired).await.map_err(source_error)?;
-        let mut serve = ServeConnection::open(session).await.map_err(|e| push_error(e.into()))?;
-        let missing = push::missing_paths(&mut serve, &closure).await.map_err(push_error)?;
+        let (source, Survey { serve, missing }) = match survey {
+            Some(survey) => survey?,
+            None => self.survey(session, desired).await?,
+        };
         record.paths_total = missing.len() as i64;
         record.bytes_total = missing.iter().map(|i| i.nar_size as i64).sum();
         let stats = match self.nixos.delivery {
@@ -428,7 +460,7 @@ impl Run<'_> {
         // The serve connection kept the copied paths from garbage collection;
         // the profile refers to them once the activation has started.
         let started = self.start_activation(session, &record).await;
-        let _ = serve.close().await;
+        serve.release().await;
         started?;
         self.settle(session, status, &record, true).await
     }
@@ -440,10 +472,14 @@ impl Run<'_> {
         let magic = rollback.magic && self.nixos.action != ActivationAction::DryActivate;
         let uid = self.machine.uid().unwrap_or_default();
         let started = record.started_at.as_ref().map(|t| t.0.as_second()).unwrap_or_default();
+        // The closure too: a deployment can start within the second the last
+        // one (of another closure) started, and must not be taken for it.
+        let closure = record.closure.strip_prefix("/nix/store/").unwrap_or_default();
         Activation {
             token: format!(
-                "{}-{started}",
-                uid.chars().filter(char::is_ascii_alphanumeric).take(12).collect::<String>()
+                "{}-{started}-{}",
+                uid.chars().filter(char::is_ascii_alphanumeric).take(12).collect::<String>(),
+                closure.chars().filter(char::is_ascii_alphanumeric).take(8).collect::<String>()
             ),
             closure: record.closure.clone(),
             action: self.nixos.action,
@@ -867,6 +903,16 @@ impl Run<'_> {
             nar_bytes: missing.iter().map(|i| i.nar_size).sum(),
             wire_bytes: 0,
         })
+    }
+}
+
+/// A closure's source and what the machine lacks of it.
+type Surveyed = (PathSource, Survey);
+
+/// Lets go of a survey that is not used.
+async fn release(survey: Option<Result<Surveyed>>) {
+    if let Some(Ok((_, survey))) = survey {
+        survey.serve.release().await;
     }
 }
 

@@ -50,6 +50,22 @@ pub fn failed_at_this_generation(desired: &Desired, last: Option<&DeployRecord>)
     })
 }
 
+/// Whether this reconcile will most likely deploy, judged before the
+/// machine is asked: the desired closure is not yet deployed, has not failed
+/// at this spec generation, and no activation waits to be settled. Then what
+/// the machine has of the closure is asked alongside its state instead of
+/// after it; drift correction, rarer, asks afterwards.
+pub fn deploy_likely(desired: &Desired, last: Option<&DeployRecord>) -> bool {
+    if failed_at_this_generation(desired, last).is_some() {
+        return false;
+    }
+    last.is_none_or(|l| match l.result.as_deref() {
+        Some(deploy_result::ACTIVATING) => false,
+        Some(deploy_result::SUCCEEDED) => l.closure != desired.closure,
+        _ => true,
+    })
+}
+
 /// The next step for the machine's system.
 pub fn plan(desired: &Desired, last: Option<&DeployRecord>, state: &NodeState) -> Plan {
     if let Some(failed) = failed_at_this_generation(desired, last) {
@@ -236,6 +252,23 @@ mod tests {
         ];
         for (name, drift, last, current, want) in cases {
             assert_eq!(plan(&desired(drift), last.as_ref(), &running(current)), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_deployment_is_foreseen_for_a_closure_not_yet_deployed() {
+        use deploy_result::*;
+        let cases = [
+            ("first deployment", None, true),
+            ("new closure after A", Some(record(A, SUCCEEDED, 2)), true),
+            ("interrupted push", Some(record(B, PUSHING, 3)), true),
+            ("failed at an older generation", Some(record(B, FAILED, 2)), true),
+            ("deployed", Some(record(B, SUCCEEDED, 3)), false),
+            ("failed at this generation", Some(record(B, FAILED, 3)), false),
+            ("activation to settle", Some(record(A, ACTIVATING, 2)), false),
+        ];
+        for (name, last, want) in cases {
+            assert_eq!(deploy_likely(&desired(DriftPolicy::Correct), last.as_ref()), want, "{name}");
         }
     }
 
