@@ -1,4 +1,7 @@
 #![deny(warnings)]
+// The release build of the controller futures needs a deeper query limit
+// than the default 128 ("queries overflow the depth limit").
+#![recursion_limit = "256"]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
