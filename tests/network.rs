@@ -56,6 +56,30 @@ async fn network_deletion_waits_for_its_machines_and_names_them() {
     support::wait_gone(&networks, "prod", TIMEOUT).await;
 }
 
+/// A Volume "data", a KeyPair "deployer" and an S3Bucket "logs", each using Network "aws".
+async fn create_dependents(client: &kube::Client, ns: &str) {
+    use nixops_operator::api::{KeyPair, S3Bucket, Volume};
+    let object = |kind: &str, name: &str, spec: serde_json::Value| json!({"apiVersion": "nixops.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
+    let vol = object(
+        "Volume",
+        "data",
+        json!({"networkRef": {"name": "aws"}, "provider": {"ec2": {"zone": "eu-west-1a", "sizeGiB": 4}}}),
+    );
+    let kp = object(
+        "KeyPair",
+        "deployer",
+        json!({"secretRef": {"name": "deployer"}, "networkRef": {"name": "aws"}, "provider": {"ec2": {}}}),
+    );
+    let bucket = object("S3Bucket", "logs", json!({"networkRef": {"name": "aws"}}));
+    let pp = PostParams::default();
+    Api::<Volume>::namespaced(client.clone(), ns).create(&pp, &serde_json::from_value(vol).unwrap()).await.unwrap();
+    Api::<KeyPair>::namespaced(client.clone(), ns).create(&pp, &serde_json::from_value(kp).unwrap()).await.unwrap();
+    Api::<S3Bucket>::namespaced(client.clone(), ns)
+        .create(&pp, &serde_json::from_value(bucket).unwrap())
+        .await
+        .unwrap();
+}
+
 /// Objects that use a Network wake when it appears or becomes Ready (no
 /// waiting for the resync, five minutes here), and a deleted Machine leaves
 /// its Network's members at once.
@@ -69,21 +93,7 @@ async fn dependents_wake_with_their_network_and_a_deleted_machine_leaves_it_prom
     let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);
     let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
     let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
-    let create = |kind: &str, name: &str, spec: serde_json::Value| json!({"apiVersion": "nixops.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
-    let vol = create(
-        "Volume",
-        "data",
-        json!({"networkRef": {"name": "aws"}, "provider": {"ec2": {"zone": "eu-west-1a", "sizeGiB": 4}}}),
-    );
-    volumes.create(&PostParams::default(), &serde_json::from_value(vol).unwrap()).await.unwrap();
-    let kp = create(
-        "KeyPair",
-        "deployer",
-        json!({"secretRef": {"name": "deployer"}, "networkRef": {"name": "aws"}, "provider": {"ec2": {}}}),
-    );
-    keypairs.create(&PostParams::default(), &serde_json::from_value(kp).unwrap()).await.unwrap();
-    let bucket = create("S3Bucket", "logs", json!({"networkRef": {"name": "aws"}}));
-    buckets.create(&PostParams::default(), &serde_json::from_value(bucket).unwrap()).await.unwrap();
+    create_dependents(&client, &ns).await;
     // They wait for a Network that does not exist yet.
     support::wait_for(&volumes, "data", TIMEOUT, "waiting for its Network", |v| {
         v.status.as_ref().is_some_and(|s| support::condition_message(&s.conditions, "Ready").contains("aws"))
@@ -136,21 +146,7 @@ async fn a_network_is_deleted_after_everything_that_uses_it() {
     let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);
     let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
     let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
-    let object = |kind: &str, name: &str, spec: serde_json::Value| json!({"apiVersion": "nixops.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
-    let vol = object(
-        "Volume",
-        "data",
-        json!({"networkRef": {"name": "aws"}, "provider": {"ec2": {"zone": "eu-west-1a", "sizeGiB": 4}}}),
-    );
-    volumes.create(&PostParams::default(), &serde_json::from_value(vol).unwrap()).await.unwrap();
-    let kp = object(
-        "KeyPair",
-        "deployer",
-        json!({"secretRef": {"name": "deployer"}, "networkRef": {"name": "aws"}, "provider": {"ec2": {}}}),
-    );
-    keypairs.create(&PostParams::default(), &serde_json::from_value(kp).unwrap()).await.unwrap();
-    let bucket = object("S3Bucket", "logs", json!({"networkRef": {"name": "aws"}}));
-    buckets.create(&PostParams::default(), &serde_json::from_value(bucket).unwrap()).await.unwrap();
+    create_dependents(&client, &ns).await;
     let ready = |c: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>| {
         c.is_some_and(|c| support::is_ready(c))
     };

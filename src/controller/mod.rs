@@ -626,7 +626,6 @@ where
                 _ => None,
             };
             let mut refused = ctx.refused_creates.lock().unwrap_or_else(|e| e.into_inner());
-            let failures = refused.get(&uid).map_or(0, |r| r.failures) + 1;
             // Asked again at the resync, or at once when the spec changes.
             let backoff = if permanent.is_some() { ctx.settings.resync } else { Duration::ZERO };
             let now = Instant::now();
@@ -637,7 +636,6 @@ where
                     answered,
                     permanent,
                     generation: obj.meta().generation,
-                    failures,
                     at: now,
                     not_before: now + backoff,
                     message: err.to_string(),
@@ -660,7 +658,6 @@ pub struct FailedCreate {
     permanent: Option<(&'static str, String)>,
     /// The spec generation it was made for; a new spec may try at once.
     generation: Option<i64>,
-    failures: u32,
     at: Instant,
     not_before: Instant,
     message: String,
