@@ -9,6 +9,9 @@
 //! `push_ratio_incremental_wan` (one changed package, loopback and over that
 //! link) and `push_ratio_fanout10` (10 nodes at once against 10 parallel
 //! nix-copy-closure runs), each ours ÷ theirs, plus the raw seconds.
+//! The incremental figures are medians over three changes in a row.
+//! `BENCH_PUSH=wan` (a comma-separated list of fresh, wan and fanout10)
+//! runs only those parts; the incremental figures come with their link.
 //! Ours runs the deploy path's steps in its order and concurrency: the
 //! probe alongside `push::survey`, then the import, then the release.
 //! A benchmark, not a test: figures go in notes, not assertions.
@@ -138,9 +141,10 @@ async fn ours(keys: &Keys, node: &NixNode, port: u16, closure: &str, records: &R
     let probe_script = activation::probe_script();
     let (probe, survey) = tokio::join!(session.exec(&probe_script), push::survey(&session, &source, &root));
     let state = activation::parse_probe(&String::from_utf8_lossy(&probe.expect("probe").stdout));
-    let survey = survey.expect("survey");
-    let stats =
-        push::import(&session, &source, &survey.missing, state.has_zstd, records, &|_| {}).await.expect("import");
+    let mut survey = survey.expect("survey");
+    let stats = push::import(&session, &mut survey.serve, &source, &survey.missing, state.has_zstd, records, &|_| {})
+        .await
+        .expect("import");
     survey.serve.release().await;
     session.close().await;
     (started.elapsed(), stats.wire_bytes)
@@ -194,6 +198,29 @@ fn wan(proxy: &support::Toxiproxy, name: &str, node: &NixNode) -> u16 {
     listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("proxy port")
 }
 
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Ours and theirs each deploying `increments` in turn (one changed
+/// package each) to nodes that have the previous one: the medians.
+async fn incremental(
+    keys: &Keys,
+    (mine, my_port): (&NixNode, u16),
+    (other, other_port): (&NixNode, u16),
+    increments: &[String],
+) -> (Duration, Duration) {
+    let (mut ours_times, mut theirs_times) = (Vec::new(), Vec::new());
+    for closure in increments {
+        ours_times.push(ours(keys, mine, my_port, closure, &RecordCache::new(1 << 30)).await.0);
+        theirs_times.push(theirs(keys, other_port, closure));
+        assert_complete(mine, closure);
+        assert_complete(other, closure);
+    }
+    (median(ours_times), median(theirs_times))
+}
+
 fn ratio(name: &str, ours: Duration, theirs: Duration) {
     println!("{name}: {:.3}", ours.as_secs_f64() / theirs.as_secs_f64());
     println!("{name}_seconds: ours {:.2} theirs {:.2}", ours.as_secs_f64(), theirs.as_secs_f64());
@@ -201,9 +228,11 @@ fn ratio(name: &str, ours: Duration, theirs: Duration) {
 
 #[tokio::main]
 async fn main() {
+    let only = std::env::var("BENCH_PUSH").ok();
+    let wanted = |part: &str| only.as_deref().is_none_or(|o| o.split(',').any(|p| p.trim() == part));
     let keys = keys();
     let v1 = build_closure("v1");
-    let v2 = build_closure("v2");
+    let increments: Vec<String> = ["v2", "v3", "v4"].into_iter().map(build_closure).collect();
     let paths = run(Command::new("nix-store").args(["-qR", &v1])).lines().count();
     let size: u64 = run(Command::new("nix-store")
         .args(["-q", "--size"])
@@ -215,52 +244,52 @@ async fn main() {
     println!("closure_mib: {:.1}", size as f64 / (1 << 20) as f64);
     let fresh_cache = || RecordCache::new(1 << 30);
 
-    // Fresh, loopback.
-    let (a, b) = (NixNode::start(&keys.public), NixNode::start(&keys.public));
-    let (ours_fresh, wire) = ours(&keys, &a, a.port, &v1, &fresh_cache()).await;
-    let theirs_fresh = theirs(&keys, b.port, &v1);
-    assert_complete(&a, &v1);
-    assert_complete(&b, &v1);
-    println!("wire_mib: {:.1}", wire as f64 / (1 << 20) as f64);
-    ratio("push_ratio_fresh", ours_fresh, theirs_fresh);
-    let (ours_inc, _) = ours(&keys, &a, a.port, &v2, &fresh_cache()).await;
-    let theirs_inc = theirs(&keys, b.port, &v2);
-    assert_complete(&a, &v2);
-    assert_complete(&b, &v2);
-    ratio("push_ratio_incremental", ours_inc, theirs_inc);
-
-    // Fresh, over a 50 ms / 100 Mbit/s link; then one changed package.
-    let proxy = support::toxiproxy();
-    let (c, d) = (NixNode::start(&keys.public), NixNode::start(&keys.public));
-    let (port_c, port_d) = (wan(&proxy, "wan-ours", &c), wan(&proxy, "wan-theirs", &d));
-    let (ours_wan, _) = ours(&keys, &c, port_c, &v1, &fresh_cache()).await;
-    let theirs_wan = theirs(&keys, port_d, &v1);
-    assert_complete(&c, &v1);
-    assert_complete(&d, &v1);
-    ratio("push_ratio_wan", ours_wan, theirs_wan);
-    let (ours_inc_wan, _) = ours(&keys, &c, port_c, &v2, &fresh_cache()).await;
-    let theirs_inc_wan = theirs(&keys, port_d, &v2);
-    assert_complete(&c, &v2);
-    assert_complete(&d, &v2);
-    ratio("push_ratio_incremental_wan", ours_inc_wan, theirs_inc_wan);
-
-    // Fan-out to 10 empty nodes at once, loopback.
-    let ours_nodes: Vec<NixNode> = (0..10).map(|_| NixNode::start(&keys.public)).collect();
-    let their_nodes: Vec<NixNode> = (0..10).map(|_| NixNode::start(&keys.public)).collect();
-    let shared = Arc::new(fresh_cache());
-    let started = Instant::now();
-    let pushes = ours_nodes.iter().map(|n| ours(&keys, n, n.port, &v1, &shared));
-    futures::future::join_all(pushes).await;
-    let ours_fanout = started.elapsed();
-    let started = Instant::now();
-    let mut children: Vec<_> =
-        their_nodes.iter().map(|n| theirs_command(&keys, n.port, &v1).spawn().expect("nix-copy-closure")).collect();
-    for child in &mut children {
-        assert!(child.wait().expect("wait").success());
+    if wanted("fresh") {
+        // Fresh, loopback; then one changed package at a time.
+        let (a, b) = (NixNode::start(&keys.public), NixNode::start(&keys.public));
+        let (ours_fresh, wire) = ours(&keys, &a, a.port, &v1, &fresh_cache()).await;
+        let theirs_fresh = theirs(&keys, b.port, &v1);
+        assert_complete(&a, &v1);
+        assert_complete(&b, &v1);
+        println!("wire_mib: {:.1}", wire as f64 / (1 << 20) as f64);
+        ratio("push_ratio_fresh", ours_fresh, theirs_fresh);
+        let (ours_inc, theirs_inc) = incremental(&keys, (&a, a.port), (&b, b.port), &increments).await;
+        ratio("push_ratio_incremental", ours_inc, theirs_inc);
     }
-    let theirs_fanout = started.elapsed();
-    for node in ours_nodes.iter().chain(&their_nodes) {
-        assert!(node.has_path(&v1));
+
+    if wanted("wan") {
+        // Fresh, over a 50 ms / 100 Mbit/s link; then one changed package at a time.
+        let proxy = support::toxiproxy();
+        let (c, d) = (NixNode::start(&keys.public), NixNode::start(&keys.public));
+        let (port_c, port_d) = (wan(&proxy, "wan-ours", &c), wan(&proxy, "wan-theirs", &d));
+        let (ours_wan, _) = ours(&keys, &c, port_c, &v1, &fresh_cache()).await;
+        let theirs_wan = theirs(&keys, port_d, &v1);
+        assert_complete(&c, &v1);
+        assert_complete(&d, &v1);
+        ratio("push_ratio_wan", ours_wan, theirs_wan);
+        let (ours_inc_wan, theirs_inc_wan) = incremental(&keys, (&c, port_c), (&d, port_d), &increments).await;
+        ratio("push_ratio_incremental_wan", ours_inc_wan, theirs_inc_wan);
     }
-    ratio("push_ratio_fanout10", ours_fanout, theirs_fanout);
+
+    if wanted("fanout10") {
+        // Fan-out to 10 empty nodes at once, loopback.
+        let ours_nodes: Vec<NixNode> = (0..10).map(|_| NixNode::start(&keys.public)).collect();
+        let their_nodes: Vec<NixNode> = (0..10).map(|_| NixNode::start(&keys.public)).collect();
+        let shared = Arc::new(fresh_cache());
+        let started = Instant::now();
+        let pushes = ours_nodes.iter().map(|n| ours(&keys, n, n.port, &v1, &shared));
+        futures::future::join_all(pushes).await;
+        let ours_fanout = started.elapsed();
+        let started = Instant::now();
+        let mut children: Vec<_> =
+            their_nodes.iter().map(|n| theirs_command(&keys, n.port, &v1).spawn().expect("nix-copy-closure")).collect();
+        for child in &mut children {
+            assert!(child.wait().expect("wait").success());
+        }
+        let theirs_fanout = started.elapsed();
+        for node in ours_nodes.iter().chain(&their_nodes) {
+            assert!(node.has_path(&v1));
+        }
+        ratio("push_ratio_fanout10", ours_fanout, theirs_fanout);
+    }
 }

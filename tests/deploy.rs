@@ -198,6 +198,50 @@ async fn a_full_disk_on_the_machine_stalls_with_its_cause() {
     node.verify();
 }
 
+/// A path whose bytes in the source store no longer match its recorded
+/// hash: the machine's nix-store refuses it, which no retry can heal, so
+/// the Machine stalls naming the cause, and the machine registers none of
+/// it. Once the source is repaired, the next look deploys.
+#[tokio::test]
+async fn a_source_path_that_does_not_match_its_hash_stalls_as_corrupt() {
+    let fleet = Fleet::start("deploy-corrupt", json!({})).await;
+    let node = fleet.node();
+    let n = nonce();
+    let genuine = "genuine bytes";
+    let sys = system("rot", &n, &[("blob", genuine)], Activation::Ok);
+    let pkg = closure(&sys).into_iter().find(|p| p.ends_with("-blob")).expect("the blob package");
+    let file = format!("{pkg}/blob");
+    // The same length, so only the hash tells.
+    let rewrite = |content: &str| {
+        let chmod = |mode: &str, path: &str| {
+            assert!(std::process::Command::new("chmod").args([mode, path]).status().unwrap().success());
+        };
+        chmod("u+w", &pkg);
+        chmod("u+w", &file);
+        std::fs::write(&file, content).unwrap();
+        chmod("a-w", &file);
+        chmod("a-w", &pkg);
+    };
+    rewrite("tampered byte");
+
+    fleet.create("rot", &node, json!({"closure": sys}), json!({})).await;
+    let m = fleet.wait_stalled("rot", "CorruptClosure").await;
+    let message = support::condition_message(&m.status.unwrap().conditions, "Stalled");
+    assert!(message.contains("hash mismatch"), "the machine's own words: {message}");
+    assert!(message.contains("repair the source"), "and the fix: {message}");
+    assert!(!node.has_path(&pkg), "nothing of the corrupt path is registered");
+    assert!(node.current_system().is_none());
+
+    rewrite(genuine);
+    fleet
+        .machines
+        .patch("rot", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": {"retry": "1"}}})))
+        .await
+        .unwrap();
+    fleet.wait_running("rot", &sys).await;
+    node.verify();
+}
+
 #[tokio::test]
 async fn failing_health_check_rolls_back() {
     let fleet = Fleet::start("deploy-health", json!({})).await;

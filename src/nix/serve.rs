@@ -35,6 +35,17 @@ pub enum StoreFailure {
 }
 
 impl ServeError {
+    /// What the machine's nix-store said as it failed (the end of it).
+    pub fn remote(out: &crate::ssh::CommandOutput) -> Self {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = stderr.trim();
+        let start = stderr.char_indices().rev().nth(999).map_or(0, |(i, _)| i);
+        Self::Remote {
+            status: out.status.map_or("none".into(), |s| s.to_string()),
+            stderr: stderr[start..].replace('\n', " | "),
+        }
+    }
+
     /// Whether the machine's answer names a failure that needs a person.
     pub fn store_failure(&self) -> Option<StoreFailure> {
         let Self::Remote { stderr, .. } = self else { return None };
@@ -177,7 +188,11 @@ impl ServeConnection {
     }
 
     async fn read_u64(&mut self) -> Result<u64, ServeError> {
-        let bytes = self.process.read_exact(8).await?;
+        let bytes = match self.process.read_exact(8).await {
+            Ok(bytes) => bytes,
+            // nix-store exited: what it said is the cause, not the short read.
+            Err(err) => return Err(self.process.ended().map_or(err.into(), ServeError::remote)),
+        };
         u64_at(&bytes, 0).ok_or_else(|| ServeError::Protocol("short read".into()))
     }
 
@@ -213,6 +228,34 @@ impl ServeConnection {
             valid.insert(StorePath::parse(&path).map_err(|e| ServeError::Protocol(e.to_string()))?);
         }
         Ok(valid)
+    }
+
+    /// Sends one AddToStoreNar record (see [`add_to_store_nar`]) without
+    /// waiting for its answer; [`Self::added`] reads the answers.
+    pub async fn send_record(&mut self, record: bytes::Bytes) -> Result<(), ServeError> {
+        if let Err(err) = self.process.send(record).await {
+            // The machine's nix-store stopped reading: it said why as it exited.
+            self.process.wait_ended().await;
+            return Err(self.process.ended().map_or(err.into(), ServeError::remote));
+        }
+        Ok(())
+    }
+
+    /// Reads the answers to `paths` records sent with [`Self::send_record`]:
+    /// a 1 for each. The paths stay protected from garbage collection (as
+    /// temporary roots of this connection) until it is released.
+    pub async fn added(&mut self, paths: usize) -> Result<(), ServeError> {
+        self.greeting().await?;
+        for i in 0..paths {
+            let answer = self.read_u64().await?;
+            if answer != 1 {
+                return Err(ServeError::Protocol(format!(
+                    "AddToStoreNar of path {} of {paths} answered {answer} instead of 1",
+                    i + 1
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Ends the conversation without waiting for the machine's nix-store

@@ -125,7 +125,13 @@ impl Session {
                 });
             }
         };
-        let hash = handle.best_supported_rsa_hash().await.ok().flatten().flatten();
+        // Only an RSA key needs the server's signature algorithms, and
+        // asking can wait for a message that may come a round trip later.
+        let hash = if key.algorithm().is_rsa() {
+            handle.best_supported_rsa_hash().await.ok().flatten().flatten()
+        } else {
+            None
+        };
         let auth = handle
             .authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(key.clone()), hash))
             .await
@@ -325,6 +331,22 @@ impl RemoteProcess {
         Ok(bytes)
     }
 
+    /// How the command ended, once it has: its exit status and what it
+    /// wrote to standard error. None while it runs, or if the connection
+    /// was cut (then how it ended is unknown).
+    pub fn ended(&self) -> Option<&CommandOutput> {
+        (self.received.closed && self.received.out.status.is_some()).then_some(&self.received.out)
+    }
+
+    /// Waits until the command has ended (or the connection is gone),
+    /// taking in what it still says.
+    pub async fn wait_ended(&mut self) {
+        while !self.received.closed {
+            let msg = self.reader.wait().await;
+            self.received.take(msg);
+        }
+    }
+
     /// Closes standard input and leaves the command to end by itself,
     /// without waiting for it (a round trip) or for what it still says.
     pub async fn close_input(self) {
@@ -335,10 +357,7 @@ impl RemoteProcess {
     /// output not yet read and the exit status.
     pub async fn finish(mut self) -> Result<CommandOutput, SshError> {
         self.writer.eof().await.map_err(|e| self.lost(&format!("closing input: {e}")))?;
-        while !self.received.closed {
-            let msg = self.reader.wait().await;
-            self.received.take(msg);
-        }
+        self.wait_ended().await;
         self.received.ended(&self.addr)?;
         let mut out = std::mem::take(&mut self.received.out);
         out.stdout = self.received.stdout.split_off(self.read);

@@ -32,6 +32,7 @@ use crate::nix::cache::BinaryCacheSource;
 use crate::nix::keys::{self, KeyFile};
 use crate::nix::local_store::LocalStore;
 use crate::nix::push::{self, PathSource, Progress, PushError, PushStats, RecordCache, Survey};
+use crate::nix::serve::ServeConnection;
 use crate::nix::{PathInfo, StorePath};
 use crate::provider::ProviderError;
 use crate::ssh::{HostKey, Session, SshError};
@@ -428,14 +429,16 @@ impl Run<'_> {
             .reconciling("Deploying", format!("reading the closure of {desired}"));
         write_status(&self.api, self.machine, status.clone(), self.ctx).await?;
 
-        let (source, Survey { serve, missing }) = match survey {
+        let (source, Survey { mut serve, missing }) = match survey {
             Some(survey) => survey?,
             None => self.survey(session, desired).await?,
         };
         record.paths_total = missing.len() as i64;
         record.bytes_total = missing.iter().map(|i| i.nar_size as i64).sum();
         let stats = match self.nixos.delivery {
-            Delivery::Push => self.push(session, status, &record, &source, &missing, state.has_zstd).await?,
+            Delivery::Push => {
+                self.push(session, &mut serve, status, &record, &source, &missing, state.has_zstd).await?
+            }
             Delivery::Substitute => self.substitute(session, desired, &missing).await?,
         };
         self.ctx.metrics.pushed(stats.paths, stats.nar_bytes, stats.wire_bytes);
@@ -819,6 +822,7 @@ impl Run<'_> {
     async fn push(
         &self,
         session: &Session,
+        serve: &mut ServeConnection,
         status: &MachineStatus,
         record: &DeployRecord,
         source: &PathSource,
@@ -833,7 +837,7 @@ impl Run<'_> {
             let progress = |p: Progress| {
                 let _ = tx.send(p);
             };
-            push::import(session, source, missing, compress, records, &progress).await
+            push::import(session, serve, source, missing, compress, records, &progress).await
         };
         let (pushed, ()) = tokio::join!(pushed, reporter);
         pushed.map_err(source_error)
