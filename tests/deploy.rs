@@ -725,6 +725,57 @@ async fn each_machine_gets_the_bytes_its_own_cache_signed() {
 
 /// A cache whose NAR never ends is refused once it passes the size its
 /// narinfo signed, and the operator's memory stays flat.
+/// The operator's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// A path far larger than a push's chunks (96 MiB of random bytes, which
+/// no compressor shrinks) goes from the source to the machine in pieces:
+/// from the operator host's store and from a signed binary cache alike,
+/// the operator's memory stays flat while it pushes.
+#[tokio::test]
+async fn a_large_path_is_streamed_without_growing_the_operator() {
+    let fleet = Fleet::start("deploy-large", json!({})).await;
+    let n = nonce();
+    let sys = system("large", &n, &[("blob", "random-mib:96")], Activation::Ok);
+    let blob = closure(&sys).into_iter().find(|p| p.ends_with("-blob")).expect("the blob package");
+    let cache = SignedCache::new(&sys, &format!("cache-{n}-large"));
+    let local = fleet.node();
+    let cached = fleet.node();
+    let pid = fleet.operator.pid();
+    let before = rss_kib(pid);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampling = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    fleet.create("local", &local, json!({"closure": sys}), json!({})).await;
+    fleet.wait_running("local", &sys).await;
+    let source = json!({"binaryCache": {"url": cache.url(), "publicKeys": [cache.public_key]}});
+    fleet.create("cached", &cached, json!({"closure": sys, "source": source}), json!({})).await;
+    fleet.wait_running("cached", &sys).await;
+    sampling.abort();
+    let grown_mib = peak.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(before) / 1024;
+    for node in [&local, &cached] {
+        assert!(node.has_path(&blob));
+        node.verify();
+    }
+    println!("pushed a 96 MiB path twice; the operator grew by {grown_mib} MiB");
+    // Whole, the path would be held two or three times over (NAR, record, compressed).
+    assert!(grown_mib < 64, "the operator grew by {grown_mib} MiB pushing a 96 MiB path");
+}
+
 #[tokio::test]
 async fn an_endless_nar_is_refused_without_growing_the_operator() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -8,7 +8,7 @@
 //! its bytes are handed out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -154,29 +154,28 @@ impl Backend {
     /// stops past `limit` bytes (`why` says where the limit comes from): a
     /// cache serving an endless or oversized body costs at most `limit`.
     async fn get(&self, key: &str, limit: u64, why: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let fetch = |reason: String| CacheError::Fetch { url: self.location(key), reason };
-        let too_large = || CacheError::TooLarge { url: self.location(key), limit, why: why.to_owned() };
-        let mut body = Bounded { bytes: Vec::new(), limit };
-        match self {
-            Self::File(dir) => {
-                let mut file = match tokio::fs::File::open(dir.join(key)).await {
-                    Ok(file) => file,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(fetch(e.to_string())),
-                };
-                let mut chunk = vec![0u8; 1 << 16];
-                loop {
-                    let n =
-                        tokio::io::AsyncReadExt::read(&mut file, &mut chunk).await.map_err(|e| fetch(e.to_string()))?;
-                    if n == 0 {
-                        break;
-                    }
-                    body.extend(&chunk[..n]).ok_or_else(too_large)?;
-                }
-            }
+        let Some(mut body) = self.open(key, limit, why).await? else { return Ok(None) };
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.chunk().await? {
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Some(bytes))
+    }
+
+    /// The file at `key` as it arrives, or None when the cache does not
+    /// have it; the body ends in an error past `limit` bytes.
+    async fn open(&self, key: &str, limit: u64, why: &str) -> Result<Option<Body>, CacheError> {
+        let url = self.location(key);
+        let fetch = |reason: String| CacheError::Fetch { url: url.clone(), reason };
+        let too_large = || CacheError::TooLarge { url: url.clone(), limit, why: why.to_owned() };
+        let reader = match self {
+            Self::File(dir) => match tokio::fs::File::open(dir.join(key)).await {
+                Ok(file) => Reader::File(file),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(fetch(e.to_string())),
+            },
             Self::Http { client, .. } => {
-                let url = self.location(key);
-                let mut response = client.get(&url).send().await.map_err(|e| fetch(error_chain(&e)))?;
+                let response = client.get(&url).send().await.map_err(|e| fetch(error_chain(&e)))?;
                 let status = response.status();
                 if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
                     return Ok(None);
@@ -187,12 +186,10 @@ impl Backend {
                 if response.content_length().is_some_and(|n| n > limit) {
                     return Err(too_large());
                 }
-                while let Some(chunk) = response.chunk().await.map_err(|e| fetch(error_chain(&e)))? {
-                    body.extend(&chunk).ok_or_else(too_large)?;
-                }
+                Reader::Http(response)
             }
             Self::S3 { client, bucket } => {
-                let mut output = match client.get_object().bucket(bucket).key(key).send().await {
+                let output = match client.get_object().bucket(bucket).key(key).send().await {
                     Ok(output) => output,
                     Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
                     Err(e) => return Err(fetch(aws_sdk_s3::error::DisplayErrorContext(&e).to_string())),
@@ -200,29 +197,50 @@ impl Backend {
                 if output.content_length().is_some_and(|n| n as u64 > limit) {
                     return Err(too_large());
                 }
-                while let Some(chunk) = output.body.try_next().await.map_err(|e| fetch(error_chain(&e)))? {
-                    body.extend(&chunk).ok_or_else(too_large)?;
-                }
+                Reader::S3(output.body)
             }
-        }
-        Ok(Some(body.bytes))
+        };
+        Ok(Some(Body { reader, url, limit, why: why.to_owned(), read: 0 }))
     }
 }
 
-/// A body read up to a limit.
-struct Bounded {
-    bytes: Vec<u8>,
+/// A file of the cache being read, bounded.
+struct Body {
+    reader: Reader,
+    url: String,
     limit: u64,
+    why: String,
+    read: u64,
 }
 
-impl Bounded {
-    /// Appends `chunk`; None once the body would pass the limit.
-    fn extend(&mut self, chunk: &[u8]) -> Option<()> {
-        if self.bytes.len() as u64 + chunk.len() as u64 > self.limit {
-            return None;
+enum Reader {
+    File(tokio::fs::File),
+    Http(reqwest::Response),
+    S3(aws_sdk_s3::primitives::ByteStream),
+}
+
+impl Body {
+    /// The next piece of the file; None at its end. An error once the
+    /// file would pass the limit.
+    async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, CacheError> {
+        let fetch = |reason: String| CacheError::Fetch { url: self.url.clone(), reason };
+        let chunk = match &mut self.reader {
+            Reader::File(file) => {
+                let mut buf = vec![0u8; 1 << 16];
+                let n = tokio::io::AsyncReadExt::read(file, &mut buf).await.map_err(|e| fetch(e.to_string()))?;
+                buf.truncate(n);
+                (n > 0).then(|| bytes::Bytes::from(buf))
+            }
+            Reader::Http(response) => response.chunk().await.map_err(|e| fetch(error_chain(&e)))?,
+            Reader::S3(body) => body.try_next().await.map_err(|e| fetch(error_chain(&e)))?,
+        };
+        if let Some(chunk) = &chunk {
+            self.read += chunk.len() as u64;
+            if self.read > self.limit {
+                return Err(CacheError::TooLarge { url: self.url.clone(), limit: self.limit, why: self.why.clone() });
+            }
         }
-        self.bytes.extend_from_slice(chunk);
-        Some(())
+        Ok(chunk)
     }
 }
 
@@ -366,6 +384,14 @@ impl BinaryCacheSource {
 
     /// The NAR serialisation of `path`, checked against its signed narinfo.
     pub async fn nar(&self, path: &StorePath) -> Result<Vec<u8>, CacheError> {
+        self.nar_into(path, Vec::new()).await
+    }
+
+    /// Writes the NAR serialisation of `path` to `out` as it arrives
+    /// (decompressing and hashing on a blocking thread), never holding it
+    /// whole, and returns `out` once it is checked against the signed
+    /// narinfo. On an error `out` may hold unchecked bytes.
+    pub async fn nar_into<W: Write + Send + 'static>(&self, path: &StorePath, mut out: W) -> Result<W, CacheError> {
         let known = self.narinfos.lock().unwrap_or_else(PoisonError::into_inner).get(path).cloned();
         let narinfo = match known {
             Some(narinfo) => narinfo,
@@ -395,15 +421,38 @@ impl BinaryCacheSource {
         } else {
             (limit, why)
         };
-        let file = self
+        let mut body = self
             .backend
-            .get(&key, limit, &why)
+            .open(&key, limit, &why)
             .await?
             .ok_or_else(|| CacheError::NotFound { path: path.clone(), url: url.clone() })?;
         // Hashing and decompressing hundreds of megabytes must not stall the runtime.
-        tokio::task::spawn_blocking(move || unpack(&narinfo, &url, file))
+        let (tx, chunks) = tokio::sync::mpsc::channel(8);
+        let unpacking = tokio::task::spawn_blocking(move || {
+            unpack(&narinfo, &url, Arriving { chunks, current: bytes::Bytes::new() }, &mut out).map(|()| out)
+        });
+        let mut fetched = Ok(());
+        loop {
+            match body.chunk().await {
+                Ok(Some(chunk)) => {
+                    if tx.send(chunk).await.is_err() {
+                        break; // the unpacker stopped; it says why
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    fetched = Err(err);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let unpacked = unpacking
             .await
-            .map_err(|e| CacheError::Corrupt { path: path.clone(), reason: format!("unpacking stopped: {e}") })?
+            .map_err(|e| CacheError::Corrupt { path: path.clone(), reason: format!("unpacking stopped: {e}") })?;
+        // A failed fetch explains a short file better than the unpacker can.
+        fetched?;
+        unpacked
     }
 
     fn remember(&self, narinfo: Narinfo) {
@@ -477,53 +526,114 @@ impl BinaryCacheSource {
     }
 }
 
-/// `sha256:<nix base32>` of `bytes`, the form narinfos are normalised to.
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", base32::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()))
+/// Counts and hashes what passes through (a reader or a writer).
+struct Hashing<T> {
+    inner: T,
+    digest: ring::digest::Context,
+    bytes: u64,
 }
 
-/// Checks the downloaded file, decompresses it and checks the NAR against
-/// the narinfo (whose NarHash and NarSize the signature covers).
-fn unpack(narinfo: &Narinfo, url: &str, file: Vec<u8>) -> Result<Vec<u8>, CacheError> {
+impl<T> Hashing<T> {
+    fn new(inner: T) -> Self {
+        Self { inner, digest: ring::digest::Context::new(&ring::digest::SHA256), bytes: 0 }
+    }
+
+    /// `sha256:<nix base32>` of what passed, the form narinfos are normalised to.
+    fn hash(&self) -> String {
+        format!("sha256:{}", base32::encode(self.digest.clone().finish().as_ref()))
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.digest.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.digest.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Reads a file of the cache as it arrives (on a blocking thread).
+struct Arriving {
+    chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    current: bytes::Bytes,
+}
+
+impl Read for Arriving {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Decompresses the downloaded `file` into `out` as it is read, checking
+/// the file and the NAR against the narinfo (whose NarHash and NarSize the
+/// signature covers). `out` may have received bytes when this fails, so
+/// nothing may be kept from it unless this returns Ok (a machine's
+/// nix-store checks the NAR hash itself, and registers nothing that fails).
+fn unpack(narinfo: &Narinfo, url: &str, file: impl Read, out: &mut dyn Write) -> Result<(), CacheError> {
     let corrupt = |reason: String| CacheError::Corrupt { path: narinfo.path.clone(), reason };
+    let mut file = Hashing::new(file);
+    let mut nar = Hashing::new(out);
+    // Reading one byte past NarSize is enough to tell "too big" without
+    // letting a damaged file inflate without bound.
+    let limit = narinfo.nar_size.saturating_add(1);
+    let copied = match narinfo.compression {
+        Compression::None => std::io::copy(&mut (&mut file).take(limit), &mut nar),
+        Compression::Xz => {
+            std::io::copy(&mut liblzma::read::XzDecoder::new_multi_decoder(&mut file).take(limit), &mut nar)
+        }
+        Compression::Zstd => {
+            zstd::stream::read::Decoder::new(&mut file).and_then(|d| std::io::copy(&mut d.take(limit), &mut nar))
+        }
+    };
+    // The whole file counts for its size and hash, also past a failure.
+    let rest = std::io::copy(&mut file, &mut std::io::sink());
     if let Some(size) = narinfo.file_size
-        && file.len() as u64 != size
+        && file.bytes != size
     {
-        return Err(corrupt(format!("{url} is {} bytes, but its narinfo says FileSize {size}", file.len())));
+        return Err(corrupt(format!("{url} is {} bytes, but its narinfo says FileSize {size}", file.bytes)));
     }
     if let Some(expected) = &narinfo.file_hash {
-        let actual = sha256(&file);
+        let actual = file.hash();
         if actual != *expected {
             return Err(corrupt(format!("{url} has hash {actual}, but its narinfo says FileHash {expected}")));
         }
     }
-    // Reading one byte past NarSize is enough to tell "too big" without
-    // letting a damaged file inflate without bound.
-    let limit = narinfo.nar_size.saturating_add(1);
-    let decompress = |reader: &mut dyn Read| -> std::io::Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(usize::try_from(narinfo.nar_size).unwrap_or(0).min(1 << 28));
-        reader.take(limit).read_to_end(&mut out)?;
-        Ok(out)
-    };
-    let nar = match narinfo.compression {
-        Compression::None => Ok(file),
-        Compression::Xz => decompress(&mut liblzma::read::XzDecoder::new_multi_decoder(&file[..])),
-        Compression::Zstd => zstd::stream::read::Decoder::with_buffer(&file[..]).and_then(|mut d| decompress(&mut d)),
-    }
-    .map_err(|e| corrupt(format!("{url} does not decompress as {}: {e}", narinfo.compression)))?;
-    if nar.len() as u64 != narinfo.nar_size {
-        let size = if nar.len() as u64 > narinfo.nar_size { "more than" } else { "only" };
+    copied.and(rest).map_err(|e| corrupt(format!("{url} does not decompress as {}: {e}", narinfo.compression)))?;
+    if nar.bytes != narinfo.nar_size {
+        let size = if nar.bytes > narinfo.nar_size { "more than" } else { "only" };
         return Err(corrupt(format!(
             "{url} holds {size} {} bytes of NAR, but NarSize is {}",
-            nar.len().min(usize::try_from(narinfo.nar_size).unwrap_or(usize::MAX)),
+            nar.bytes.min(narinfo.nar_size),
             narinfo.nar_size
         )));
     }
-    let actual = sha256(&nar);
+    let actual = nar.hash();
     if actual != narinfo.nar_hash {
         return Err(corrupt(format!("the NAR in {url} has hash {actual}, but NarHash is {}", narinfo.nar_hash)));
     }
-    Ok(nar)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -611,6 +721,11 @@ mod tests {
         assert_eq!(http.backend.location("nar/x.nar"), "http://127.0.0.1:1/cache/nar/x.nar");
     }
 
+    /// `sha256:<nix base32>` of `bytes`, the form narinfos are normalised to.
+    fn sha256(bytes: &[u8]) -> String {
+        format!("sha256:{}", base32::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()))
+    }
+
     #[test]
     fn unpack_checks_sizes_and_hashes() {
         let nar = b"pretend this is a NAR".to_vec();
@@ -632,6 +747,10 @@ mod tests {
             deriver: None,
             sigs: vec![],
             ca: None,
+        };
+        let unpack = |n: &Narinfo, _: &str, file: Vec<u8>| {
+            let mut out = Vec::new();
+            unpack(n, "x", &file[..], &mut out).map(|()| out)
         };
         for (compression, file) in [(Compression::None, &nar), (Compression::Xz, &xz), (Compression::Zstd, &zst)] {
             let n = narinfo(compression, file);

@@ -3,6 +3,7 @@
 //! For development; production closures come from a binary cache.
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
@@ -56,10 +57,19 @@ impl LocalStore {
 
     /// The NAR serialisation of `path`.
     pub async fn nar(&self, path: &StorePath) -> Result<Vec<u8>, LocalStoreError> {
+        self.nar_into(path, Vec::new()).await
+    }
+
+    /// Writes the NAR serialisation of `path` to `out` as it reads the
+    /// files (on a blocking thread), and returns `out`.
+    pub async fn nar_into<W: Write + Send + 'static>(
+        &self,
+        path: &StorePath,
+        mut out: W,
+    ) -> Result<W, LocalStoreError> {
         let dir = self.root.join("store").join(path.base_name());
         let path = path.clone();
         tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
             nar::dump(&dir, &mut out).map_err(|e| LocalStoreError::Nar { path, reason: e.to_string() })?;
             Ok(out)
         })

@@ -9,10 +9,11 @@
 //! closure to many machines serialises and compresses each path once.
 
 use std::collections::{HashMap, VecDeque};
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use futures::{StreamExt, TryStreamExt};
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, mpsc};
 
 use super::cache::{BinaryCacheSource, CacheError};
 use super::local_store::{LocalStore, LocalStoreError};
@@ -25,6 +26,13 @@ use crate::ssh::{RemoteProcess, Session};
 const ZSTD_LEVEL: i32 = 3;
 /// Records prepared ahead of the one being sent.
 const LOOKAHEAD: usize = 4;
+/// Paths with more NAR than this are streamed from the source to the
+/// machine, never held whole (nor shared between machines); smaller ones
+/// are built whole, once, and shared. So a push holds at most about
+/// LOOKAHEAD such records, plus a few chunks of a streamed path.
+const STREAM_BYTES: u64 = 32 << 20;
+/// The pieces a streamed path travels in.
+const CHUNK_BYTES: usize = 1 << 20;
 
 /// Errors pushing a closure.
 #[derive(Debug, thiserror::Error)]
@@ -63,10 +71,78 @@ impl PathSource {
 
     /// The NAR serialisation of `path`.
     pub async fn nar(&self, path: &StorePath) -> Result<Vec<u8>, PushError> {
+        self.nar_into(path, Vec::new()).await
+    }
+
+    /// Writes the NAR serialisation of `path` to `out` as it is read, on a
+    /// blocking thread, and returns `out`. From a cache, the NAR is checked
+    /// against its signed hash only at its end: `out` may have received
+    /// bytes when this fails (a machine's nix-store checks the hash too, and
+    /// registers nothing that fails).
+    pub async fn nar_into<W: Write + Send + 'static>(&self, path: &StorePath, out: W) -> Result<W, PushError> {
         Ok(match self {
-            Self::Local(store) => store.nar(path).await?,
-            Self::Cache(cache) => cache.nar(path).await?,
+            Self::Local(store) => store.nar_into(path, out).await?,
+            Self::Cache(cache) => cache.nar_into(path, out).await?,
         })
+    }
+}
+
+/// A streamed path on its way to the machine: written in pieces on a
+/// blocking thread, sent by the push as they come.
+struct Chunks {
+    tx: mpsc::Sender<bytes::Bytes>,
+    buf: Vec<u8>,
+}
+
+impl Write for Chunks {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK_BYTES {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
+            self.tx
+                .blocking_send(chunk.into())
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the push stopped"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A streamed NAR as it leaves: as is, or as one zstd frame.
+enum Outgoing {
+    Plain(Chunks),
+    Compressed(zstd::stream::write::Encoder<'static, Chunks>),
+}
+
+impl Write for Outgoing {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(chunks) => chunks.write(data),
+            Self::Compressed(encoder) => encoder.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(chunks) => chunks.flush(),
+            Self::Compressed(encoder) => encoder.flush(),
+        }
+    }
+}
+
+impl Outgoing {
+    /// Ends the frame and sends what is left (blocking).
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(mut chunks) => chunks.flush(),
+            Self::Compressed(encoder) => encoder.finish()?.flush(),
+        }
     }
 }
 
@@ -170,8 +246,7 @@ async fn build_record(source: &PathSource, info: &PathInfo, compress: bool) -> R
     let nar = source.nar(&info.path).await?;
     let info = info.clone();
     tokio::task::spawn_blocking(move || {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let record = serve::add_to_store_nar(&info, &nar, now);
+        let record = serve::add_to_store_nar(&info, &nar, now());
         let bytes = if compress { zstd_frame(&record, &info.path.to_string())? } else { record };
         Ok(Record { bytes: bytes.into() })
     })
@@ -258,6 +333,51 @@ impl Sink<'_> {
     }
 }
 
+/// Sends one large path as it is read from the source, never whole in
+/// memory: its AddToStoreNar header, then its NAR in pieces (one zstd
+/// frame when compressing). Returns the bytes sent.
+async fn stream(sink: &mut Sink<'_>, source: &PathSource, info: &PathInfo, compress: bool) -> Result<u64, PushError> {
+    let what = info.path.to_string();
+    let header = serve::add_to_store_nar_header(info, info.nar_size, now());
+    let header = if compress { zstd_frame(&header, &what)? } else { header };
+    let mut sent = header.len() as u64;
+    sink.send(header.into()).await?;
+    let (tx, rx) = mpsc::channel(4);
+    let chunks = Chunks { tx, buf: Vec::with_capacity(CHUNK_BYTES) };
+    let compress_error = |e: std::io::Error| PushError::Compress { path: what.clone(), reason: e.to_string() };
+    let out = if compress {
+        Outgoing::Compressed(zstd::stream::write::Encoder::new(chunks, ZSTD_LEVEL).map_err(compress_error)?)
+    } else {
+        Outgoing::Plain(chunks)
+    };
+    let producing = async {
+        let out = source.nar_into(&info.path, out).await?;
+        tokio::task::spawn_blocking(move || out.finish())
+            .await
+            .map_err(|e| PushError::Compress { path: what.clone(), reason: e.to_string() })?
+            .map_err(compress_error)
+    };
+    // Whichever side stops first ends the other: the receiver, dropped
+    // with this block, stops the writer; a finished writer ends the loop.
+    let sending = async {
+        let mut rx = rx;
+        while let Some(chunk) = rx.recv().await {
+            sent += chunk.len() as u64;
+            sink.send(chunk).await?;
+        }
+        Ok::<_, PushError>(())
+    };
+    let (produced, sending) = tokio::join!(producing, sending);
+    // The machine's own words first: a writer cut off by a failed send only says "stopped".
+    sending?;
+    produced?;
+    Ok(sent)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Sends `missing` (in dependency order) without waiting between paths:
 /// a small push (or any, when the machine has no zstd) on `serve`, the
 /// connection that asked which paths were missing, so it costs no new
@@ -293,13 +413,26 @@ pub async fn import(
     };
     progress(done);
     // Indices, not references: a closure over `&PathInfo` would not be Send here.
-    let mut records =
-        futures::stream::iter(0..missing.len()).map(|i| cache.get(source, &missing[i], compress)).buffered(LOOKAHEAD);
+    let prepare = |i: usize| async move {
+        if missing[i].nar_size > STREAM_BYTES {
+            Ok(None)
+        } else {
+            cache.get(source, &missing[i], compress).await.map(Some)
+        }
+    };
+    let mut records = futures::stream::iter(0..missing.len()).map(prepare).buffered(LOOKAHEAD);
     let mut sizes = missing.iter().map(|i| i.nar_size);
+    let mut next = missing.iter();
     let sent = async {
         while let Some(record) = records.try_next().await? {
-            stats.wire_bytes += record.bytes.len() as u64;
-            sink.send(record.bytes.clone()).await?;
+            let info = next.next().expect("one record per path");
+            stats.wire_bytes += match record {
+                Some(record) => {
+                    sink.send(record.bytes.clone()).await?;
+                    record.bytes.len() as u64
+                }
+                None => stream(&mut sink, source, info, compress).await?,
+            };
             done.paths_done += 1;
             done.bytes_done += sizes.next().unwrap_or(0);
             progress(done);

@@ -95,7 +95,16 @@ pub fn client_hello() -> Vec<u8> {
 /// waits for every path. The machine restores and hashes each NAR in one
 /// streaming pass.
 pub fn add_to_store_nar(info: &PathInfo, nar: &[u8], registration_time: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(nar.len() + 512 + 64 * info.references.len());
+    let mut out = add_to_store_nar_header(info, nar.len() as u64, registration_time);
+    out.reserve_exact(nar.len());
+    out.extend_from_slice(nar);
+    out
+}
+
+/// An AddToStoreNar command without its NAR, which follows it on the wire
+/// (as a large path's does, streamed).
+pub fn add_to_store_nar_header(info: &PathInfo, nar_size: u64, registration_time: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512 + 64 * info.references.len());
     put_u64(&mut out, CMD_ADD_TO_STORE_NAR);
     put_bytes(&mut out, info.path.to_string().as_bytes());
     put_bytes(&mut out, info.deriver.as_deref().unwrap_or("").as_bytes());
@@ -103,11 +112,10 @@ pub fn add_to_store_nar(info: &PathInfo, nar: &[u8], registration_time: u64) -> 
     put_bytes(&mut out, nar_hash_base16(&info.nar_hash).unwrap_or_default().as_bytes());
     put_paths(&mut out, info.references.iter());
     put_u64(&mut out, registration_time);
-    put_u64(&mut out, nar.len() as u64);
+    put_u64(&mut out, nar_size);
     put_u64(&mut out, 0); // not "ultimate": built elsewhere
     put_u64(&mut out, 0); // no signatures
     put_bytes(&mut out, b""); // not content-addressed
-    out.extend_from_slice(nar);
     out
 }
 

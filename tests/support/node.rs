@@ -444,7 +444,8 @@ pub struct TestSystem {
     /// The toplevel is named `nixos-system-<name>`.
     pub name: String,
     /// (name, file content): each becomes a store path of its own, holding
-    /// the file `<name>`, referenced by the toplevel.
+    /// the file `<name>`, referenced by the toplevel. The content
+    /// `random-mib:N` stands for N MiB of random bytes.
     pub packages: Vec<(String, String)>,
     pub activation: Activation,
     /// Part of every derivation: another nonce gives entirely new paths.
@@ -508,7 +509,15 @@ let
     passAsFile = [ "content" ];
     system = builtins.currentSystem;
     builder = "/bin/sh";
-    args = [ "-c" "/bin/mkdir $out && /bin/cat \"$contentPath\" > \"$out/$name\"" ];
+    # Content "random-mib:N" makes N MiB of random bytes instead.
+    args = [ "-c" ''
+      /bin/mkdir $out
+      read -r first < "$contentPath" || true
+      case "$first" in
+        random-mib:*) /usr/bin/head -c "''${first#random-mib:}M" /dev/urandom > "$out/$name" ;;
+        *) /bin/cat "$contentPath" > "$out/$name" ;;
+      esac
+    '' ];
   };
 in builtins.derivation {
   name = "nixos-system-${spec.name}";

@@ -32,7 +32,6 @@ use crate::nix::cache::BinaryCacheSource;
 use crate::nix::keys::{self, KeyFile};
 use crate::nix::local_store::LocalStore;
 use crate::nix::push::{self, PathSource, Progress, PushError, PushStats, RecordCache, Survey};
-use crate::nix::serve::ServeConnection;
 use crate::nix::{PathInfo, StorePath};
 use crate::provider::ProviderError;
 use crate::ssh::{HostKey, Session, SshError};
@@ -429,17 +428,15 @@ impl Run<'_> {
             .reconciling("Deploying", format!("reading the closure of {desired}"));
         write_status(&self.api, self.machine, status.clone(), self.ctx).await?;
 
-        let (source, Survey { mut serve, missing }) = match survey {
+        let (source, mut survey) = match survey {
             Some(survey) => survey?,
             None => self.survey(session, desired).await?,
         };
-        record.paths_total = missing.len() as i64;
-        record.bytes_total = missing.iter().map(|i| i.nar_size as i64).sum();
+        record.paths_total = survey.missing.len() as i64;
+        record.bytes_total = survey.missing.iter().map(|i| i.nar_size as i64).sum();
         let stats = match self.nixos.delivery {
-            Delivery::Push => {
-                self.push(session, &mut serve, status, &record, &source, &missing, state.has_zstd).await?
-            }
-            Delivery::Substitute => self.substitute(session, desired, &missing).await?,
+            Delivery::Push => self.push(session, &mut survey, status, &record, &source, state.has_zstd).await?,
+            Delivery::Substitute => self.substitute(session, desired, &survey.missing).await?,
         };
         self.ctx.metrics.pushed(stats.paths, stats.nar_bytes, stats.wire_bytes);
         record.paths_copied = stats.paths as i64;
@@ -463,7 +460,7 @@ impl Run<'_> {
         // The serve connection kept the copied paths from garbage collection;
         // the profile refers to them once the activation has started.
         let started = self.start_activation(session, &record).await;
-        serve.release().await;
+        survey.serve.release().await;
         started?;
         self.settle(session, status, &record, true).await
     }
@@ -822,11 +819,10 @@ impl Run<'_> {
     async fn push(
         &self,
         session: &Session,
-        serve: &mut ServeConnection,
+        survey: &mut Survey,
         status: &MachineStatus,
         record: &DeployRecord,
         source: &PathSource,
-        missing: &[PathInfo],
         compress: bool,
     ) -> Result<PushStats> {
         let (tx, rx) = watch::channel(Progress::default());
@@ -837,7 +833,7 @@ impl Run<'_> {
             let progress = |p: Progress| {
                 let _ = tx.send(p);
             };
-            push::import(session, serve, source, missing, compress, records, &progress).await
+            push::import(session, &mut survey.serve, source, &survey.missing, compress, records, &progress).await
         };
         let (pushed, ()) = tokio::join!(pushed, reporter);
         pushed.map_err(source_error)
