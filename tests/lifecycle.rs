@@ -1,0 +1,114 @@
+//! Deleting a whole namespace: `kubectl delete namespace` on the complete
+//! examples/ec2 network (in moto) leaves no cloud resource behind, and the
+//! namespace goes away. The namespace controller deletes the credentials
+//! Secret as early as everything else; the Network's finalizer on it keeps
+//! it until the cloud resources are gone.
+//!
+//! This binary runs kube-controller-manager (the namespace controller), and
+//! this is its only test: moto is shared by the tests of a binary, and the
+//! test compares moto's whole inventory before and after.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::ResourceExt;
+use kube::api::Api;
+use nixops_operator::api::{KeyPair, Machine, Network, S3Bucket, Volume};
+
+/// Everything moto holds, by kind (instances: those not terminated).
+async fn inventory() -> Vec<(&'static str, Vec<String>)> {
+    let ec2 = support::ec2_client().await;
+    let s3 = support::s3_client().await;
+    let instances: Vec<String> = ec2
+        .describe_instances()
+        .send()
+        .await
+        .expect("describe instances")
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| i.state().and_then(|s| s.name()).is_none_or(|n| n.as_str() != "terminated"))
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect();
+    let volumes = ec2.describe_volumes().send().await.expect("describe volumes");
+    let vpcs = ec2.describe_vpcs().send().await.expect("describe vpcs");
+    let subnets = ec2.describe_subnets().send().await.expect("describe subnets");
+    let gateways = ec2.describe_internet_gateways().send().await.expect("describe internet gateways");
+    let groups = ec2.describe_security_groups().send().await.expect("describe security groups");
+    let keys = ec2.describe_key_pairs().send().await.expect("describe key pairs");
+    let buckets = s3.list_buckets().send().await.expect("list buckets");
+    let ids = |v: Vec<Option<&str>>| -> Vec<String> {
+        let mut v: Vec<String> = v.into_iter().flatten().map(str::to_owned).collect();
+        v.sort();
+        v
+    };
+    vec![
+        ("instances", instances),
+        ("volumes", ids(volumes.volumes().iter().map(|v| v.volume_id()).collect())),
+        ("VPCs", ids(vpcs.vpcs().iter().map(|v| v.vpc_id()).collect())),
+        ("subnets", ids(subnets.subnets().iter().map(|s| s.subnet_id()).collect())),
+        ("internet gateways", ids(gateways.internet_gateways().iter().map(|g| g.internet_gateway_id()).collect())),
+        ("security groups", ids(groups.security_groups().iter().map(|g| g.group_id()).collect())),
+        ("key pairs", ids(keys.key_pairs().iter().map(|k| k.key_name()).collect())),
+        ("buckets", ids(buckets.buckets().iter().map(|b| b.name()).collect())),
+    ]
+}
+
+#[tokio::test]
+async fn deleting_the_namespace_of_a_full_ec2_network_leaves_nothing_behind() {
+    support::controller_manager();
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "lifecycle").await;
+    let _operator = support::Operator::start(&ns, &[]);
+    let ec2 = support::ec2_client().await;
+    let ami =
+        ec2.describe_images().send().await.expect("describe images").images()[0].image_id().expect("AMI ID").to_owned();
+    let host = support::SshHost::start();
+    let before = inventory().await;
+
+    let out = support::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&support::examples_ec2(&ns, &ami, &host)));
+    assert!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+    support::wait_ready(&Api::<Network>::namespaced(client.clone(), &ns), "prod").await;
+    support::wait_ready(&Api::<KeyPair>::namespaced(client.clone(), &ns), "deployer").await;
+    support::wait_ready(&Api::<Volume>::namespaced(client.clone(), &ns), "pgdata").await;
+    support::wait_ready(&Api::<S3Bucket>::namespaced(client.clone(), &ns), "nix-cache").await;
+    support::wait_ready(&Api::<Machine>::namespaced(client.clone(), &ns), "db-1").await;
+    let during = inventory().await;
+    for ((kind, was), (_, now)) in before.iter().zip(&during) {
+        assert!(now.len() > was.len(), "the example made no {kind}: {now:?}");
+    }
+    // The Network holds its credentials.
+    let network_uid = Api::<Network>::namespaced(client.clone(), &ns).get("prod").await.unwrap().uid().unwrap();
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns).get("aws-credentials").await.unwrap();
+    assert!(
+        secret.finalizers().contains(&format!("nixops.io/network-{network_uid}")),
+        "the credentials Secret must carry the Network's finalizer: {:?}",
+        secret.finalizers()
+    );
+
+    let started = Instant::now();
+    let out = support::kubectl(&["delete", "namespace", &ns, "--wait=false"], None);
+    assert!(out.status.success(), "kubectl delete namespace: {}", String::from_utf8_lossy(&out.stderr));
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while namespaces.get_opt(&ns).await.unwrap().is_some() {
+        if Instant::now() > deadline {
+            let left = support::kubectl(&["get", "nixops,secrets", "-n", &ns, "-o", "yaml"], None);
+            panic!(
+                "namespace {ns} still exists 240 s after kubectl delete namespace; what is left:\n{}",
+                String::from_utf8_lossy(&left.stdout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("namespace deleted in {:?}", started.elapsed());
+
+    let after = inventory().await;
+    for ((kind, was), (_, now)) in before.iter().zip(&after) {
+        let left: Vec<&String> = now.iter().filter(|id| !was.contains(id)).collect();
+        assert!(left.is_empty(), "{kind} left in moto after the namespace was deleted: {left:?}");
+    }
+}
