@@ -1,12 +1,13 @@
-//! Deleting a whole namespace: `kubectl delete namespace` on the complete
+//! Deleting a whole namespace, and the credentials it needs: `kubectl delete namespace` on the complete
 //! examples/ec2 network (in moto) leaves no cloud resource behind, and the
 //! namespace goes away. The namespace controller deletes the credentials
 //! Secret as early as everything else; the Network's finalizer on it keeps
 //! it until the cloud resources are gone.
 //!
-//! This binary runs kube-controller-manager (the namespace controller), and
-//! this is its only test: moto is shared by the tests of a binary, and the
-//! test compares moto's whole inventory before and after.
+//! This binary runs kube-controller-manager (the namespace controller). The
+//! namespace test is its only test that uses moto: moto is shared by the
+//! tests of a binary, and that test compares moto's whole inventory before
+//! and after.
 
 mod support;
 
@@ -111,4 +112,67 @@ async fn deleting_the_namespace_of_a_full_ec2_network_leaves_nothing_behind() {
         let left: Vec<&String> = now.iter().filter(|id| !was.contains(id)).collect();
         assert!(left.is_empty(), "{kind} left in moto after the namespace was deleted: {left:?}");
     }
+}
+
+/// The credentials finalizers on Secrets `names` in `ns`.
+async fn credentials_finalizers(secrets: &Api<Secret>, names: &[&str]) -> Vec<Vec<String>> {
+    let mut all = Vec::new();
+    for name in names {
+        let secret = secrets.get(name).await.expect("get Secret");
+        all.push(secret.finalizers().iter().filter(|f| f.starts_with("nixops.io/network-")).cloned().collect());
+    }
+    all
+}
+
+/// A Network holds the Secret its spec names, lets go of it when the spec
+/// names another, and releases that one when deleted (here with Orphan: no
+/// cloud call, so no cloud is needed; the endpoint is a closed port).
+#[tokio::test]
+async fn a_network_holds_only_the_credentials_its_spec_names() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "credentials").await;
+    let _operator = support::Operator::start(&ns, &[]);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    for name in ["old", "new"] {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name}, "stringData": {"accessKeyId": "testing", "secretAccessKey": "testing"}
+        }))
+        .unwrap();
+        secrets.create(&Default::default(), &secret).await.expect("create Secret");
+    }
+    let closed = format!("http://127.0.0.1:{}", support::free_port());
+    let network: Network = serde_json::from_value(serde_json::json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Network", "metadata": {"name": "net"},
+        "spec": {"deletionPolicy": "Orphan", "provider": {"ec2": {
+            "region": "eu-west-1", "endpoint": closed, "credentialsSecretRef": {"name": "old"},
+            "vpc": {"cidrBlock": "10.42.0.0/16"},
+            "subnets": [{"name": "a", "cidrBlock": "10.42.1.0/24", "zone": "eu-west-1a"}]
+        }}}
+    }))
+    .unwrap();
+    let networks: Api<Network> = Api::namespaced(client.clone(), &ns);
+    networks.create(&Default::default(), &network).await.expect("create Network");
+    let uid = networks.get("net").await.unwrap().uid().unwrap();
+    let held = vec![format!("nixops.io/network-{uid}")];
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = credentials_finalizers(&secrets, &["old", "new"]).await;
+    while seen != [held.clone(), vec![]] {
+        assert!(Instant::now() < deadline, "the Network must hold Secret old only; finalizers: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = credentials_finalizers(&secrets, &["old", "new"]).await;
+    }
+
+    let patch = serde_json::json!({"spec": {"provider": {"ec2": {"credentialsSecretRef": {"name": "new"}}}}});
+    networks.patch("net", &Default::default(), &kube::api::Patch::Merge(&patch)).await.expect("patch Network");
+    while seen != [vec![], held.clone()] {
+        assert!(Instant::now() < deadline, "the Network must move to Secret new; finalizers: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = credentials_finalizers(&secrets, &["old", "new"]).await;
+    }
+
+    networks.delete("net", &Default::default()).await.expect("delete Network");
+    support::wait_gone(&networks, "net", Duration::from_secs(60)).await;
+    assert_eq!(credentials_finalizers(&secrets, &["old", "new"]).await, [Vec::<String>::new(), vec![]]);
 }
