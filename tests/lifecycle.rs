@@ -4,10 +4,9 @@
 //! Secret as early as everything else; the Network's finalizer on it keeps
 //! it until the cloud resources are gone.
 //!
-//! This binary runs kube-controller-manager (the namespace controller). The
-//! namespace test is its only test that uses moto: moto is shared by the
-//! tests of a binary, and that test compares moto's whole inventory before
-//! and after.
+//! This binary runs kube-controller-manager (the namespace controller). Its
+//! tests that use moto take turns (`MOTO`): the namespace test compares
+//! moto's whole inventory before and after.
 
 mod support;
 
@@ -17,6 +16,9 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::ResourceExt;
 use kube::api::Api;
 use nixops_operator::api::{KeyPair, Machine, Network, S3Bucket, Volume};
+
+/// Held by each test that makes cloud resources in moto.
+static MOTO: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Everything moto holds, by kind (instances: those not terminated).
 async fn inventory() -> Vec<(&'static str, Vec<String>)> {
@@ -59,6 +61,7 @@ async fn inventory() -> Vec<(&'static str, Vec<String>)> {
 
 #[tokio::test]
 async fn deleting_the_namespace_of_a_full_ec2_network_leaves_nothing_behind() {
+    let _moto = MOTO.lock().await;
     support::controller_manager();
     let client = support::client().await;
     support::install_crds(&client).await;
@@ -175,4 +178,39 @@ async fn a_network_holds_only_the_credentials_its_spec_names() {
     networks.delete("net", &Default::default()).await.expect("delete Network");
     support::wait_gone(&networks, "net", Duration::from_secs(60)).await;
     assert_eq!(credentials_finalizers(&secrets, &["old", "new"]).await, [Vec::<String>::new(), vec![]]);
+}
+
+/// Killed after its credentials were released (the Secret, being deleted
+/// too, is then gone) but before its own finalizer went, the operator
+/// finishes the Network's deletion on restart instead of stalling on the
+/// missing Secret: the Network recorded that its cloud resources are gone.
+#[tokio::test]
+async fn a_restart_after_the_credentials_were_released_finishes_the_deletion() {
+    use std::os::unix::process::ExitStatusExt;
+    let _moto = MOTO.lock().await;
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "released").await;
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let networks: Api<Network> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let mut operator =
+        support::Operator::start_env(&ns, &[], &[("FAILPOINTS", "network-after-credentials-released=return(kill)")]);
+    support::wait_ready(&networks, "aws").await;
+    let net = networks.get("aws").await.unwrap();
+    let vpc = net.status.and_then(|s| s.vpc_id).expect("the Network's VPC");
+
+    // As a namespace deletion does: the credentials go too.
+    networks.delete("aws", &Default::default()).await.expect("delete Network");
+    secrets.delete("aws-aws", &Default::default()).await.expect("delete Secret");
+    let status = operator.wait_exit(Duration::from_secs(120)).expect("the operator reaches its fault point");
+    assert_eq!(status.signal(), Some(9), "killed by SIGKILL at the fault point");
+    support::wait_gone(&secrets, "aws-aws", Duration::from_secs(30)).await;
+    assert!(networks.get_opt("aws").await.unwrap().is_some(), "killed before the Network's finalizer went");
+    let ec2 = support::ec2_client().await;
+    let left = ec2.describe_vpcs().vpc_ids(&vpc).send().await.map(|o| o.vpcs().len()).unwrap_or(0);
+    assert_eq!(left, 0, "the VPC was deleted before the credentials were released");
+
+    let _operator = support::Operator::start(&ns, &[]);
+    support::wait_gone(&networks, "aws", Duration::from_secs(60)).await;
 }

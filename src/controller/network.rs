@@ -173,6 +173,7 @@ impl Reconciler for Network {
             for secret in secrets {
                 release_credentials(&ctx.client, &self, secret).await?;
             }
+            crate::fault::point(crate::fault::points::NETWORK_AFTER_CREDENTIALS_RELEASED, None).await;
         }
         Ok(Cleanup::Done)
     }
