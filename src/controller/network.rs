@@ -163,7 +163,8 @@ impl Reconciler for Network {
         // The credentials go last. Marked first: a crash after the release
         // must not leave a cleanup that needs a Secret already deleted.
         let held = self.status.as_ref().and_then(|s| s.credentials_secret.as_deref());
-        let secrets: Vec<&str> = credentials_secret(&self).into_iter().chain(held).collect();
+        let mut secrets: Vec<&str> = credentials_secret(&self).into_iter().chain(held).collect();
+        secrets.dedup();
         if !secrets.is_empty() {
             if !self.annotations().contains_key(CLOUD_DELETED_ANNOTATION) {
                 let api = Api::<Network>::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
