@@ -17,6 +17,10 @@ use nixops_operator::api::{KeyPair, Machine, Network, S3Bucket, Volume};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The tests take turns: the cluster-wide operator would also act on the
+/// other test's namespace.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The chart's ServiceAccount and RBAC objects, rendered by the real helm
 /// for release `release` in `release_ns` with `set`, applied as the admin.
 fn apply_chart_rbac(release: &str, release_ns: &str, set: &str) {
@@ -134,6 +138,7 @@ fn chart_flags(release: &str) -> [String; 2] {
 
 #[tokio::test]
 async fn the_operator_needs_nothing_beyond_the_charts_cluster_role() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let client = support::client().await;
     support::install_crds(&client).await;
     let release_ns = support::namespace(&client, "rbac-release").await;
@@ -150,6 +155,7 @@ async fn the_operator_needs_nothing_beyond_the_charts_cluster_role() {
 
 #[tokio::test]
 async fn the_operator_needs_nothing_beyond_the_charts_namespaced_role() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let client = support::client().await;
     support::install_crds(&client).await;
     let release_ns = support::namespace(&client, "rbac-release").await;
