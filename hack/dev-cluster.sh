@@ -12,6 +12,8 @@ case ${1:-up} in
     else
       rm -rf "$dir"
       "$root/hack/controlplane/start.sh" "$dir" >/dev/null
+      # So that deleting a namespace empties it, as in a real cluster.
+      "$root/hack/controlplane/controller-manager.sh" "$dir"
       echo "dev cluster started; logs in $dir/*.log" >&2
     fi
     echo "# run this to use it (kubectl is in .dev-cluster/):"

@@ -2,7 +2,7 @@
 # Installs what a fresh machine lacks for building and testing: Debian
 # packages (openssh-server for test hosts, …), the Rust lint components, and,
 # cached outside the repository: the Go-built control plane
-# (kube-apiserver, kubectl, etcd), kstatus, toxiproxy, helm and kube-score, and
+# (kube-apiserver, kube-controller-manager, kubectl, etcd), kstatus, toxiproxy, helm and kube-score, and
 # moto server in a Python virtualenv.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -22,6 +22,9 @@ pub mod points {
     pub const CREATE_BEFORE_CALL: &str = "create-before-call";
     /// The cloud answered a create; its ID is not recorded yet.
     pub const CREATE_AFTER_CALL: &str = "create-after-call";
+    /// A Network's cloud resources are deleted and its credentials Secret
+    /// released; its own finalizer is not removed yet.
+    pub const NETWORK_AFTER_CREDENTIALS_RELEASED: &str = "network-after-credentials-released";
 }
 
 /// Reads `FAILPOINTS` (fault-injection builds only).

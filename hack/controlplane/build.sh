@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Builds the test control plane (kube-apiserver, kubectl, etcd) from Go modules
-# and caches the binaries outside the repository, keyed by version, so a second
-# run reuses them. Prints the directory holding the binaries as its last line.
+# Builds the test control plane (kube-apiserver, kube-controller-manager,
+# kubectl, etcd) from Go modules and caches the binaries outside the
+# repository, keyed by version, so a second run reuses them. Only missing
+# binaries are built, so a cache made before a binary was added here is
+# completed, not rebuilt. Prints the directory holding the binaries as its
+# last line.
 #
 # The versions are pinned by the wrapper modules next to this script:
 #   kube/go.mod  k8s.io/kubernetes (staging modules replaced by their releases)
@@ -15,7 +18,12 @@ k8s_version=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$he
 etcd_version=$(awk '$1 == "require" && $2 == "go.etcd.io/etcd/server/v3" {print $3}' "$here/etcd/go.mod")
 bin="$cache/controlplane/kubernetes-$k8s_version-etcd-$etcd_version"
 
-if [[ -x "$bin/kube-apiserver" && -x "$bin/kubectl" && -x "$bin/etcd" ]]; then
+kube_commands=(kube-apiserver kube-controller-manager kubectl)
+missing=()
+for name in "${kube_commands[@]}" etcd; do
+  [[ -x "$bin/$name" ]] || missing+=("$name")
+done
+if (( ${#missing[@]} == 0 )); then
   echo "$bin"
   exit 0
 fi
@@ -31,19 +39,22 @@ version_flags="-X k8s.io/component-base/version.gitVersion=$k8s_version \
  -X k8s.io/client-go/pkg/version.gitVersion=$k8s_version \
  -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
 
-echo "build.sh: building kube-apiserver and kubectl $k8s_version, etcd $etcd_version (several minutes the first time)" >&2
-(
-  cd "$here/kube"
-  go build -trimpath -ldflags "-s -w $version_flags" -o "$staging/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-  go build -trimpath -ldflags "-s -w $version_flags" -o "$staging/kubectl" k8s.io/kubernetes/cmd/kubectl
-)
-(
-  cd "$here/etcd"
-  go build -trimpath -ldflags "-s -w" -o "$staging/etcd" go.etcd.io/etcd/server/v3
-)
+echo "build.sh: building ${missing[*]} (kubernetes $k8s_version, etcd $etcd_version; several minutes the first time)" >&2
+for name in "${missing[@]}"; do
+  if [[ $name == etcd ]]; then
+    (cd "$here/etcd" && go build -trimpath -ldflags "-s -w" -o "$staging/etcd" go.etcd.io/etcd/server/v3)
+  else
+    (cd "$here/kube" && go build -trimpath -ldflags "-s -w $version_flags" -o "$staging/$name" "k8s.io/kubernetes/cmd/$name")
+  fi
+done
 
-# Publish all three at once so a build interrupted half-way is never reused.
-rm -rf "$bin"
-mv "$staging" "$bin"
+# Each binary is published by a rename once built, so a build interrupted
+# half-way is never reused and a control plane running from this directory
+# (other checkouts share the cache) never sees a binary missing.
+mkdir -p "$bin"
+for name in "${missing[@]}"; do
+  mv -f "$staging/$name" "$bin/$name"
+done
+rm -rf "$staging"
 trap - EXIT
 echo "$bin"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Stops a control plane started by start.sh DIR (kube-apiserver first, then etcd).
+# Stops a control plane started by start.sh DIR (the controller manager if
+# controller-manager.sh started one, kube-apiserver, then etcd).
 set -uo pipefail
 dir=${1:?usage: stop.sh DIR}
-for name in kube-apiserver etcd; do
+for name in kube-controller-manager kube-apiserver etcd; do
   pidfile="$dir/$name.pid"
   [[ -f $pidfile ]] || continue
   pid=$(cat "$pidfile")

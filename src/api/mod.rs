@@ -33,6 +33,14 @@ pub const VERSION: &str = "v1alpha1";
 pub const CATEGORY: &str = "nixops";
 /// Finalizer that makes deletion wait until the cloud resource is gone (or orphaned).
 pub const FINALIZER: &str = "nixops.io/cleanup";
+/// Prefix of the finalizer a Network puts on its credentials Secret, followed
+/// by the Network's UID: one per Network, so Networks sharing a Secret never
+/// remove each other's.
+pub const CREDENTIALS_FINALIZER_PREFIX: &str = "nixops.io/network-";
+/// Annotation on a Network being deleted whose cloud resources are gone: its
+/// cleanup needs its credentials no more (a restart after the Secret went
+/// must not stall on them).
+pub const CLOUD_DELETED_ANNOTATION: &str = "nixops.io/cloud-deleted";
 /// Annotation holding the cloud ID, so `status` can be rebuilt after a restore.
 pub const EXTERNAL_NAME_ANNOTATION: &str = "nixops.io/external-name";
 /// Annotation that stops all external calls for an object while set to "true".

@@ -94,6 +94,9 @@ pub struct Ec2Network {
     /// Secret with the account's credentials: keys `accessKeyId`,
     /// `secretAccessKey`, optional `sessionToken`. Without it the operator
     /// uses the default AWS credential chain (environment, IRSA, instance role).
+    /// The operator keeps the Secret from being deleted (finalizer
+    /// `nixops.io/network-<Network UID>`) until this Network's cloud resources
+    /// are deleted, so deleting a whole namespace cannot strand them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<LocalObjectReference>,
 
@@ -296,6 +299,11 @@ pub struct NetworkStatus {
     /// ID of the internet gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internet_gateway_id: Option<String>,
+
+    /// The credentials Secret this Network keeps from deletion until its
+    /// cloud resources are deleted; released when the spec stops naming it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
 }
 
 /// Lifecycle phase of Networks, Volumes, KeyPairs and S3Buckets.

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::api::{Api, ListParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Client, ResourceExt};
@@ -15,7 +16,10 @@ use super::status::{Conditions, is_true};
 use super::{Cleanup, Context, Error, Reconciler, Result, object_status, record_external_name};
 use crate::api::machine::Machine;
 use crate::api::network::{NetworkMember, NetworkStatus, ResourcePhase};
-use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, Network, condition};
+use crate::api::{
+    CLOUD_DELETED_ANNOTATION, CREDENTIALS_FINALIZER_PREFIX, DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy,
+    Network, condition,
+};
 use crate::provider::{CloudTarget, NetworkResources, Owner};
 use kube::runtime::events::EventType;
 
@@ -34,6 +38,17 @@ impl Reconciler for Network {
 
     async fn apply(self: Arc<Self>, ctx: Arc<Context>, status: &mut NetworkStatus) -> Result<Option<Duration>> {
         let owner = Owner::of(&*self);
+        // Held before anything is created with it, released once unnamed.
+        let named = credentials_secret(&self);
+        if let Some(secret) = named {
+            hold_credentials(&ctx.client, &self, secret).await?;
+        }
+        if let Some(held) = status.credentials_secret.clone()
+            && Some(held.as_str()) != named
+        {
+            release_credentials(&ctx.client, &self, &held).await?;
+        }
+        status.credentials_secret = named.map(str::to_owned);
         if let Some(ec2) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref()) {
             let provider = ctx.providers.network("ec2")?;
             let target = CloudTarget { owner: owner.clone(), network: (*self).clone() };
@@ -135,6 +150,7 @@ impl Reconciler for Network {
         if self.spec.deletion_policy == DeletionPolicy::Delete
             && self.spec.management_policy != ManagementPolicy::Observe
             && let Some(_) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref())
+            && !self.annotations().contains_key(CLOUD_DELETED_ANNOTATION)
         {
             let owner = Owner::of(&*self);
             let provider = ctx.providers.network("ec2")?;
@@ -144,7 +160,63 @@ impl Reconciler for Network {
             ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
             deleted?;
         }
+        // The credentials go last. Marked first: a crash after the release
+        // must not leave a cleanup that needs a Secret already deleted.
+        let held = self.status.as_ref().and_then(|s| s.credentials_secret.as_deref());
+        let mut secrets: Vec<&str> = credentials_secret(&self).into_iter().chain(held).collect();
+        secrets.dedup();
+        if !secrets.is_empty() {
+            if !self.annotations().contains_key(CLOUD_DELETED_ANNOTATION) {
+                let api = Api::<Network>::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
+                let patch = serde_json::json!({"metadata": {"annotations": {CLOUD_DELETED_ANNOTATION: "true"}}});
+                api.patch(&self.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            }
+            for secret in secrets {
+                release_credentials(&ctx.client, &self, secret).await?;
+            }
+            crate::fault::point(crate::fault::points::NETWORK_AFTER_CREDENTIALS_RELEASED, None).await;
+        }
         Ok(Cleanup::Done)
+    }
+}
+
+/// The credentials Secret the Network's spec names.
+fn credentials_secret(network: &Network) -> Option<&str> {
+    let ec2 = network.spec.provider.as_ref()?.ec2.as_ref()?;
+    Some(ec2.credentials_secret_ref.as_ref()?.name.as_str())
+}
+
+/// The finalizer `network` keeps on its credentials Secret.
+fn credentials_finalizer(network: &Network) -> String {
+    format!("{CREDENTIALS_FINALIZER_PREFIX}{}", network.uid().unwrap_or_default())
+}
+
+/// Keeps Secret `name` from being deleted until `network` releases it: a
+/// namespace being deleted removes Secrets as early as anything else, and
+/// without credentials the cloud resources could never be deleted. A Secret
+/// that is missing is reported by the provider; one already being deleted
+/// takes no new finalizers.
+async fn hold_credentials(client: &Client, network: &Network, name: &str) -> Result<()> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &network.namespace().unwrap_or_default());
+    let Some(secret) = api.get_opt(name).await? else { return Ok(()) };
+    let finalizer = credentials_finalizer(network);
+    if secret.metadata.deletion_timestamp.is_some() || secret.finalizers().contains(&finalizer) {
+        return Ok(());
+    }
+    // A strategic merge adds to the list without replacing others' finalizers.
+    let patch = serde_json::json!({"metadata": {"finalizers": [finalizer]}});
+    api.patch(name, &PatchParams::default(), &Patch::Strategic(&patch)).await?;
+    Ok(())
+}
+
+/// Removes `network`'s finalizer from Secret `name`, if both are there.
+async fn release_credentials(client: &Client, network: &Network, name: &str) -> Result<()> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &network.namespace().unwrap_or_default());
+    let patch =
+        serde_json::json!({"metadata": {"$deleteFromPrimitiveList/finalizers": [credentials_finalizer(network)]}});
+    match api.patch(name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other.map(drop).map_err(Into::into),
     }
 }
 

@@ -56,6 +56,31 @@ pub fn control_plane() -> &'static ControlPlane {
     })
 }
 
+/// Starts kube-controller-manager (its namespace controller only) against
+/// the control plane, once per test binary: without it a deleted namespace
+/// is never emptied. Stopped with the control plane.
+pub fn controller_manager() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        let dir = control_plane().kubeconfig.parent().expect("control plane directory").to_owned();
+        let started = std::time::Instant::now();
+        let output = Command::new(repo_root().join("hack/controlplane/controller-manager.sh"))
+            .arg(&dir)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run hack/controlplane/controller-manager.sh");
+        assert!(output.status.success(), "hack/controlplane/controller-manager.sh failed; see its output above");
+        eprintln!("kube-controller-manager started in {:?}", started.elapsed());
+    });
+}
+
+/// A Go tool built into the cache by its hack/<tool>/build.sh (helm, …).
+pub fn go_tool(build_script: &str) -> PathBuf {
+    let out = Command::new(repo_root().join(build_script)).output().expect("run the build script");
+    assert!(out.status.success(), "{build_script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// A client for the control plane, as the admin user.
 pub async fn client() -> Client {
     let kubeconfig = Kubeconfig::read_from(&control_plane().kubeconfig).expect("read kubeconfig");
@@ -181,13 +206,21 @@ impl Operator {
 
     /// Like `start`, with extra environment variables (e.g. `FAILPOINTS`).
     pub fn start_env(namespace: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_as(Some(namespace), &control_plane().kubeconfig, extra, env)
+    }
+
+    /// Starts `nixops-operator run` with `kubeconfig`'s credentials, watching
+    /// `namespace` or (None) every namespace.
+    pub fn start_as(namespace: Option<&str>, kubeconfig: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("operator dir");
         let log = dir.path().join("operator.log");
         let metrics_port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_nixops-operator"))
-            .args(["run", "--namespace", namespace, "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .arg("run")
+            .args(namespace.map(|ns| ["--namespace", ns]).into_iter().flatten())
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(extra)
-            .env("KUBECONFIG", &control_plane().kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("NIXOPS_LOG", "info,nixops_operator=debug")
             .envs(env.iter().copied())
             .stdout(std::fs::File::create(dir.path().join("operator.stdout")).expect("stdout file"))
@@ -532,6 +565,64 @@ pub async fn ec2_client() -> aws_sdk_ec2::Client {
 pub async fn s3_client() -> aws_sdk_s3::Client {
     let config = aws_sdk_config().await;
     aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build())
+}
+
+/// examples/ec2 for tests against moto: moto's endpoint and test credentials,
+/// an AMI moto knows, a local sshd as the machine's address, no NixOS
+/// closure (there is no cache to fetch it from), names unique to the
+/// namespace, and Delete instead of Orphan so that nothing is meant to stay.
+pub fn examples_ec2(ns: &str, ami: &str, host: &SshHost) -> String {
+    let dir = repo_root().join("examples/ec2");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("read examples/ec2").map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let mut docs = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read example");
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let mut obj: serde_json::Value = serde::Deserialize::deserialize(doc).expect("example YAML");
+            let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
+            let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            match (kind.as_str(), name.as_str()) {
+                ("Secret", "aws-credentials") => {
+                    obj["stringData"] = serde_json::json!({"accessKeyId": "testing", "secretAccessKey": "testing"})
+                }
+                ("Network", _) => obj["spec"]["provider"]["ec2"]["endpoint"] = serde_json::json!(moto().endpoint),
+                ("Volume", _) => obj["spec"]["deletionPolicy"] = serde_json::json!("Delete"),
+                ("S3Bucket", _) => {
+                    obj["spec"]["bucketName"] = serde_json::json!(format!("{ns}-nix-cache"));
+                    obj["spec"]["deletionPolicy"] = serde_json::json!("Delete");
+                }
+                ("KeyPair", _) => {
+                    obj["spec"]["provider"]["ec2"]["keyName"] = serde_json::json!(format!("{ns}-deployer"))
+                }
+                ("Machine", _) => {
+                    let spec = obj["spec"].as_object_mut().expect("Machine spec");
+                    spec.remove("nixos");
+                    spec.remove("keys");
+                    spec["provider"]["ec2"]["ami"] = serde_json::json!(ami);
+                    spec["ssh"]["host"] = serde_json::json!(host.host);
+                    spec["ssh"]["port"] = serde_json::json!(host.port);
+                }
+                _ => {}
+            }
+            docs.push(serde_yaml_ng::to_string(&obj).expect("YAML"));
+        }
+    }
+    docs.join("---\n")
+}
+
+/// Waits until object `name` has Ready=True.
+pub async fn wait_ready<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
+{
+    wait_for(api, name, Duration::from_secs(120), "Ready", |obj| {
+        let value = serde_json::to_value(obj).unwrap_or_default();
+        let conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> =
+            serde_json::from_value(value["status"]["conditions"].clone()).unwrap_or_default();
+        is_ready(&conditions)
+    })
+    .await;
 }
 
 /// Whether a status' conditions hold Ready=True.
