@@ -22,6 +22,25 @@ pub mod points {
     pub const CREATE_BEFORE_CALL: &str = "create-before-call";
     /// The cloud answered a create; its ID is not recorded yet.
     pub const CREATE_AFTER_CALL: &str = "create-after-call";
+    /// A lookup of a cloud resource the operator creates (by its UID tag,
+    /// or by its name within its VPC) is about to run. `return` makes it
+    /// find nothing, as a cloud whose reads lag its writes does:
+    /// `tag-lookup-empty=3*return` empties the first three lookups.
+    pub const TAG_LOOKUP_EMPTY: &str = "tag-lookup-empty";
+}
+
+/// Whether this lookup is to find nothing ([`points::TAG_LOOKUP_EMPTY`]).
+pub fn lookup_lags() -> bool {
+    #[cfg(feature = "fault-injection")]
+    {
+        let lags = fail::eval(points::TAG_LOOKUP_EMPTY, |_| ()).is_some();
+        if lags {
+            tracing::warn!(point = points::TAG_LOOKUP_EMPTY, "fault point: the lookup finds nothing");
+        }
+        lags
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    false
 }
 
 /// Reads `FAILPOINTS` (fault-injection builds only).

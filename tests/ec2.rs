@@ -229,7 +229,7 @@ async fn unknown_ami_stalls_with_the_aws_error_code() {
     // once, but the refused create is not tried again before the resync.
     let created = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(60).saturating_sub(created.elapsed())).await;
-    let calls = operator.metric("nixops_provider_calls_total", &["provider=\"ec2\"", "operation=\"create\""]);
+    let calls = operator.metric("nixops_provider_calls_total", &["provider=\"aws\"", "operation=\"RunInstances\""]);
     assert!(calls >= 1.0, "the create was tried and counted");
     assert!(calls <= 3.0, "{calls} create calls in 60 s");
     let status = machines.get("bad").await.unwrap().status.unwrap();

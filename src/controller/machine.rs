@@ -231,9 +231,7 @@ impl Reconciler for Machine {
             network: Some(network.clone()),
             key_name,
         };
-        let observed = provider.observe(&target).await;
-        ctx.metrics.provider_call(provider.name(), "observe", observed.is_ok());
-        let mut instance = match observed? {
+        let mut instance = match provider.observe(&target).await? {
             Some(current) if self.spec.management_policy == ManagementPolicy::Observe => current,
             Some(current) => {
                 // Found by its UID tag (after a crash, or a create whose answer was lost).
@@ -242,9 +240,7 @@ impl Reconciler for Machine {
                 {
                     record_external_name(&Api::<Machine>::namespaced(ctx.client.clone(), &ns), &self, id).await?;
                 }
-                let updated = provider.update(&target, current).await;
-                ctx.metrics.provider_call(provider.name(), "update", updated.is_ok());
-                updated?
+                provider.update(&target, current).await?
             }
             None if self.spec.management_policy == ManagementPolicy::Observe => {
                 return Err(Error::stalled(
@@ -270,11 +266,7 @@ impl Reconciler for Machine {
                 let id_of = |c: &crate::provider::Instance| {
                     c.provider_id.as_deref().and_then(|p| p.rsplit('/').next()).map(str::to_owned)
                 };
-                let created = create_once(&api, &*self, &ctx, "instance", id_of, || async {
-                    let created = provider.create(&target).await;
-                    ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
-                    created
-                })
+                let created = create_once(&api, &*self, &ctx, "instance", id_of, || provider.create(&target))
                 .await?;
                 ctx.event(
                     &*self,
@@ -419,9 +411,7 @@ impl Reconciler for Machine {
             key_name: None,
         };
         ctx.keypair_users.lock().unwrap_or_else(|e| e.into_inner()).remove(&super::object_key(&*self));
-        let deleted = provider.delete(&target).await;
-        ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
-        deleted?;
+        provider.delete(&target).await?;
         Ok(Cleanup::Done)
     }
 }

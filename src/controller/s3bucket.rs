@@ -208,9 +208,7 @@ impl Reconciler for S3Bucket {
             }),
             tags,
         };
-        let found = provider.holder(&target, &name).await;
-        ctx.metrics.provider_call(provider.name(), "holder", found.is_ok());
-        let action = decide(&self, &name, &found?)?;
+        let action = decide(&self, &name, &provider.holder(&target, &name).await?)?;
         if action == BucketAction::Observe {
             status.bucket_name = Some(name.clone());
             let (region, arn) = provider.location(&target, &name);
@@ -234,11 +232,7 @@ impl Reconciler for S3Bucket {
                     &ctx,
                     "bucket",
                     |_: &()| Some(name.clone()),
-                    || async {
-                        let created = provider.create(&target, &spec).await;
-                        ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
-                        created
-                    },
+                    || provider.create(&target, &spec),
                 )
                 .await?;
                 recorded = true;
@@ -251,9 +245,7 @@ impl Reconciler for S3Bucket {
             }
             BucketAction::Manage | BucketAction::Observe => {}
         }
-        let result = provider.converge(&target, &spec).await;
-        ctx.metrics.provider_call(provider.name(), "converge", result.is_ok());
-        let changed = result?;
+        let changed = provider.converge(&target, &spec).await?;
         if !recorded {
             record_external_name(&api, &self, &name).await?;
         }
@@ -315,9 +307,7 @@ impl Reconciler for S3Bucket {
                 ),
             });
         }
-        let deleted = provider.delete(&target, &name, self.spec.force_destroy).await;
-        ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
-        deleted?;
+        provider.delete(&target, &name, self.spec.force_destroy).await?;
         Ok(Cleanup::Done)
     }
 }

@@ -107,9 +107,7 @@ impl Reconciler for Volume {
                 ),
             ));
         }
-        let found = provider.find(&target, known_id.as_deref()).await;
-        ctx.metrics.provider_call(provider.name(), "find", found.is_ok());
-        let mut volume = match found? {
+        let mut volume = match provider.find(&target, known_id.as_deref()).await? {
             Some(v) => {
                 if known_id.is_none() {
                     record_external_name(&Api::<Volume>::namespaced(ctx.client.clone(), &ns), &self, &v.id).await?;
@@ -130,11 +128,7 @@ impl Reconciler for Volume {
             None => {
                 let api = Api::<Volume>::namespaced(ctx.client.clone(), &ns);
                 let id_of = |v: &crate::provider::VolumeState| Some(v.id.clone());
-                let created = create_once(&api, &*self, &ctx, "volume", id_of, || async {
-                    let created = provider.create(&target, spec).await;
-                    ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
-                    created
-                })
+                let created = create_once(&api, &*self, &ctx, "volume", id_of, || provider.create(&target, spec))
                 .await?;
                 ctx.event(
                     &*self,
@@ -164,9 +158,7 @@ impl Reconciler for Volume {
 
         // Grow, or change type / IOPS / throughput.
         if provider.needs_update(spec, &volume) {
-            let modified = provider.update(&target, &volume.id, spec).await;
-            ctx.metrics.provider_call(provider.name(), "update", modified.is_ok());
-            modified?;
+            provider.update(&target, &volume.id, spec).await?;
             let size = spec.ec2.as_ref().and_then(|e| e.size_gib).unwrap_or(volume.size_gib);
             ctx.event(&*self, EventType::Normal, "Modified", format!("modified volume {} ({size} GiB)", volume.id))
                 .await;
@@ -269,9 +261,7 @@ impl Reconciler for Volume {
                 ),
             });
         }
-        let deleted = provider.delete(&target, &volume.id).await;
-        ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
-        deleted?;
+        provider.delete(&target, &volume.id).await?;
         Ok(Cleanup::Done)
     }
 }

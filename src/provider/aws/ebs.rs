@@ -4,7 +4,7 @@
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
 
-use super::{AwsClients, classify, error_code, tags};
+use super::{AwsClients, tags};
 use crate::api::machine::EbsVolumeType;
 use crate::api::volume::EbsVolume;
 use crate::provider::{Owner, ProviderError};
@@ -81,10 +81,10 @@ pub async fn find(aws: &AwsClients, owner: &Owner, id: Option<&str>) -> Result<O
             .describe_volumes()
             .filters(Filter::builder().name(format!("tag:{}", tags::UID)).values(&owner.uid).build()),
     };
-    match request.send().await {
+    match aws.call("DescribeVolumes", "", request.send()).await {
         Ok(out) => Ok(out.volumes().iter().map(observed).find(|v| v.state != "deleted")),
-        Err(err) if error_code(&err) == Some("InvalidVolume.NotFound") => Ok(None),
-        Err(err) => Err(classify(err, "DescribeVolumes")),
+        Err(err) if err.is("InvalidVolume.NotFound") => Ok(None),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -98,7 +98,7 @@ fn tag_spec(owner: &Owner, extra: &std::collections::BTreeMap<String, String>) -
 
 /// Creates the volume, tagged with its owner in the same call.
 pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result<Observed, ProviderError> {
-    let out = aws
+    let request = aws
         .writing()
         .await
         .ec2
@@ -114,9 +114,8 @@ pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result
         .tag_specifications(tag_spec(owner, &spec.tags))
         .customize()
         .config_override(super::single_attempt())
-        .send()
-        .await
-        .map_err(|e| classify(e, "CreateVolume (spec.provider.ec2)"))?;
+        .send();
+    let out = aws.call("CreateVolume", "(spec.provider.ec2)", request).await?;
     Ok(Observed {
         id: out.volume_id().unwrap_or_default().to_owned(),
         zone: out.availability_zone().unwrap_or_default().to_owned(),
@@ -131,7 +130,8 @@ pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result
 
 /// Grows the volume or changes its type, IOPS or throughput.
 pub async fn modify(aws: &AwsClients, id: &str, spec: &EbsVolume) -> Result<(), ProviderError> {
-    aws.writing()
+    let request = aws
+        .writing()
         .await
         .ec2
         .modify_volume()
@@ -140,42 +140,34 @@ pub async fn modify(aws: &AwsClients, id: &str, spec: &EbsVolume) -> Result<(), 
         .volume_type(api_type(spec.volume_type))
         .set_iops(spec.iops)
         .set_throughput(spec.throughput)
-        .send()
-        .await
-        .map_err(|e| classify(e, "ModifyVolume (spec.provider.ec2)"))?;
+        .send();
+    aws.call("ModifyVolume", "(spec.provider.ec2)", request).await?;
     Ok(())
 }
 
 /// Attaches the volume to an instance as `device`.
 pub async fn attach(aws: &AwsClients, id: &str, instance_id: &str, device: &str) -> Result<(), ProviderError> {
-    aws.writing()
-        .await
-        .ec2
-        .attach_volume()
-        .volume_id(id)
-        .instance_id(instance_id)
-        .device(device)
-        .send()
-        .await
-        .map_err(|e| classify(e, &format!("AttachVolume {id} to {instance_id} as {device}")))?;
+    let request = aws.writing().await.ec2.attach_volume().volume_id(id).instance_id(instance_id).device(device).send();
+    aws.call("AttachVolume", format!("{id} to {instance_id} as {device}"), request).await?;
     Ok(())
 }
 
 /// Detaches the volume from `instance_id` (always named: the API's
 /// instance-less form is ambiguous and some endpoints reject it).
 pub async fn detach(aws: &AwsClients, id: &str, instance_id: &str) -> Result<(), ProviderError> {
-    match aws.writing().await.ec2.detach_volume().volume_id(id).instance_id(instance_id).send().await {
+    let request = aws.writing().await.ec2.detach_volume().volume_id(id).instance_id(instance_id).send();
+    match aws.call("DetachVolume", format!("{id} from {instance_id}"), request).await {
         Ok(_) => Ok(()),
-        Err(err) if matches!(error_code(&err), Some("IncorrectState") | Some("InvalidAttachment.NotFound")) => Ok(()),
-        Err(err) => Err(classify(err, &format!("DetachVolume {id} from {instance_id}"))),
+        Err(err) if err.is("IncorrectState") || err.is("InvalidAttachment.NotFound") => Ok(()),
+        Err(err) => Err(err.into()),
     }
 }
 
 /// Deletes the volume; one already gone is success.
 pub async fn delete(aws: &AwsClients, id: &str) -> Result<(), ProviderError> {
-    match aws.writing().await.ec2.delete_volume().volume_id(id).send().await {
+    match aws.call("DeleteVolume", id, aws.writing().await.ec2.delete_volume().volume_id(id).send()).await {
         Ok(_) => Ok(()),
-        Err(err) if error_code(&err) == Some("InvalidVolume.NotFound") => Ok(()),
-        Err(err) => Err(classify(err, &format!("DeleteVolume {id}"))),
+        Err(err) if err.is("InvalidVolume.NotFound") => Ok(()),
+        Err(err) => Err(err.into()),
     }
 }

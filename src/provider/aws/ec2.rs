@@ -10,7 +10,7 @@ use aws_sdk_ec2::types::{
     VolumeType,
 };
 
-use super::{AwsAccounts, classify, error_code, owner_tags, tags};
+use super::{AwsAccounts, owner_tags, tags};
 use crate::api::machine::{Ec2Instance, MachineAddress};
 use crate::provider::{Instance, InstanceState, MachineProvider, MachineTarget, ProviderError};
 
@@ -92,10 +92,10 @@ async fn find(
             .filters(Filter::builder().name(format!("tag:{}", tags::UID)).values(&target.owner.uid).build())
             .filters(live),
     };
-    match request.send().await {
+    match aws.call("DescribeInstances", "", request.send()).await {
         Ok(out) => Ok(out.reservations().iter().flat_map(|r| r.instances().iter().cloned()).collect()),
-        Err(err) if error_code(&err) == Some("InvalidInstanceID.NotFound") => Ok(Vec::new()),
-        Err(err) => Err(classify(err, "DescribeInstances")),
+        Err(err) if err.is("InvalidInstanceID.NotFound") => Ok(Vec::new()),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -167,12 +167,8 @@ impl MachineProvider for Ec2Machines {
         if let Some(data) = &spec.user_data {
             run = run.user_data(base64_encode(data.as_bytes()));
         }
-        let out = run
-            .customize()
-            .config_override(super::single_attempt())
-            .send()
-            .await
-            .map_err(|e| classify(e, "RunInstances (spec.provider.ec2)"))?;
+        let request = run.customize().config_override(super::single_attempt()).send();
+        let out = aws.call("RunInstances", "(spec.provider.ec2)", request).await?;
         let created = out
             .instances()
             .first()
@@ -187,24 +183,12 @@ impl MachineProvider for Ec2Machines {
         };
         match (target.running, current.state) {
             (false, InstanceState::Running | InstanceState::Pending) => {
-                aws.writing()
-                    .await
-                    .ec2
-                    .stop_instances()
-                    .instance_ids(&id)
-                    .send()
-                    .await
-                    .map_err(|e| classify(e, "StopInstances (spec.running: false)"))?;
+                let request = aws.writing().await.ec2.stop_instances().instance_ids(&id).send();
+                aws.call("StopInstances", "(spec.running: false)", request).await?;
             }
             (true, InstanceState::Stopped) => {
-                aws.writing()
-                    .await
-                    .ec2
-                    .start_instances()
-                    .instance_ids(&id)
-                    .send()
-                    .await
-                    .map_err(|e| classify(e, "StartInstances (spec.running: true)"))?;
+                let request = aws.writing().await.ec2.start_instances().instance_ids(&id).send();
+                aws.call("StartInstances", "(spec.running: true)", request).await?;
             }
             _ => return Ok(current),
         }
@@ -218,10 +202,11 @@ impl MachineProvider for Ec2Machines {
         if ids.is_empty() {
             return Ok(());
         }
-        match aws.writing().await.ec2.terminate_instances().set_instance_ids(Some(ids)).send().await {
+        let request = aws.writing().await.ec2.terminate_instances().set_instance_ids(Some(ids)).send();
+        match aws.call("TerminateInstances", "", request).await {
             Ok(_) => Ok(()),
-            Err(err) if error_code(&err) == Some("InvalidInstanceID.NotFound") => Ok(()),
-            Err(err) => Err(classify(err, "TerminateInstances")),
+            Err(err) if err.is("InvalidInstanceID.NotFound") => Ok(()),
+            Err(err) => Err(err.into()),
         }
     }
 }
