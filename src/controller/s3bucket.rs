@@ -105,6 +105,7 @@ fn decide(bucket: &S3Bucket, name: &str, holder: &BucketHolder) -> Result<Bucket
     let uid = bucket.meta().uid.as_deref().unwrap_or_default();
     let observe = bucket.spec.management_policy == ManagementPolicy::Observe;
     let adopting = bucket.annotations().get(EXTERNAL_NAME_ANNOTATION).is_some_and(|a| a == name);
+    let pending = bucket.annotations().contains_key(super::CREATE_PENDING_ANNOTATION);
     match holder {
         BucketHolder::OtherAccount => Err(Error::stalled(
             "BucketNameTaken",
@@ -124,6 +125,10 @@ fn decide(bucket: &S3Bucket, name: &str, holder: &BucketHolder) -> Result<Bucket
         BucketHolder::Nobody => Ok(BucketAction::Create),
         BucketHolder::ThisAccount { .. } if observe => Ok(BucketAction::Observe),
         BucketHolder::ThisAccount { uid: Some(tagged) } if tagged == uid => Ok(BucketAction::Manage),
+        // A create interrupted between CreateBucket and PutBucketTagging (S3
+        // takes no tags with the create): the mark says this S3Bucket may
+        // have made it, and an untagged bucket of this account is that one.
+        BucketHolder::ThisAccount { uid: None } if pending => Ok(BucketAction::Manage),
         BucketHolder::ThisAccount { .. } if adopting => Ok(BucketAction::Adopt),
         BucketHolder::ThisAccount { .. } => Err(Error::stalled(
             "BucketNotOwned",
