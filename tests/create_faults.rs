@@ -190,7 +190,9 @@ async fn holdings(ns: &str) -> Holdings {
         .reservations()
         .iter()
         .flat_map(|r| r.instances())
-        .filter(|i| !matches!(i.state().and_then(|s| s.name()).map(|n| n.as_str()), Some("terminated" | "shutting-down")))
+        .filter(|i| {
+            !matches!(i.state().and_then(|s| s.name()).map(|n| n.as_str()), Some("terminated" | "shutting-down"))
+        })
         .count();
     // Instances' root volumes carry their Machine's tags: only Volumes' count.
     let volume_kind = aws_sdk_ec2::types::Filter::builder().name("tag:nixops.io/kind").values("Volume").build();
@@ -235,11 +237,11 @@ impl Estate {
             json!({"apiVersion": "nixops.io/v1alpha1", "kind": "S3Bucket", "metadata": {"name": "cache"},
                 "spec": {"networkRef": {"name": "aws"}, "bucketName": format!("{ns}-cache")}}),
             json!({"apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": "web"},
-                "spec": {
-                    "networkRef": {"name": "aws"},
-                    "provider": {"ec2": {"instanceType": "t3.small", "ami": ami, "subnet": "public-a"}},
-                    "ssh": {"host": host.host, "port": host.port}
-                }}),
+            "spec": {
+                "networkRef": {"name": "aws"},
+                "provider": {"ec2": {"instanceType": "t3.small", "ami": ami, "subnet": "public-a"}},
+                "ssh": {"host": host.host, "port": host.port}
+            }}),
         ];
         for object in objects {
             let yaml = serde_json::to_string(&object).unwrap();
@@ -280,9 +282,7 @@ impl Estate {
 fn has_condition<K: serde::Serialize>(obj: &K, type_: &str, reason: Option<&str>) -> bool {
     let value = serde_json::to_value(obj).unwrap();
     value["status"]["conditions"].as_array().is_some_and(|cs| {
-        cs.iter().any(|c| {
-            c["type"] == type_ && c["status"] == "True" && reason.is_none_or(|r| c["reason"] == r)
-        })
+        cs.iter().any(|c| c["type"] == type_ && c["status"] == "True" && reason.is_none_or(|r| c["reason"] == r))
     })
 }
 
@@ -335,7 +335,8 @@ async fn killed_after_creating_the_vpc_exactly_one_of_everything() {
     let operator = killed_after_create("vpc", 4).await;
     // Every AWS call is counted, the ones never counted before included.
     for op in ["DescribeVpcs", "CreateSubnet", "DescribeSecurityGroups", "CreateSecurityGroup", "DeleteVpc"] {
-        let calls = operator.metric("nixops_provider_calls_total", &["provider=\"aws\"", &format!("operation=\"{op}\"")]);
+        let calls =
+            operator.metric("nixops_provider_calls_total", &["provider=\"aws\"", &format!("operation=\"{op}\"")]);
         assert!(calls >= 1.0, "{op} calls are counted: {calls}");
     }
 }

@@ -83,6 +83,25 @@ async fn network_vpc_converges_and_is_deleted() {
     let group = ec2.describe_security_groups().group_ids(&sg).send().await.unwrap().security_groups()[0].clone();
     assert_eq!(ports(&group), vec![22]);
 
+    // A public subnet's map-public-IP attribute converges on every
+    // reconcile, not only right after the create: changed behind the
+    // operator's back, it is set again when the Network is next looked at.
+    let subnet_id = status.subnets[0].id.clone();
+    let maps_public_ip = || async {
+        let out = ec2.describe_subnets().subnet_ids(&subnet_id).send().await.unwrap();
+        out.subnets()[0].map_public_ip_on_launch()
+    };
+    assert_eq!(maps_public_ip().await, Some(true), "a public subnet maps public IPs");
+    let off = aws_sdk_ec2::types::AttributeBooleanValue::builder().value(false).build();
+    ec2.modify_subnet_attribute().subnet_id(&subnet_id).map_public_ip_on_launch(off).send().await.unwrap();
+    let touch = json!({"metadata": {"labels": {"touched": "yes"}}});
+    networks.patch("aws", &PatchParams::default(), &Patch::Merge(&touch)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while maps_public_ip().await != Some(true) {
+        assert!(tokio::time::Instant::now() < deadline, "MapPublicIpOnLaunch was not set again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Rules converge: 443 added, 22 removed.
     let patch = json!({"spec": {"provider": {"ec2": {"securityGroup": {"ingress": [
         {"protocol": "tcp", "fromPort": 443, "toPort": 443, "cidrBlocks": ["0.0.0.0/0"]}]}}}}});

@@ -266,8 +266,7 @@ impl Reconciler for Machine {
                 let id_of = |c: &crate::provider::Instance| {
                     c.provider_id.as_deref().and_then(|p| p.rsplit('/').next()).map(str::to_owned)
                 };
-                let created = create_once(&api, &*self, &ctx, "instance", id_of, || provider.create(&target))
-                .await?;
+                let created = create_once(&api, &*self, &ctx, "instance", id_of, || provider.create(&target)).await?;
                 ctx.event(
                     &*self,
                     EventType::Normal,

@@ -911,6 +911,30 @@ mod tests {
     }
 
     #[test]
+    fn a_pending_part_is_settled_only_by_finding_that_part() {
+        let mut net = k8s_openapi::api::core::v1::ConfigMap::default();
+        assert_eq!(PendingCreate::of(&net), None);
+        let mark = PendingCreate::new(Some("subnet public-a"));
+        net.metadata.annotations =
+            Some([(CREATE_PENDING_ANNOTATION.to_owned(), mark.mark.clone())].into_iter().collect());
+        let pending = PendingCreate::of(&net).unwrap();
+        assert_eq!(pending, mark);
+        assert_eq!(pending.part.as_deref(), Some("subnet public-a"));
+        assert!(pending.age() < Duration::from_secs(60), "the time parses: {}", pending.mark);
+        assert!(!pending.resolved_by(&["VPC".into()]), "found only the VPC: a read may lag the subnet's create");
+        assert!(pending.resolved_by(&["VPC".into(), "subnet public-a".into()]));
+
+        // A whole-object mark (an instance, a volume) is settled by recording the external name instead.
+        let whole = PendingCreate::new(None);
+        assert_eq!(whole.part, None);
+        assert!(!whole.resolved_by(&["VPC".into()]));
+        assert!(whole.age() < Duration::from_secs(60));
+
+        PendingCreate::remove_from(&mut net);
+        assert_eq!(PendingCreate::of(&net), None);
+    }
+
+    #[test]
     fn an_object_created_paused_is_reconciling() {
         let status: NetworkStatus = paused_status(None, Some(1));
         assert_eq!(status.observed_generation, None);

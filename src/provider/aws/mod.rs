@@ -384,6 +384,21 @@ mod tests {
     }
 
     #[test]
+    fn not_found_right_after_a_create_is_retried() {
+        let not_found = |code: &str| AwsError {
+            code: Some(code.into()),
+            status: Some(400),
+            error: ProviderError::permanent("AwsError", format!("AWS {code}")),
+        };
+        assert!(matches!(not_found("InvalidSubnetID.NotFound").retry_not_found(), ProviderError::Refused(_)));
+        assert!(matches!(not_found("InvalidVpcID.NotFound").retry_not_found(), ProviderError::Refused(_)));
+        assert!(
+            matches!(not_found("InvalidParameterValue").retry_not_found(), ProviderError::Permanent { .. }),
+            "other errors keep their class"
+        );
+    }
+
+    #[test]
     fn throttling_is_retried_and_bad_input_is_not() {
         assert!(is_transient_code("RequestLimitExceeded"));
         assert!(is_transient_code("DependencyViolation"));

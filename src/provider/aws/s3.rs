@@ -76,12 +76,12 @@ async fn put_tags(aws: &AwsClients, name: &str, tags: &BTreeMap<String, String>)
         .set_tag_set(Some(tags.map_err(|e| ProviderError::permanent("InvalidTag", format!("spec.tags: {e}")))?))
         .build()
         .map_err(|e| ProviderError::permanent("InvalidTag", format!("spec.tags: {e}")))?;
-    aws.call("PutBucketTagging", name, aws.writing()
-        .await
-        .s3
-        .put_bucket_tagging()
-        .bucket(name)
-        .tagging(tagging).send()).await?;
+    aws.call(
+        "PutBucketTagging",
+        name,
+        aws.writing().await.s3.put_bucket_tagging().bucket(name).tagging(tagging).send(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -124,21 +124,24 @@ pub async fn converge(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<Vec<&'s
     let name = spec.name;
     let mut changed = Vec::new();
     // Versioning: Enabled, or Suspended once it was ever enabled.
-    let current = aws.call("GetBucketVersioning", name, aws
-        .reading()
-        .await
-        .s3
-        .get_bucket_versioning()
-        .bucket(name).send()).await?;
+    let current = aws
+        .call("GetBucketVersioning", name, aws.reading().await.s3.get_bucket_versioning().bucket(name).send())
+        .await?;
     let enabled = current.status() == Some(&BucketVersioningStatus::Enabled);
     if enabled != spec.versioning && (spec.versioning || current.status().is_some()) {
         let status = if spec.versioning { BucketVersioningStatus::Enabled } else { BucketVersioningStatus::Suspended };
-        aws.call("PutBucketVersioning", name, aws.writing()
-            .await
-            .s3
-            .put_bucket_versioning()
-            .bucket(name)
-            .versioning_configuration(VersioningConfiguration::builder().status(status).build()).send()).await?;
+        aws.call(
+            "PutBucketVersioning",
+            name,
+            aws.writing()
+                .await
+                .s3
+                .put_bucket_versioning()
+                .bucket(name)
+                .versioning_configuration(VersioningConfiguration::builder().status(status).build())
+                .send(),
+        )
+        .await?;
         changed.push("versioning");
     }
 
@@ -157,38 +160,42 @@ pub async fn converge(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<Vec<&'s
         Err(err) => return Err(err.into()),
     };
     if current.as_ref() != Some(&desired) {
-        aws.call("PutPublicAccessBlock", name, aws.writing()
-            .await
-            .s3
-            .put_public_access_block()
-            .bucket(name)
-            .public_access_block_configuration(desired).send()).await?;
+        aws.call(
+            "PutPublicAccessBlock",
+            name,
+            aws.writing()
+                .await
+                .s3
+                .put_public_access_block()
+                .bucket(name)
+                .public_access_block_configuration(desired)
+                .send(),
+        )
+        .await?;
         changed.push("publicAccessBlock");
     }
 
     // Policy, compared as JSON values.
-    let current = match aws.call("GetBucketPolicy", name, aws.reading().await.s3.get_bucket_policy().bucket(name).send()).await {
-        Ok(out) => out.policy().and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok()),
-        Err(err) if err.is("NoSuchBucketPolicy") => None,
-        Err(err) => return Err(err.into()),
-    };
+    let current =
+        match aws.call("GetBucketPolicy", name, aws.reading().await.s3.get_bucket_policy().bucket(name).send()).await {
+            Ok(out) => out.policy().and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok()),
+            Err(err) if err.is("NoSuchBucketPolicy") => None,
+            Err(err) => return Err(err.into()),
+        };
     match (spec.policy, current) {
         (Some(want), Some(have)) if *want == have => {}
         (Some(want), _) => {
-            aws.call("PutBucketPolicy", format!("{name} (spec.policy)"), aws.writing()
-                .await
-                .s3
-                .put_bucket_policy()
-                .bucket(name)
-                .policy(want.to_string()).send()).await?;
+            aws.call(
+                "PutBucketPolicy",
+                format!("{name} (spec.policy)"),
+                aws.writing().await.s3.put_bucket_policy().bucket(name).policy(want.to_string()).send(),
+            )
+            .await?;
             changed.push("policy");
         }
         (None, Some(_)) => {
-            aws.call("DeleteBucketPolicy", name, aws.writing()
-                .await
-                .s3
-                .delete_bucket_policy()
-                .bucket(name).send()).await?;
+            aws.call("DeleteBucketPolicy", name, aws.writing().await.s3.delete_bucket_policy().bucket(name).send())
+                .await?;
             changed.push("policy");
         }
         (None, None) => {}
@@ -204,12 +211,8 @@ pub async fn converge(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<Vec<&'s
 
 /// Number of object versions and delete markers in the bucket (up to one page).
 pub async fn object_count(aws: &AwsClients, name: &str) -> Result<usize, ProviderError> {
-    let out = aws.call("ListObjectVersions", name, aws
-        .reading()
-        .await
-        .s3
-        .list_object_versions()
-        .bucket(name).send()).await?;
+    let out =
+        aws.call("ListObjectVersions", name, aws.reading().await.s3.list_object_versions().bucket(name).send()).await?;
     Ok(out.versions().len() + out.delete_markers().len())
 }
 
@@ -220,12 +223,9 @@ pub async fn delete(aws: &AwsClients, name: &str, force: bool) -> Result<(), Pro
     }
     if force {
         loop {
-            let out = aws.call("ListObjectVersions", name, aws
-                .reading()
-                .await
-                .s3
-                .list_object_versions()
-                .bucket(name).send()).await?;
+            let out = aws
+                .call("ListObjectVersions", name, aws.reading().await.s3.list_object_versions().bucket(name).send())
+                .await?;
             let mut ids = Vec::new();
             for v in out.versions() {
                 ids.push((v.key().unwrap_or_default().to_owned(), v.version_id().map(str::to_owned)));
@@ -246,12 +246,8 @@ pub async fn delete(aws: &AwsClients, name: &str, force: bool) -> Result<(), Pro
                 .quiet(true)
                 .build()
                 .map_err(|e| ProviderError::Transient(format!("DeleteObjects: {e}")))?;
-            aws.call("DeleteObjects", name, aws.writing()
-                .await
-                .s3
-                .delete_objects()
-                .bucket(name)
-                .delete(delete).send()).await?;
+            aws.call("DeleteObjects", name, aws.writing().await.s3.delete_objects().bucket(name).delete(delete).send())
+                .await?;
         }
     }
     match aws.call("DeleteBucket", name, aws.writing().await.s3.delete_bucket().bucket(name).send()).await {

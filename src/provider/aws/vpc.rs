@@ -182,8 +182,7 @@ pub async fn ensure(
             }
         }
         let main = Filter::builder().name("association.main").values("true").build();
-        let request =
-            aws.reading().await.ec2.describe_route_tables().filters(in_vpc(&vpc_id)).filters(main).send();
+        let request = aws.reading().await.ec2.describe_route_tables().filters(in_vpc(&vpc_id)).filters(main).send();
         let tables = aws.call("DescribeRouteTables", "", request).await?;
         if let Some(table) = tables.route_tables().first() {
             let has_default = table.routes().iter().any(|r| r.destination_cidr_block() == Some("0.0.0.0/0"));
@@ -228,8 +227,14 @@ pub async fn ensure(
     let add: Vec<IpPermission> = desired.difference(&current).map(permission).collect();
     let remove: Vec<IpPermission> = current.difference(&desired).map(permission).collect();
     if !add.is_empty() {
-        let request =
-            aws.writing().await.ec2.authorize_security_group_ingress().group_id(&sg_id).set_ip_permissions(Some(add)).send();
+        let request = aws
+            .writing()
+            .await
+            .ec2
+            .authorize_security_group_ingress()
+            .group_id(&sg_id)
+            .set_ip_permissions(Some(add))
+            .send();
         match aws.call("AuthorizeSecurityGroupIngress", "(spec.provider.ec2.securityGroup)", request).await {
             Ok(_) => {}
             // A rule the last (lost) answer added already.
@@ -238,8 +243,14 @@ pub async fn ensure(
         }
     }
     if !remove.is_empty() {
-        let request =
-            aws.writing().await.ec2.revoke_security_group_ingress().group_id(&sg_id).set_ip_permissions(Some(remove)).send();
+        let request = aws
+            .writing()
+            .await
+            .ec2
+            .revoke_security_group_ingress()
+            .group_id(&sg_id)
+            .set_ip_permissions(Some(remove))
+            .send();
         match aws.call("RevokeSecurityGroupIngress", "", request).await {
             Ok(_) => {}
             Err(err) if err.is("InvalidPermission.NotFound") => {}
@@ -281,8 +292,7 @@ async fn find_security_group(
         return Ok(None);
     }
     let by_name = Filter::builder().name("group-name").values(security_group_name(owner)).build();
-    let request =
-        aws.reading().await.ec2.describe_security_groups().filters(in_vpc(vpc_id)).filters(by_name).send();
+    let request = aws.reading().await.ec2.describe_security_groups().filters(in_vpc(vpc_id)).filters(by_name).send();
     Ok(aws.call("DescribeSecurityGroups", "", request).await?.security_groups().first().cloned())
 }
 
@@ -387,7 +397,10 @@ pub async fn delete(aws: &AwsClients, owner: &Owner, known: Option<&str>) -> Res
     let groups = aws.call("DescribeSecurityGroups", "", request).await?;
     for g in groups.security_groups().iter().filter(|g| g.group_name() != Some("default")) {
         let id = g.group_id().unwrap_or_default();
-        match aws.call("DeleteSecurityGroup", id, aws.writing().await.ec2.delete_security_group().group_id(id).send()).await {
+        match aws
+            .call("DeleteSecurityGroup", id, aws.writing().await.ec2.delete_security_group().group_id(id).send())
+            .await
+        {
             Ok(_) => {}
             Err(err) if err.is("InvalidGroup.NotFound") => {}
             Err(err) => return Err(err.into()),
@@ -431,7 +444,14 @@ async fn delete_internet_gateway(aws: &AwsClients, gateway: &InternetGateway) ->
             Err(err) => return Err(err.into()),
         }
     }
-    match aws.call("DeleteInternetGateway", id, aws.writing().await.ec2.delete_internet_gateway().internet_gateway_id(id).send()).await {
+    match aws
+        .call(
+            "DeleteInternetGateway",
+            id,
+            aws.writing().await.ec2.delete_internet_gateway().internet_gateway_id(id).send(),
+        )
+        .await
+    {
         Ok(_) => Ok(()),
         Err(err) if err.is("InvalidInternetGatewayID.NotFound") => Ok(()),
         Err(err) => Err(err.into()),
