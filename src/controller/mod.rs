@@ -219,6 +219,16 @@ impl Context {
         }
     }
 
+    /// Whether `obj` carries a create-pending mark whose create nobody in
+    /// this process saw answered (a crash, a lost answer): what a lookup
+    /// finds may be that create's result, even before it was tagged.
+    pub fn create_unanswered<K: Resource>(&self, obj: &K) -> bool {
+        let Some(pending) = PendingCreate::of(obj) else { return false };
+        let uid = obj.meta().uid.clone().unwrap_or_default();
+        let refused = self.refused_creates.lock().unwrap_or_else(|e| e.into_inner());
+        !refused.get(&uid).is_some_and(|r| r.mark == pending.mark && r.answered)
+    }
+
     /// Number of reconciliations running now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)

@@ -101,11 +101,12 @@ enum BucketAction {
 /// Decides from who holds the name. A bucket in this account not tagged
 /// with this object's UID is someone else's unless the external-name
 /// annotation adopts it: it is never changed or deleted otherwise.
-fn decide(bucket: &S3Bucket, name: &str, holder: &BucketHolder) -> Result<BucketAction> {
+/// `interrupted`: this S3Bucket's create may have made the bucket and nobody
+/// saw its answer (see [`Context::create_unanswered`]).
+fn decide(bucket: &S3Bucket, name: &str, holder: &BucketHolder, interrupted: bool) -> Result<BucketAction> {
     let uid = bucket.meta().uid.as_deref().unwrap_or_default();
     let observe = bucket.spec.management_policy == ManagementPolicy::Observe;
     let adopting = bucket.annotations().get(EXTERNAL_NAME_ANNOTATION).is_some_and(|a| a == name);
-    let pending = bucket.annotations().contains_key(super::CREATE_PENDING_ANNOTATION);
     match holder {
         BucketHolder::OtherAccount => Err(Error::stalled(
             "BucketNameTaken",
@@ -126,9 +127,10 @@ fn decide(bucket: &S3Bucket, name: &str, holder: &BucketHolder) -> Result<Bucket
         BucketHolder::ThisAccount { .. } if observe => Ok(BucketAction::Observe),
         BucketHolder::ThisAccount { uid: Some(tagged) } if tagged == uid => Ok(BucketAction::Manage),
         // A create interrupted between CreateBucket and PutBucketTagging (S3
-        // takes no tags with the create): the mark says this S3Bucket may
-        // have made it, and an untagged bucket of this account is that one.
-        BucketHolder::ThisAccount { uid: None } if pending => Ok(BucketAction::Manage),
+        // takes no tags with the create) leaves the bucket untagged. One
+        // whose create was answered (BucketAlreadyOwnedByYou: someone else's)
+        // is not taken.
+        BucketHolder::ThisAccount { uid: None } if interrupted => Ok(BucketAction::Manage),
         BucketHolder::ThisAccount { .. } if adopting => Ok(BucketAction::Adopt),
         BucketHolder::ThisAccount { .. } => Err(Error::stalled(
             "BucketNotOwned",
@@ -213,7 +215,8 @@ impl Reconciler for S3Bucket {
             }),
             tags,
         };
-        let action = decide(&self, &name, &provider.holder(&target, &name).await?)?;
+        let interrupted = ctx.create_unanswered(&*self);
+        let action = decide(&self, &name, &provider.holder(&target, &name).await?, interrupted)?;
         if action == BucketAction::Observe {
             status.bucket_name = Some(name.clone());
             let (region, arn) = provider.location(&target, &name);
@@ -417,7 +420,7 @@ mod tests {
             b.spec.management_policy = serde_json::from_value(serde_json::json!(policy)).unwrap();
             b.meta_mut().uid = Some("uid-1".into());
             b.meta_mut().annotations = annotation.map(|a| [(EXTERNAL_NAME_ANNOTATION.to_owned(), a.to_owned())].into());
-            let got = decide(&b, "logs", &holder);
+            let got = decide(&b, "logs", &holder, false);
             let case = format!("{policy} {annotation:?} {holder:?}");
             match (got, want) {
                 (Ok(got), Ok(want)) => assert_eq!(got, want, "{case}"),
@@ -430,6 +433,17 @@ mod tests {
                 (got, want) => panic!("{case}: got {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_untagged_bucket_is_taken_only_after_an_unanswered_create() {
+        let mut b = bucket("team", "logs", None);
+        b.meta_mut().uid = Some("uid-1".into());
+        let untagged = BucketHolder::ThisAccount { uid: None };
+        assert_eq!(decide(&b, "logs", &untagged, true).unwrap(), BucketAction::Manage);
+        assert!(decide(&b, "logs", &untagged, false).is_err(), "without a create of ours: not ours");
+        let other = BucketHolder::ThisAccount { uid: Some("uid-2".into()) };
+        assert!(decide(&b, "logs", &other, true).is_err(), "tagged for another object: never ours");
     }
 
     #[test]
