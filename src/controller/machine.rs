@@ -236,7 +236,7 @@ impl Reconciler for Machine {
             Some(current) => {
                 // Found by its UID tag (after a crash, or a create whose answer was lost).
                 if target.external_id.is_none()
-                    && let Some(id) = current.provider_id.as_deref().and_then(|p| p.rsplit('/').next())
+                    && let Some(id) = current.cloud_id()
                 {
                     record_external_name(&Api::<Machine>::namespaced(ctx.client.clone(), &ns), &self, id).await?;
                 }
@@ -263,9 +263,7 @@ impl Reconciler for Machine {
                 // Record the intent first: a replica with a stale copy fails here
                 // instead of launching a second instance.
                 let api = Api::<Machine>::namespaced(ctx.client.clone(), &ns);
-                let id_of = |c: &crate::provider::Instance| {
-                    c.provider_id.as_deref().and_then(|p| p.rsplit('/').next()).map(str::to_owned)
-                };
+                let id_of = |c: &crate::provider::Instance| c.cloud_id().map(str::to_owned);
                 let created = create_once(&api, &*self, &ctx, "instance", id_of, || provider.create(&target)).await?;
                 ctx.event(
                     &*self,

@@ -16,7 +16,7 @@ use super::{Cleanup, Context, Error, Reconciler, Result, create_once, object_sta
 use crate::api::network::ResourcePhase;
 use crate::api::volume::{VolumeAttachmentStatus, VolumeStatus};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Machine, ManagementPolicy, Volume};
-use crate::provider::{CloudTarget, Owner};
+use crate::provider::{AttachmentState, CloudTarget, Owner};
 
 object_status!(VolumeStatus, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
 
@@ -167,18 +167,18 @@ impl Reconciler for Volume {
 
         // Attachments: detach from anything not desired (naming the instance), then attach.
         let mut pending = None;
-        for a in volume.attachments.iter().filter(|a| a.state != "detached") {
+        for a in volume.attachments.iter().filter(|a| a.state != AttachmentState::Detached) {
             if desired.as_ref().and_then(|d| d.instance_id.as_deref()) != Some(a.instance_id.as_str()) {
                 provider.detach(&target, &volume.id, &a.instance_id).await?;
                 ctx.event(&*self, EventType::Normal, "Detached", format!("detached from {}", a.instance_id)).await;
                 pending = Some(format!("detaching from {}", a.instance_id));
             }
         }
-        let current = volume.attachments.iter().find(|a| a.state != "detached");
+        let current = volume.attachments.iter().find(|a| a.state != AttachmentState::Detached);
         if let Some(d) = &desired {
             match (&d.instance_id, current) {
                 (None, _) => pending = Some(format!("waiting for machine {}'s instance before attaching", d.machine)),
-                (Some(i), Some(a)) if a.instance_id == *i && a.state == "attached" => {}
+                (Some(i), Some(a)) if a.instance_id == *i && a.state == AttachmentState::Attached => {}
                 (Some(i), Some(a)) if a.instance_id == *i => pending = Some(format!("{} to {}", a.state, i)),
                 (Some(i), _) if pending.is_none() => {
                     provider.attach(&target, &volume.id, i, &d.device).await?;
@@ -245,10 +245,10 @@ impl Reconciler for Volume {
         let Some(volume) = provider.find(&target, known_id.as_deref()).await? else {
             return Ok(Cleanup::Done); // already gone, e.g. deleted out of band
         };
-        let attached: Vec<_> = volume.attachments.iter().filter(|a| a.state != "detached").collect();
+        let attached: Vec<_> = volume.attachments.iter().filter(|a| a.state != AttachmentState::Detached).collect();
         if !attached.is_empty() {
             for a in &attached {
-                if a.state != "detaching" {
+                if a.state != AttachmentState::Detaching {
                     provider.detach(&target, &volume.id, &a.instance_id).await?;
                 }
             }

@@ -82,6 +82,14 @@ pub struct Instance {
     pub state: InstanceState,
 }
 
+impl Instance {
+    /// The cloud's own ID of the machine (the last segment of its
+    /// providerID, e.g. i-0abc…), for the external-name annotation.
+    pub fn cloud_id(&self) -> Option<&str> {
+        self.provider_id.as_deref()?.rsplit('/').next().filter(|id| !id.is_empty())
+    }
+}
+
 /// Power state of a machine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum InstanceState {
@@ -116,11 +124,48 @@ pub struct CloudTarget {
 }
 
 /// A block device as its provider sees it.
-pub use aws::ebs::{Attachment as VolumeAttachment, Observed as VolumeState};
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeState {
+    pub id: String,
+    pub zone: String,
+    pub size_gib: i32,
+    pub volume_type: Option<String>,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+    /// The provider's word for it (creating, available, in-use, …), for messages.
+    pub state: String,
+    pub attachments: Vec<VolumeAttachment>,
+}
+
+/// One attachment of a volume to an instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeAttachment {
+    pub instance_id: String,
+    pub device: String,
+    pub state: AttachmentState,
+}
+
+/// Where an attachment is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachmentState {
+    Attaching,
+    Attached,
+    Detaching,
+    Detached,
+}
+
+impl std::fmt::Display for AttachmentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Attaching => "attaching",
+            Self::Attached => "attached",
+            Self::Detaching => "detaching",
+            Self::Detached => "detached",
+        })
+    }
+}
 /// What a bucket provider is asked for, and what it did.
 pub use aws::s3::{BucketHolder, BucketSpec};
-/// The physical network of a Network.
-pub use aws::vpc::NetworkResources;
 
 /// Block devices (`Volume`). All operations are idempotent.
 #[async_trait]
@@ -165,6 +210,16 @@ pub trait BucketProvider: Send + Sync {
     async fn object_count(&self, target: &CloudTarget, bucket: &str) -> Result<usize, ProviderError>;
     /// Deletes the bucket (its objects first when `force`); one already gone is success.
     async fn delete(&self, target: &CloudTarget, bucket: &str, force: bool) -> Result<(), ProviderError>;
+}
+
+/// The physical network of a Network: the cloud IDs of what exists.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetworkResources {
+    /// The network itself (a VPC on AWS).
+    pub vpc_id: String,
+    pub subnets: Vec<crate::api::network::SubnetStatus>,
+    pub internet_gateway_id: Option<String>,
+    pub security_group_id: Option<String>,
 }
 
 /// One cloud resource of a Network's physical network. They are created

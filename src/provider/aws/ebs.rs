@@ -7,30 +7,7 @@ use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType
 use super::{AwsClients, tags};
 use crate::api::machine::EbsVolumeType;
 use crate::api::volume::EbsVolume;
-use crate::provider::{Owner, ProviderError};
-
-/// An EBS volume as EC2 reports it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Observed {
-    pub id: String,
-    pub zone: String,
-    pub size_gib: i32,
-    pub volume_type: Option<String>,
-    pub iops: Option<i32>,
-    pub throughput: Option<i32>,
-    /// creating, available, in-use, deleting, …
-    pub state: String,
-    pub attachments: Vec<Attachment>,
-}
-
-/// One attachment of a volume.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Attachment {
-    pub instance_id: String,
-    pub device: String,
-    /// attaching, attached, detaching, detached.
-    pub state: String,
-}
+use crate::provider::{AttachmentState, Owner, ProviderError, VolumeAttachment, VolumeState};
 
 fn api_type(t: EbsVolumeType) -> VolumeType {
     match t {
@@ -49,8 +26,20 @@ pub fn type_name(t: EbsVolumeType) -> String {
     api_type(t).as_str().to_owned()
 }
 
-fn observed(v: &aws_sdk_ec2::types::Volume) -> Observed {
-    Observed {
+fn attachment_state(state: Option<&aws_sdk_ec2::types::VolumeAttachmentState>) -> AttachmentState {
+    use aws_sdk_ec2::types::VolumeAttachmentState as Ec2;
+    match state {
+        Some(Ec2::Attaching) => AttachmentState::Attaching,
+        Some(Ec2::Attached) => AttachmentState::Attached,
+        Some(Ec2::Detaching) => AttachmentState::Detaching,
+        Some(Ec2::Detached) => AttachmentState::Detached,
+        // busy, or a state this SDK does not know: in use, not settled.
+        _ => AttachmentState::Attaching,
+    }
+}
+
+fn observed(v: &aws_sdk_ec2::types::Volume) -> VolumeState {
+    VolumeState {
         id: v.volume_id().unwrap_or_default().to_owned(),
         zone: v.availability_zone().unwrap_or_default().to_owned(),
         size_gib: v.size().unwrap_or_default(),
@@ -61,17 +50,17 @@ fn observed(v: &aws_sdk_ec2::types::Volume) -> Observed {
         attachments: v
             .attachments()
             .iter()
-            .map(|a| Attachment {
+            .map(|a| VolumeAttachment {
                 instance_id: a.instance_id().unwrap_or_default().to_owned(),
                 device: a.device().unwrap_or_default().to_owned(),
-                state: a.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+                state: attachment_state(a.state()),
             })
             .collect(),
     }
 }
 
 /// Finds the volume: by its recorded ID if there is one, else by the owner's UID tag.
-pub async fn find(aws: &AwsClients, owner: &Owner, id: Option<&str>) -> Result<Option<Observed>, ProviderError> {
+pub async fn find(aws: &AwsClients, owner: &Owner, id: Option<&str>) -> Result<Option<VolumeState>, ProviderError> {
     let request = match id {
         Some(id) => aws.reading().await.ec2.describe_volumes().volume_ids(id),
         None if crate::fault::lookup_lags() => return Ok(None),
@@ -98,7 +87,7 @@ fn tag_spec(owner: &Owner, extra: &std::collections::BTreeMap<String, String>) -
 }
 
 /// Creates the volume, tagged with its owner in the same call.
-pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result<Observed, ProviderError> {
+pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result<VolumeState, ProviderError> {
     let request = aws
         .writing()
         .await
@@ -117,7 +106,7 @@ pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result
         .config_override(super::single_attempt())
         .send();
     let out = aws.call("CreateVolume", "(spec.provider.ec2)", request).await?;
-    Ok(Observed {
+    Ok(VolumeState {
         id: out.volume_id().unwrap_or_default().to_owned(),
         zone: out.availability_zone().unwrap_or_default().to_owned(),
         size_gib: out.size().unwrap_or_default(),

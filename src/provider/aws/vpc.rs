@@ -11,19 +11,10 @@ use aws_sdk_ec2::types::{
 
 use super::{AwsClients, AwsError, owner_tags, tags};
 use crate::api::network::{Ec2Network, IpProtocol, SubnetStatus};
-use crate::provider::{NetworkPart, NetworkState, Owner, ProviderError};
+use crate::provider::{NetworkPart, NetworkResources, NetworkState, Owner, ProviderError};
 
 /// Tag naming a subnet after its spec entry.
 const SUBNET_TAG: &str = "nixops.io/subnet";
-
-/// What exists for a Network.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct NetworkResources {
-    pub vpc_id: String,
-    pub subnets: Vec<SubnetStatus>,
-    pub internet_gateway_id: Option<String>,
-    pub security_group_id: Option<String>,
-}
 
 fn tag_spec(owner: &Owner, resource: ResourceType, extra: &[(&str, &str)]) -> TagSpecification {
     let mut builder = TagSpecification::builder().resource_type(resource);
