@@ -116,6 +116,29 @@ async fn network_vpc_converges_and_is_deleted() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // A subnet added later is created under the create-pending mark, which
+    // the lookup that finds it clears.
+    let subnets = json!({"spec": {"provider": {"ec2": {"subnets": [
+        {"name": "public-a", "cidrBlock": "10.42.1.0/24", "zone": "eu-west-1a"},
+        {"name": "private-b", "cidrBlock": "10.42.2.0/24", "zone": "eu-west-1b", "public": false}]}}}});
+    networks.patch("aws", &PatchParams::default(), &Patch::Merge(&subnets)).await.unwrap();
+    support::wait_for(&networks, "aws", TIMEOUT, "two subnets", |n| {
+        n.status.as_ref().is_some_and(|s| s.subnets.len() == 2) && ready(n.status.as_ref().map(|s| &s.conditions))
+    })
+    .await;
+    let net = networks.get("aws").await.unwrap();
+    let annotations = net.metadata.annotations.clone().unwrap_or_default();
+    assert!(!annotations.contains_key("nixops.io/create-pending"), "the mark is cleared: {annotations:?}");
+    let private = ec2.describe_subnets().filters(tag_filter(&uid)).send().await.unwrap();
+    assert_eq!(private.subnets().len(), 2, "exactly the two subnets");
+    assert!(
+        private
+            .subnets()
+            .iter()
+            .any(|s| s.cidr_block() == Some("10.42.2.0/24") && s.map_public_ip_on_launch() == Some(false)),
+        "a private subnet maps no public IPs"
+    );
+
     networks.delete("aws", &DeleteParams::default()).await.unwrap();
     support::wait_gone(&networks, "aws", TIMEOUT).await;
     assert!(

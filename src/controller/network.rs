@@ -167,6 +167,8 @@ async fn provision(
 ) -> Result<NetworkResources> {
     let api = Api::<Network>::namespaced(ctx.client.clone(), &target.owner.namespace);
     let mut obj = network.clone();
+    // Whether the stored object has a mark (obj drops a settled one in memory).
+    let mut marked = PendingCreate::of(network).is_some();
     let parts = network.spec.provider.as_ref().and_then(|p| p.ec2.as_ref()).map_or(0, |e| e.subnets.len()) + 3;
     // Each part is created at most once per reconcile; then one more lookup.
     for _ in 0..=parts {
@@ -177,7 +179,7 @@ async fn provision(
         }
         let Some(part) = state.missing else {
             let vpc_id = &state.resources.vpc_id;
-            if PendingCreate::of(&obj).is_some() || obj.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(vpc_id) {
+            if marked || obj.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(vpc_id) {
                 record_external_name(&api, &obj, vpc_id).await?;
             }
             return Ok(state.resources);
@@ -186,6 +188,7 @@ async fn provision(
         let create = || provider.create(target, &part, &state.resources);
         let (id, written) = create_part_once(&api, &obj, ctx, part.kind(), &what, create).await?;
         obj = written;
+        marked = true;
         ctx.event(network, EventType::Normal, "Created", format!("created {what} {id}")).await;
     }
     Err(ProviderError::Transient(
