@@ -21,6 +21,11 @@ pub mod points {
     /// The intent to create a cloud resource is recorded; the call is next.
     pub const CREATE_BEFORE_CALL: &str = "create-before-call";
     /// The cloud answered a create; its ID is not recorded yet.
+    ///
+    /// Both create points are also evaluated per kind of resource, as
+    /// `create-after-call:<kind>` with kind one of `instance`, `volume`,
+    /// `bucket`, `vpc`, `subnet`, `internet-gateway`, `security-group`,
+    /// `key-pair`, so a test kills the operator after exactly that create.
     pub const CREATE_AFTER_CALL: &str = "create-after-call";
     /// A lookup of a cloud resource the operator creates (by its UID tag,
     /// or by its name within its VPC) is about to run. `return` makes it
