@@ -260,6 +260,8 @@ impl Reconciler for Machine {
                 ));
             }
             None => {
+                // Waiting for the Network is not a create: no mark for it.
+                provider.check_create(&target)?;
                 // Record the intent first: a replica with a stale copy fails here
                 // instead of launching a second instance.
                 let api = Api::<Machine>::namespaced(ctx.client.clone(), &ns);

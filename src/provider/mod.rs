@@ -107,6 +107,12 @@ pub trait MachineProvider: Send + Sync {
     fn name(&self) -> &'static str;
     /// The machine if it exists.
     async fn observe(&self, target: &MachineTarget) -> Result<Option<Instance>, ProviderError>;
+    /// Whether `create` can run now (e.g. the Network's VPC exists). Checked
+    /// before the create-pending mark is written: waiting for what a create
+    /// needs must not look like a create with an unknown outcome after a crash.
+    fn check_create(&self, _target: &MachineTarget) -> Result<(), ProviderError> {
+        Ok(())
+    }
     /// Creates the machine; called only when `observe` found none.
     async fn create(&self, target: &MachineTarget) -> Result<Instance, ProviderError>;
     /// Converges an existing machine (start/stop, tags); returns it as it now is.

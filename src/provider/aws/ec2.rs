@@ -70,6 +70,28 @@ fn instance(i: &aws_sdk_ec2::types::Instance, ssh_port: u16) -> Instance {
     }
 }
 
+/// Where a new instance goes: the subnet the spec names and the Network's
+/// security group, once the Network's VPC is provisioned.
+fn launch_place(target: &MachineTarget) -> Result<(String, Option<String>), ProviderError> {
+    let spec = Ec2Machines::spec(target)?;
+    let network = target.network.as_ref().and_then(|n| n.status.as_ref());
+    let network_ready =
+        network.is_some_and(|s| crate::controller::status::is_true(&s.conditions, crate::api::condition::READY));
+    if !network_ready {
+        return Err(ProviderError::Refused("waiting for the Network's VPC to be provisioned".into()));
+    }
+    let subnet_id = network
+        .and_then(|s| s.subnets.iter().find(|sub| sub.name == spec.subnet))
+        .map(|sub| sub.id.clone())
+        .ok_or_else(|| {
+            ProviderError::permanent(
+                "SubnetNotFound",
+                format!("spec.provider.ec2.subnet {} is not (yet) a subnet of the Network; name one of its spec.provider.ec2.subnets", spec.subnet),
+            )
+        })?;
+    Ok((subnet_id, network.and_then(|s| s.security_group_id.clone())))
+}
+
 /// Instances tagged with the owner's UID that are not terminated.
 async fn find(
     aws: &super::AwsClients,
@@ -112,25 +134,14 @@ impl MachineProvider for Ec2Machines {
         Ok(found.first().map(|i| instance(i, SSH_PORT)))
     }
 
+    fn check_create(&self, target: &MachineTarget) -> Result<(), ProviderError> {
+        launch_place(target).map(|_| ())
+    }
+
     async fn create(&self, target: &MachineTarget) -> Result<Instance, ProviderError> {
         let spec = Self::spec(target)?;
+        let (subnet_id, security_group) = launch_place(target)?;
         let aws = self.clients(target).await?;
-        let network = target.network.as_ref().and_then(|n| n.status.as_ref());
-        let network_ready =
-            network.is_some_and(|s| crate::controller::status::is_true(&s.conditions, crate::api::condition::READY));
-        if !network_ready {
-            return Err(ProviderError::Refused("waiting for the Network's VPC to be provisioned".into()));
-        }
-        let subnet_id = network
-            .and_then(|s| s.subnets.iter().find(|sub| sub.name == spec.subnet))
-            .map(|sub| sub.id.clone())
-            .ok_or_else(|| {
-                ProviderError::permanent(
-                    "SubnetNotFound",
-                    format!("spec.provider.ec2.subnet {} is not (yet) a subnet of the Network; name one of its spec.provider.ec2.subnets", spec.subnet),
-                )
-            })?;
-        let security_group = network.and_then(|s| s.security_group_id.clone());
         let mut tag_instance = TagSpecification::builder().resource_type(ResourceType::Instance);
         let mut tag_volume = TagSpecification::builder().resource_type(ResourceType::Volume);
         for (k, v) in owner_tags(&target.owner, "Machine").into_iter().chain(spec.tags.clone()) {
