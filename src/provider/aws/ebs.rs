@@ -4,7 +4,7 @@
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
 
-use super::{AwsClients, tags};
+use super::{AwsClients, AwsError, tags};
 use crate::api::machine::EbsVolumeType;
 use crate::api::volume::EbsVolume;
 use crate::provider::{AttachmentState, Owner, ProviderError, VolumeAttachment, VolumeState};
@@ -138,7 +138,10 @@ pub async fn modify(aws: &AwsClients, id: &str, spec: &EbsVolume) -> Result<(), 
 /// Attaches the volume to an instance as `device`.
 pub async fn attach(aws: &AwsClients, id: &str, instance_id: &str, device: &str) -> Result<(), ProviderError> {
     let request = aws.writing().await.ec2.attach_volume().volume_id(id).instance_id(instance_id).device(device).send();
-    aws.call("AttachVolume", format!("{id} to {instance_id} as {device}"), request).await?;
+    // An instance launched moments ago may not be visible yet: retried.
+    aws.call("AttachVolume", format!("{id} to {instance_id} as {device}"), request)
+        .await
+        .map_err(AwsError::retry_not_found)?;
     Ok(())
 }
 

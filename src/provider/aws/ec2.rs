@@ -180,7 +180,20 @@ impl MachineProvider for Ec2Machines {
             run = run.user_data(base64_encode(data.as_bytes()));
         }
         let request = run.customize().config_override(super::single_attempt()).send();
-        let out = aws.call("RunInstances", "(spec.provider.ec2)", request).await?;
+        let out = match aws.call("RunInstances", "(spec.provider.ec2)", request).await {
+            Ok(out) => out,
+            // The subnet, group and key were created moments ago by the
+            // Network and KeyPair: reads lagging those creates, retried. An
+            // unknown AMI is the spec's fault and still stalls.
+            Err(err)
+                if err.is("InvalidSubnetID.NotFound")
+                    || err.is("InvalidGroup.NotFound")
+                    || err.is("InvalidKeyPair.NotFound") =>
+            {
+                return Err(err.refused());
+            }
+            Err(err) => return Err(err.into()),
+        };
         let created = out
             .instances()
             .first()
