@@ -21,10 +21,34 @@ pub mod points {
     /// The intent to create a cloud resource is recorded; the call is next.
     pub const CREATE_BEFORE_CALL: &str = "create-before-call";
     /// The cloud answered a create; its ID is not recorded yet.
+    ///
+    /// Both create points are also evaluated per kind of resource, as
+    /// `create-after-call:<kind>` with kind one of `instance`, `volume`,
+    /// `bucket`, `vpc`, `subnet`, `internet-gateway`, `security-group`,
+    /// `key-pair`, so a test kills the operator after exactly that create.
     pub const CREATE_AFTER_CALL: &str = "create-after-call";
     /// A Network's cloud resources are deleted and its credentials Secret
     /// released; its own finalizer is not removed yet.
     pub const NETWORK_AFTER_CREDENTIALS_RELEASED: &str = "network-after-credentials-released";
+    /// A lookup of a cloud resource the operator creates (by its UID tag,
+    /// or by its name within its VPC) is about to run. `return` makes it
+    /// find nothing, as a cloud whose reads lag its writes does:
+    /// `tag-lookup-empty=3*return` empties the first three lookups.
+    pub const TAG_LOOKUP_EMPTY: &str = "tag-lookup-empty";
+}
+
+/// Whether this lookup is to find nothing ([`points::TAG_LOOKUP_EMPTY`]).
+pub fn lookup_lags() -> bool {
+    #[cfg(feature = "fault-injection")]
+    {
+        let lags = fail::eval(points::TAG_LOOKUP_EMPTY, |_| ()).is_some();
+        if lags {
+            tracing::warn!(point = points::TAG_LOOKUP_EMPTY, "fault point: the lookup finds nothing");
+        }
+        lags
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    false
 }
 
 /// Reads `FAILPOINTS` (fault-injection builds only).

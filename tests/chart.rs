@@ -168,6 +168,8 @@ async fn chart_installs_upgrades_and_grants_only_what_the_operator_needs() {
         ("watch", "networks.nixops.io"),
         ("patch", "machines.nixops.io/status"),
         ("update", "machines.nixops.io"),
+        ("update", "networks.nixops.io"),
+        ("update", "keypairs.nixops.io"),
         ("create", "secrets"),
         ("delete", "secrets"),
         ("patch", "secrets"),
@@ -184,8 +186,6 @@ async fn chart_installs_upgrades_and_grants_only_what_the_operator_needs() {
         ("get", "configmaps", watched.as_str()),
         ("update", "leases.coordination.k8s.io", watched.as_str()),
         // Only what the code does (tests/rbac.rs proves it is enough).
-        ("update", "keypairs.nixops.io", watched.as_str()),
-        ("update", "networks.nixops.io", watched.as_str()),
         ("update", "machines.nixops.io/status", watched.as_str()),
         ("get", "machines.nixops.io/status", watched.as_str()),
         ("update", "secrets", watched.as_str()),

@@ -83,6 +83,25 @@ async fn network_vpc_converges_and_is_deleted() {
     let group = ec2.describe_security_groups().group_ids(&sg).send().await.unwrap().security_groups()[0].clone();
     assert_eq!(ports(&group), vec![22]);
 
+    // A public subnet's map-public-IP attribute converges on every
+    // reconcile, not only right after the create: changed behind the
+    // operator's back, it is set again when the Network is next looked at.
+    let subnet_id = status.subnets[0].id.clone();
+    let maps_public_ip = || async {
+        let out = ec2.describe_subnets().subnet_ids(&subnet_id).send().await.unwrap();
+        out.subnets()[0].map_public_ip_on_launch()
+    };
+    assert_eq!(maps_public_ip().await, Some(true), "a public subnet maps public IPs");
+    let off = aws_sdk_ec2::types::AttributeBooleanValue::builder().value(false).build();
+    ec2.modify_subnet_attribute().subnet_id(&subnet_id).map_public_ip_on_launch(off).send().await.unwrap();
+    let touch = json!({"metadata": {"labels": {"touched": "yes"}}});
+    networks.patch("aws", &PatchParams::default(), &Patch::Merge(&touch)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while maps_public_ip().await != Some(true) {
+        assert!(tokio::time::Instant::now() < deadline, "MapPublicIpOnLaunch was not set again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Rules converge: 443 added, 22 removed.
     let patch = json!({"spec": {"provider": {"ec2": {"securityGroup": {"ingress": [
         {"protocol": "tcp", "fromPort": 443, "toPort": 443, "cidrBlocks": ["0.0.0.0/0"]}]}}}}});
@@ -96,6 +115,29 @@ async fn network_vpc_converges_and_is_deleted() {
         assert!(tokio::time::Instant::now() < deadline, "rules did not converge: {:?}", ports(&group));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // A subnet added later is created under the create-pending mark, which
+    // the lookup that finds it clears.
+    let subnets = json!({"spec": {"provider": {"ec2": {"subnets": [
+        {"name": "public-a", "cidrBlock": "10.42.1.0/24", "zone": "eu-west-1a"},
+        {"name": "private-b", "cidrBlock": "10.42.2.0/24", "zone": "eu-west-1b", "public": false}]}}}});
+    networks.patch("aws", &PatchParams::default(), &Patch::Merge(&subnets)).await.unwrap();
+    support::wait_for(&networks, "aws", TIMEOUT, "two subnets", |n| {
+        n.status.as_ref().is_some_and(|s| s.subnets.len() == 2) && ready(n.status.as_ref().map(|s| &s.conditions))
+    })
+    .await;
+    let net = networks.get("aws").await.unwrap();
+    let annotations = net.metadata.annotations.clone().unwrap_or_default();
+    assert!(!annotations.contains_key("nixops.io/create-pending"), "the mark is cleared: {annotations:?}");
+    let private = ec2.describe_subnets().filters(tag_filter(&uid)).send().await.unwrap();
+    assert_eq!(private.subnets().len(), 2, "exactly the two subnets");
+    assert!(
+        private
+            .subnets()
+            .iter()
+            .any(|s| s.cidr_block() == Some("10.42.2.0/24") && s.map_public_ip_on_launch() == Some(false)),
+        "a private subnet maps no public IPs"
+    );
 
     networks.delete("aws", &DeleteParams::default()).await.unwrap();
     support::wait_gone(&networks, "aws", TIMEOUT).await;
@@ -229,7 +271,7 @@ async fn unknown_ami_stalls_with_the_aws_error_code() {
     // once, but the refused create is not tried again before the resync.
     let created = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(60).saturating_sub(created.elapsed())).await;
-    let calls = operator.metric("nixops_provider_calls_total", &["provider=\"ec2\"", "operation=\"create\""]);
+    let calls = operator.metric("nixops_provider_calls_total", &["provider=\"aws\"", "operation=\"RunInstances\""]);
     assert!(calls >= 1.0, "the create was tried and counted");
     assert!(calls <= 3.0, "{calls} create calls in 60 s");
     let status = machines.get("bad").await.unwrap().status.unwrap();

@@ -21,8 +21,7 @@ use super::{Cleanup, Context, Error, Reconciler, Result, object_status};
 use crate::api::keypair::KeyPairStatus;
 use crate::api::network::ResourcePhase;
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, KeyPair, ManagementPolicy};
-use crate::provider::CloudTarget;
-use crate::provider::Owner;
+use crate::provider::{CloudKey, CloudTarget, Owner};
 use crate::ssh::HostKey;
 
 object_status!(KeyPairStatus, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
@@ -119,7 +118,7 @@ impl Reconciler for KeyPair {
             let provider = ctx.providers.keypair("ec2")?;
             let name = self.ec2_key_name();
             if self.spec.management_policy == ManagementPolicy::Observe {
-                if !provider.exists(&target, &name).await? {
+                if provider.find(&target, &name).await? == CloudKey::Absent {
                     return Err(Error::stalled(
                         "KeyPairNotFound",
                         format!(
@@ -137,17 +136,35 @@ impl Reconciler for KeyPair {
                 );
                 return Ok(None);
             }
+            let api = Api::<KeyPair>::namespaced(ctx.client.clone(), &ns);
             let adopt = self.annotations().get(EXTERNAL_NAME_ANNOTATION) == Some(&name);
-            let imported = provider.ensure(&target, &name, &public.to_openssh(), adopt).await;
-            ctx.metrics.provider_call(provider.name(), "ensure", imported.is_ok());
-            if imported? {
-                ctx.event(
-                    &*self,
-                    EventType::Normal,
-                    "Registered",
-                    format!("imported the public key into EC2 as key pair {name}"),
-                )
-                .await;
+            match provider.find(&target, &name).await? {
+                // The lookup found what a create (maybe interrupted) made.
+                CloudKey::Ours => super::clear_create_pending(&api, &self).await?,
+                CloudKey::Other if adopt => {}
+                CloudKey::Other => {
+                    return Err(Error::stalled(
+                        "KeyNameTaken",
+                        format!(
+                            "an EC2 key pair named {name} exists and was not created for this KeyPair; set spec.provider.ec2.keyName to another name"
+                        ),
+                    ));
+                }
+                CloudKey::Absent => {
+                    // The mark stays until a lookup finds the key: a read
+                    // lagging the import must not import it again.
+                    let part = format!("key pair {name}");
+                    let public = public.to_openssh();
+                    let import = || provider.import(&target, &name, &public);
+                    super::create_part_once(&api, &*self, &ctx, "key-pair", &part, import).await?;
+                    ctx.event(
+                        &*self,
+                        EventType::Normal,
+                        "Registered",
+                        format!("imported the public key into EC2 as key pair {name}"),
+                    )
+                    .await;
+                }
             }
             status.cloud_key_name = Some(name);
         }

@@ -231,20 +231,16 @@ impl Reconciler for Machine {
             network: Some(network.clone()),
             key_name,
         };
-        let observed = provider.observe(&target).await;
-        ctx.metrics.provider_call(provider.name(), "observe", observed.is_ok());
-        let mut instance = match observed? {
+        let mut instance = match provider.observe(&target).await? {
             Some(current) if self.spec.management_policy == ManagementPolicy::Observe => current,
             Some(current) => {
                 // Found by its UID tag (after a crash, or a create whose answer was lost).
                 if target.external_id.is_none()
-                    && let Some(id) = current.provider_id.as_deref().and_then(|p| p.rsplit('/').next())
+                    && let Some(id) = current.cloud_id()
                 {
                     record_external_name(&Api::<Machine>::namespaced(ctx.client.clone(), &ns), &self, id).await?;
                 }
-                let updated = provider.update(&target, current).await;
-                ctx.metrics.provider_call(provider.name(), "update", updated.is_ok());
-                updated?
+                provider.update(&target, current).await?
             }
             None if self.spec.management_policy == ManagementPolicy::Observe => {
                 return Err(Error::stalled(
@@ -264,18 +260,13 @@ impl Reconciler for Machine {
                 ));
             }
             None => {
+                // Waiting for the Network is not a create: no mark for it.
+                provider.check_create(&target)?;
                 // Record the intent first: a replica with a stale copy fails here
                 // instead of launching a second instance.
                 let api = Api::<Machine>::namespaced(ctx.client.clone(), &ns);
-                let id_of = |c: &crate::provider::Instance| {
-                    c.provider_id.as_deref().and_then(|p| p.rsplit('/').next()).map(str::to_owned)
-                };
-                let created = create_once(&api, &*self, &ctx, "instance", id_of, || async {
-                    let created = provider.create(&target).await;
-                    ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
-                    created
-                })
-                .await?;
+                let id_of = |c: &crate::provider::Instance| c.cloud_id().map(str::to_owned);
+                let created = create_once(&api, &*self, &ctx, "instance", id_of, || provider.create(&target)).await?;
                 ctx.event(
                     &*self,
                     EventType::Normal,
@@ -419,9 +410,7 @@ impl Reconciler for Machine {
             key_name: None,
         };
         ctx.keypair_users.lock().unwrap_or_else(|e| e.into_inner()).remove(&super::object_key(&*self));
-        let deleted = provider.delete(&target).await;
-        ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
-        deleted?;
+        provider.delete(&target).await?;
         Ok(Cleanup::Done)
     }
 }

@@ -172,7 +172,7 @@ pub type KeyPairUsers = Arc<Mutex<HashMap<String, String>>>;
 impl Context {
     pub fn new(client: Client, reporter: Reporter, metrics: Metrics, settings: Settings) -> Self {
         let recorder = Recorder::new(client.clone(), reporter.clone());
-        let aws = AwsAccounts::new(client.clone());
+        let aws = AwsAccounts::new(client.clone(), metrics.clone());
         let providers = Providers::builtin(aws.clone());
         Self {
             client,
@@ -217,6 +217,16 @@ impl Context {
         if let Err(err) = recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(%err, reason, "cannot publish event");
         }
+    }
+
+    /// Whether `obj` carries a create-pending mark whose create nobody in
+    /// this process saw answered (a crash, a lost answer): what a lookup
+    /// finds may be that create's result, even before it was tagged.
+    pub fn create_unanswered<K: Resource>(&self, obj: &K) -> bool {
+        let Some(pending) = PendingCreate::of(obj) else { return false };
+        let uid = obj.meta().uid.clone().unwrap_or_default();
+        let refused = self.refused_creates.lock().unwrap_or_else(|e| e.into_inner());
+        !refused.get(&uid).is_some_and(|r| r.mark == pending.mark && r.answered)
     }
 
     /// Number of reconciliations running now.
@@ -538,13 +548,121 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = std::result::Result<T, ProviderError>>,
 {
+    let (created, marked) = create_with_intent(api, obj, ctx, what, what, None, create).await?;
+    match id_of(&created) {
+        Some(id) => record_external_name(api, &marked, &id).await?,
+        None => clear_create_pending(api, &marked).await?,
+    }
+    Ok(created)
+}
+
+/// [`create_once`] for one of several cloud resources an object owns (a
+/// Network's VPC, subnets, gateway and security group; a KeyPair's cloud
+/// key): the mark names `part`, and stays after the create until a lookup
+/// finds the part ([`PendingCreate::resolved_by`]), so a read that lags the
+/// create is waited for instead of creating the part again. Returns the
+/// object as written (with the mark), for the next part's create.
+/// `kind` names the kind of resource (`subnet`) for the fault points.
+pub async fn create_part_once<K, T, F, Fut>(
+    api: &Api<K>,
+    obj: &K,
+    ctx: &Context,
+    kind: &str,
+    part: &str,
+    create: F,
+) -> Result<(T, K)>
+where
+    K: Reconciler,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = std::result::Result<T, ProviderError>>,
+{
+    create_with_intent(api, obj, ctx, kind, part, Some(part), create).await
+}
+
+/// The `nixops.io/create-pending` mark: when the intent to create was
+/// recorded and, for an object owning several cloud resources, which one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingCreate {
+    /// The whole annotation value: "<RFC 3339 time>[ <part>]".
+    pub mark: String,
+    pub part: Option<String>,
+}
+
+impl PendingCreate {
+    /// The mark on `obj`, if any.
+    pub fn of<K: Resource>(obj: &K) -> Option<Self> {
+        let mark = obj.annotations().get(CREATE_PENDING_ANNOTATION)?.clone();
+        let part = mark.split_once(' ').map(|(_, part)| part.to_owned());
+        Some(Self { mark, part })
+    }
+
+    fn new(part: Option<&str>) -> Self {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mark = match part {
+            Some(part) => format!("{now} {part}"),
+            None => now,
+        };
+        Self { mark, part: part.map(str::to_owned) }
+    }
+
+    /// How long ago the intent was recorded.
+    fn age(&self) -> Duration {
+        let at = self.mark.split_once(' ').map_or(self.mark.as_str(), |(at, _)| at);
+        at.parse::<k8s_openapi::jiff::Timestamp>()
+            .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t).unsigned_abs())
+            .unwrap_or_default()
+    }
+
+    /// Whether a lookup that found `found` (part names) settles this mark.
+    pub fn resolved_by(&self, found: &[String]) -> bool {
+        self.part.as_ref().is_some_and(|part| found.contains(part))
+    }
+
+    /// `obj` without the mark, in memory: the next create replaces it in
+    /// one write instead of two.
+    pub fn remove_from<K: Resource>(obj: &mut K) {
+        if let Some(a) = obj.meta_mut().annotations.as_mut() {
+            a.remove(CREATE_PENDING_ANNOTATION);
+        }
+    }
+}
+
+/// Clears the create-pending mark (a pending create that a lookup found).
+pub async fn clear_create_pending<K: Reconciler>(api: &Api<K>, obj: &K) -> Result<()> {
+    if obj.annotations().contains_key(CREATE_PENDING_ANNOTATION) {
+        let patch = serde_json::json!({"metadata": {"annotations": {CREATE_PENDING_ANNOTATION: null}}});
+        api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    }
+    Ok(())
+}
+
+/// The create-pending flow of [`create_once`] and [`create_part_once`]:
+/// checks the mark, records the intent, creates. Returns what was created
+/// and the object as last written. The fault points are evaluated as
+/// `create-before-call` and as `create-before-call:<kind>` (likewise after).
+async fn create_with_intent<K, T, F, Fut>(
+    api: &Api<K>,
+    obj: &K,
+    ctx: &Context,
+    kind: &str,
+    what: &str,
+    part: Option<&str>,
+    create: F,
+) -> Result<(T, K)>
+where
+    K: Reconciler,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = std::result::Result<T, ProviderError>>,
+{
     let uid = obj.meta().uid.clone().unwrap_or_default();
-    let pending = obj.annotations().get(CREATE_PENDING_ANNOTATION).cloned();
+    let pending = PendingCreate::of(obj);
     let refused = ctx.refused_creates.lock().unwrap_or_else(|e| e.into_inner()).get(&uid).cloned();
     let window = ctx.settings.create_pending_window;
     let mut known_unmade = false;
     match (&pending, &refused) {
-        (Some(mark), Some(r)) if *mark == r.mark => {
+        // What this process saw fail is known only for the part it tried:
+        // another part missing now may be a read lagging its create.
+        (Some(p), Some(r)) if p.mark == r.mark && p.part.as_deref() == part => {
             let now = Instant::now();
             if let Some((reason, message)) = &r.permanent
                 && r.generation == obj.meta().generation
@@ -564,27 +682,28 @@ where
             }
             known_unmade = true;
         }
-        (Some(mark), _) => {
-            let since = mark
-                .parse::<k8s_openapi::jiff::Timestamp>()
-                .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t).unsigned_abs())
-                .unwrap_or_default();
-            if since < window {
+        (Some(p), _) => {
+            let pending_what = p.part.as_deref().unwrap_or(what);
+            let at = p.mark.split_once(' ').map_or(p.mark.as_str(), |(at, _)| at);
+            if p.age() < window {
                 return Err(ProviderError::Transient(format!(
-                    "a create of the {what} started at {mark} has an unknown outcome; looking for it by its \
+                    "a create of the {pending_what} started at {at} has an unknown outcome; looking for it by its \
                      nixops.io/uid tag for up to {} s before creating again",
                     window.as_secs()
                 ))
                 .into());
             }
+            let adopt = match &p.part {
+                None => format!("set the {} annotation to its ID to adopt it", crate::api::EXTERNAL_NAME_ANNOTATION),
+                Some(_) => format!("tag it nixops.io/uid={uid} so it is found"),
+            };
             return Err(Error::stalled(
                 "CreateOutcomeUnknown",
                 format!(
-                    "a create of the {what} started at {mark} has an unknown outcome and no resource tagged \
-                     nixops.io/uid={uid} appeared within {} s. If one exists, set the {} annotation to its ID to \
-                     adopt it; if none does, remove the {CREATE_PENDING_ANNOTATION} annotation to create it",
+                    "a create of the {pending_what} started at {at} has an unknown outcome and no resource tagged \
+                     nixops.io/uid={uid} appeared within {} s. If one exists, {adopt}; if none does, remove the \
+                     {CREATE_PENDING_ANNOTATION} annotation to create it",
                     window.as_secs(),
-                    crate::api::EXTERNAL_NAME_ANNOTATION,
                 ),
             ));
         }
@@ -592,30 +711,30 @@ where
     }
     // After a create known not to have happened the same mark serves again:
     // writing a new one would wake the object at once and defeat the backoff.
-    let mark = match pending {
-        Some(mark) if known_unmade => mark,
+    let (mark, marked) = match pending {
+        Some(p) if known_unmade => (p.mark, obj.clone()),
         _ => {
-            let mark = k8s_openapi::jiff::Timestamp::now().to_string();
+            let mark = PendingCreate::new(part).mark;
             let mut updated = obj.clone();
             updated
                 .meta_mut()
                 .annotations
                 .get_or_insert_with(Default::default)
                 .insert(CREATE_PENDING_ANNOTATION.to_owned(), mark.clone());
-            api.replace(&obj.name_any(), &kube::api::PostParams::default(), &updated).await?;
-            mark
+            let written = api.replace(&obj.name_any(), &kube::api::PostParams::default(), &updated).await?;
+            (mark, written)
         }
     };
-    crate::fault::point(crate::fault::points::CREATE_BEFORE_CALL, None).await;
+    use crate::fault::points::{CREATE_AFTER_CALL, CREATE_BEFORE_CALL};
+    crate::fault::point(CREATE_BEFORE_CALL, None).await;
+    crate::fault::point(&format!("{CREATE_BEFORE_CALL}:{kind}"), None).await;
     let created = create().await;
-    crate::fault::point(crate::fault::points::CREATE_AFTER_CALL, None).await;
+    crate::fault::point(CREATE_AFTER_CALL, None).await;
+    crate::fault::point(&format!("{CREATE_AFTER_CALL}:{kind}"), None).await;
     match created {
         Ok(created) => {
             ctx.refused_creates.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
-            if let Some(id) = id_of(&created) {
-                record_external_name(api, obj, &id).await?;
-            }
-            Ok(created)
+            Ok((created, marked))
         }
         Err(err) => {
             // A refusal means nothing was made; without an answer the mark
@@ -799,6 +918,30 @@ mod tests {
             resumed.conditions.iter().any(|c| c.type_ == condition::READY),
             "other conditions stay until the reconciler sets them"
         );
+    }
+
+    #[test]
+    fn a_pending_part_is_settled_only_by_finding_that_part() {
+        let mut net = k8s_openapi::api::core::v1::ConfigMap::default();
+        assert_eq!(PendingCreate::of(&net), None);
+        let mark = PendingCreate::new(Some("subnet public-a"));
+        net.metadata.annotations =
+            Some([(CREATE_PENDING_ANNOTATION.to_owned(), mark.mark.clone())].into_iter().collect());
+        let pending = PendingCreate::of(&net).unwrap();
+        assert_eq!(pending, mark);
+        assert_eq!(pending.part.as_deref(), Some("subnet public-a"));
+        assert!(pending.age() < Duration::from_secs(60), "the time parses: {}", pending.mark);
+        assert!(!pending.resolved_by(&["VPC".into()]), "found only the VPC: a read may lag the subnet's create");
+        assert!(pending.resolved_by(&["VPC".into(), "subnet public-a".into()]));
+
+        // A whole-object mark (an instance, a volume) is settled by recording the external name instead.
+        let whole = PendingCreate::new(None);
+        assert_eq!(whole.part, None);
+        assert!(!whole.resolved_by(&["VPC".into()]));
+        assert!(whole.age() < Duration::from_secs(60));
+
+        PendingCreate::remove_from(&mut net);
+        assert_eq!(PendingCreate::of(&net), None);
     }
 
     #[test]

@@ -13,14 +13,16 @@ use kube::{Client, ResourceExt};
 
 use super::deploy;
 use super::status::{Conditions, is_true};
-use super::{Cleanup, Context, Error, Reconciler, Result, object_status, record_external_name};
+use super::{
+    Cleanup, Context, Error, PendingCreate, Reconciler, Result, create_part_once, object_status, record_external_name,
+};
 use crate::api::machine::Machine;
 use crate::api::network::{NetworkMember, NetworkStatus, ResourcePhase};
 use crate::api::{
     CLOUD_DELETED_ANNOTATION, CREDENTIALS_FINALIZER_PREFIX, DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy,
     Network, condition,
 };
-use crate::provider::{CloudTarget, NetworkResources, Owner};
+use crate::provider::{CloudTarget, NetworkProvider, NetworkResources, Owner, ProviderError};
 use kube::runtime::events::EventType;
 
 /// Condition: every member runs its desired closure (or why not).
@@ -65,21 +67,18 @@ impl Reconciler for Network {
                 })?;
                 NetworkResources { vpc_id: found, ..Default::default() }
             } else {
-                let ensured = provider.ensure(&target, known.as_deref()).await;
-                ctx.metrics.provider_call(provider.name(), "ensure", ensured.is_ok());
-                ensured?
+                let resources = provision(&self, &ctx, &*provider, &target, known.as_deref()).await?;
+                if known.as_deref() != Some(resources.vpc_id.as_str()) {
+                    ctx.event(
+                        &*self,
+                        EventType::Normal,
+                        "Provisioned",
+                        format!("VPC {} in {}", resources.vpc_id, ec2.region),
+                    )
+                    .await;
+                }
+                resources
             };
-            if self.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(&resources.vpc_id) {
-                let api = Api::<Network>::namespaced(ctx.client.clone(), &owner.namespace);
-                record_external_name(&api, &self, &resources.vpc_id).await?;
-                ctx.event(
-                    &*self,
-                    EventType::Normal,
-                    "Provisioned",
-                    format!("VPC {} in {}", resources.vpc_id, ec2.region),
-                )
-                .await;
-            }
             status.provider = Some("ec2".into());
             status.vpc_id = Some(resources.vpc_id);
             status.subnets = resources.subnets;
@@ -155,10 +154,14 @@ impl Reconciler for Network {
             let owner = Owner::of(&*self);
             let provider = ctx.providers.network("ec2")?;
             let target = CloudTarget { owner, network: (*self).clone() };
-            let known = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
-            let deleted = provider.delete(&target, known.as_deref()).await;
-            ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
-            deleted?;
+            // The VPC found last, if the annotation was not written yet: a
+            // lookup by tag that lags would leave it behind.
+            let known = self
+                .annotations()
+                .get(EXTERNAL_NAME_ANNOTATION)
+                .cloned()
+                .or_else(|| self.status.as_ref().and_then(|s| s.vpc_id.clone()));
+            provider.delete(&target, known.as_deref()).await?;
         }
         // The credentials go last. Marked first: a crash after the release
         // must not leave a cleanup that needs a Secret already deleted.
@@ -218,6 +221,52 @@ async fn release_credentials(client: &Client, network: &Network, name: &str) -> 
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other.map(drop).map_err(Into::into),
     }
+}
+
+/// Finds or creates the Network's physical network one part at a time, in
+/// order: each lookup converges the parts that exist and names the first
+/// missing one, which is created under the create-pending mark naming it.
+/// The mark stays until a lookup finds that part, so a crash after the
+/// create, or a read lagging it, never leads to a second one. Once every
+/// part is found, the VPC is recorded as the external name and the mark
+/// cleared.
+async fn provision(
+    network: &Network,
+    ctx: &Context,
+    provider: &dyn NetworkProvider,
+    target: &CloudTarget,
+    known: Option<&str>,
+) -> Result<NetworkResources> {
+    let api = Api::<Network>::namespaced(ctx.client.clone(), &target.owner.namespace);
+    let mut obj = network.clone();
+    // Whether the stored object has a mark (obj drops a settled one in memory).
+    let mut marked = PendingCreate::of(network).is_some();
+    let parts = network.spec.provider.as_ref().and_then(|p| p.ec2.as_ref()).map_or(0, |e| e.subnets.len()) + 3;
+    // Each part is created at most once per reconcile; then one more lookup.
+    for _ in 0..=parts {
+        let state = provider.ensure(target, known).await?;
+        let found: Vec<String> = state.found.iter().map(ToString::to_string).collect();
+        if PendingCreate::of(&obj).is_some_and(|p| p.resolved_by(&found)) {
+            PendingCreate::remove_from(&mut obj);
+        }
+        let Some(part) = state.missing else {
+            let vpc_id = &state.resources.vpc_id;
+            if marked || obj.annotations().get(EXTERNAL_NAME_ANNOTATION) != Some(vpc_id) {
+                record_external_name(&api, &obj, vpc_id).await?;
+            }
+            return Ok(state.resources);
+        };
+        let what = part.to_string();
+        let create = || provider.create(target, &part, &state.resources);
+        let (id, written) = create_part_once(&api, &obj, ctx, part.kind(), &what, create).await?;
+        obj = written;
+        marked = true;
+        ctx.event(network, EventType::Normal, "Created", format!("created {what} {id}")).await;
+    }
+    Err(ProviderError::Transient(
+        "the network's parts are not all found after creating each missing one once; looking again".into(),
+    )
+    .into())
 }
 
 /// The Volumes, KeyPairs and S3Buckets that name the Network, as "Kind name".

@@ -101,7 +101,9 @@ enum BucketAction {
 /// Decides from who holds the name. A bucket in this account not tagged
 /// with this object's UID is someone else's unless the external-name
 /// annotation adopts it: it is never changed or deleted otherwise.
-fn decide(bucket: &S3Bucket, name: &str, holder: &BucketHolder) -> Result<BucketAction> {
+/// `interrupted`: this S3Bucket's create may have made the bucket and nobody
+/// saw its answer (see [`Context::create_unanswered`]).
+fn decide(bucket: &S3Bucket, name: &str, holder: &BucketHolder, interrupted: bool) -> Result<BucketAction> {
     let uid = bucket.meta().uid.as_deref().unwrap_or_default();
     let observe = bucket.spec.management_policy == ManagementPolicy::Observe;
     let adopting = bucket.annotations().get(EXTERNAL_NAME_ANNOTATION).is_some_and(|a| a == name);
@@ -124,6 +126,11 @@ fn decide(bucket: &S3Bucket, name: &str, holder: &BucketHolder) -> Result<Bucket
         BucketHolder::Nobody => Ok(BucketAction::Create),
         BucketHolder::ThisAccount { .. } if observe => Ok(BucketAction::Observe),
         BucketHolder::ThisAccount { uid: Some(tagged) } if tagged == uid => Ok(BucketAction::Manage),
+        // A create interrupted between CreateBucket and PutBucketTagging (S3
+        // takes no tags with the create) leaves the bucket untagged. One
+        // whose create was answered (BucketAlreadyOwnedByYou: someone else's)
+        // is not taken.
+        BucketHolder::ThisAccount { uid: None } if interrupted => Ok(BucketAction::Manage),
         BucketHolder::ThisAccount { .. } if adopting => Ok(BucketAction::Adopt),
         BucketHolder::ThisAccount { .. } => Err(Error::stalled(
             "BucketNotOwned",
@@ -208,9 +215,8 @@ impl Reconciler for S3Bucket {
             }),
             tags,
         };
-        let found = provider.holder(&target, &name).await;
-        ctx.metrics.provider_call(provider.name(), "holder", found.is_ok());
-        let action = decide(&self, &name, &found?)?;
+        let interrupted = ctx.create_unanswered(&*self);
+        let action = decide(&self, &name, &provider.holder(&target, &name).await?, interrupted)?;
         if action == BucketAction::Observe {
             status.bucket_name = Some(name.clone());
             let (region, arn) = provider.location(&target, &name);
@@ -234,11 +240,7 @@ impl Reconciler for S3Bucket {
                     &ctx,
                     "bucket",
                     |_: &()| Some(name.clone()),
-                    || async {
-                        let created = provider.create(&target, &spec).await;
-                        ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
-                        created
-                    },
+                    || provider.create(&target, &spec),
                 )
                 .await?;
                 recorded = true;
@@ -251,9 +253,7 @@ impl Reconciler for S3Bucket {
             }
             BucketAction::Manage | BucketAction::Observe => {}
         }
-        let result = provider.converge(&target, &spec).await;
-        ctx.metrics.provider_call(provider.name(), "converge", result.is_ok());
-        let changed = result?;
+        let changed = provider.converge(&target, &spec).await?;
         if !recorded {
             record_external_name(&api, &self, &name).await?;
         }
@@ -315,9 +315,7 @@ impl Reconciler for S3Bucket {
                 ),
             });
         }
-        let deleted = provider.delete(&target, &name, self.spec.force_destroy).await;
-        ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
-        deleted?;
+        provider.delete(&target, &name, self.spec.force_destroy).await?;
         Ok(Cleanup::Done)
     }
 }
@@ -422,7 +420,7 @@ mod tests {
             b.spec.management_policy = serde_json::from_value(serde_json::json!(policy)).unwrap();
             b.meta_mut().uid = Some("uid-1".into());
             b.meta_mut().annotations = annotation.map(|a| [(EXTERNAL_NAME_ANNOTATION.to_owned(), a.to_owned())].into());
-            let got = decide(&b, "logs", &holder);
+            let got = decide(&b, "logs", &holder, false);
             let case = format!("{policy} {annotation:?} {holder:?}");
             match (got, want) {
                 (Ok(got), Ok(want)) => assert_eq!(got, want, "{case}"),
@@ -435,6 +433,17 @@ mod tests {
                 (got, want) => panic!("{case}: got {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_untagged_bucket_is_taken_only_after_an_unanswered_create() {
+        let mut b = bucket("team", "logs", None);
+        b.meta_mut().uid = Some("uid-1".into());
+        let untagged = BucketHolder::ThisAccount { uid: None };
+        assert_eq!(decide(&b, "logs", &untagged, true).unwrap(), BucketAction::Manage);
+        assert!(decide(&b, "logs", &untagged, false).is_err(), "without a create of ours: not ours");
+        let other = BucketHolder::ThisAccount { uid: Some("uid-2".into()) };
+        assert!(decide(&b, "logs", &other, true).is_err(), "tagged for another object: never ours");
     }
 
     #[test]

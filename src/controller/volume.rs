@@ -16,7 +16,7 @@ use super::{Cleanup, Context, Error, Reconciler, Result, create_once, object_sta
 use crate::api::network::ResourcePhase;
 use crate::api::volume::{VolumeAttachmentStatus, VolumeStatus};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, Machine, ManagementPolicy, Volume};
-use crate::provider::{CloudTarget, Owner};
+use crate::provider::{AttachmentState, CloudTarget, Owner};
 
 object_status!(VolumeStatus, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
 
@@ -107,9 +107,7 @@ impl Reconciler for Volume {
                 ),
             ));
         }
-        let found = provider.find(&target, known_id.as_deref()).await;
-        ctx.metrics.provider_call(provider.name(), "find", found.is_ok());
-        let mut volume = match found? {
+        let mut volume = match provider.find(&target, known_id.as_deref()).await? {
             Some(v) => {
                 if known_id.is_none() {
                     record_external_name(&Api::<Volume>::namespaced(ctx.client.clone(), &ns), &self, &v.id).await?;
@@ -130,12 +128,8 @@ impl Reconciler for Volume {
             None => {
                 let api = Api::<Volume>::namespaced(ctx.client.clone(), &ns);
                 let id_of = |v: &crate::provider::VolumeState| Some(v.id.clone());
-                let created = create_once(&api, &*self, &ctx, "volume", id_of, || async {
-                    let created = provider.create(&target, spec).await;
-                    ctx.metrics.provider_call(provider.name(), "create", created.is_ok());
-                    created
-                })
-                .await?;
+                let created =
+                    create_once(&api, &*self, &ctx, "volume", id_of, || provider.create(&target, spec)).await?;
                 ctx.event(
                     &*self,
                     EventType::Normal,
@@ -164,9 +158,7 @@ impl Reconciler for Volume {
 
         // Grow, or change type / IOPS / throughput.
         if provider.needs_update(spec, &volume) {
-            let modified = provider.update(&target, &volume.id, spec).await;
-            ctx.metrics.provider_call(provider.name(), "update", modified.is_ok());
-            modified?;
+            provider.update(&target, &volume.id, spec).await?;
             let size = spec.ec2.as_ref().and_then(|e| e.size_gib).unwrap_or(volume.size_gib);
             ctx.event(&*self, EventType::Normal, "Modified", format!("modified volume {} ({size} GiB)", volume.id))
                 .await;
@@ -175,18 +167,18 @@ impl Reconciler for Volume {
 
         // Attachments: detach from anything not desired (naming the instance), then attach.
         let mut pending = None;
-        for a in volume.attachments.iter().filter(|a| a.state != "detached") {
+        for a in volume.attachments.iter().filter(|a| a.state != AttachmentState::Detached) {
             if desired.as_ref().and_then(|d| d.instance_id.as_deref()) != Some(a.instance_id.as_str()) {
                 provider.detach(&target, &volume.id, &a.instance_id).await?;
                 ctx.event(&*self, EventType::Normal, "Detached", format!("detached from {}", a.instance_id)).await;
                 pending = Some(format!("detaching from {}", a.instance_id));
             }
         }
-        let current = volume.attachments.iter().find(|a| a.state != "detached");
+        let current = volume.attachments.iter().find(|a| a.state != AttachmentState::Detached);
         if let Some(d) = &desired {
             match (&d.instance_id, current) {
                 (None, _) => pending = Some(format!("waiting for machine {}'s instance before attaching", d.machine)),
-                (Some(i), Some(a)) if a.instance_id == *i && a.state == "attached" => {}
+                (Some(i), Some(a)) if a.instance_id == *i && a.state == AttachmentState::Attached => {}
                 (Some(i), Some(a)) if a.instance_id == *i => pending = Some(format!("{} to {}", a.state, i)),
                 (Some(i), _) if pending.is_none() => {
                     provider.attach(&target, &volume.id, i, &d.device).await?;
@@ -253,10 +245,10 @@ impl Reconciler for Volume {
         let Some(volume) = provider.find(&target, known_id.as_deref()).await? else {
             return Ok(Cleanup::Done); // already gone, e.g. deleted out of band
         };
-        let attached: Vec<_> = volume.attachments.iter().filter(|a| a.state != "detached").collect();
+        let attached: Vec<_> = volume.attachments.iter().filter(|a| a.state != AttachmentState::Detached).collect();
         if !attached.is_empty() {
             for a in &attached {
-                if a.state != "detaching" {
+                if a.state != AttachmentState::Detaching {
                     provider.detach(&target, &volume.id, &a.instance_id).await?;
                 }
             }
@@ -269,9 +261,7 @@ impl Reconciler for Volume {
                 ),
             });
         }
-        let deleted = provider.delete(&target, &volume.id).await;
-        ctx.metrics.provider_call(provider.name(), "delete", deleted.is_ok());
-        deleted?;
+        provider.delete(&target, &volume.id).await?;
         Ok(Cleanup::Done)
     }
 }

@@ -82,6 +82,14 @@ pub struct Instance {
     pub state: InstanceState,
 }
 
+impl Instance {
+    /// The cloud's own ID of the machine (the last segment of its
+    /// providerID, e.g. i-0abc…), for the external-name annotation.
+    pub fn cloud_id(&self) -> Option<&str> {
+        self.provider_id.as_deref()?.rsplit('/').next().filter(|id| !id.is_empty())
+    }
+}
+
 /// Power state of a machine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum InstanceState {
@@ -99,6 +107,12 @@ pub trait MachineProvider: Send + Sync {
     fn name(&self) -> &'static str;
     /// The machine if it exists.
     async fn observe(&self, target: &MachineTarget) -> Result<Option<Instance>, ProviderError>;
+    /// Whether `create` can run now (e.g. the Network's VPC exists). Checked
+    /// before the create-pending mark is written: waiting for what a create
+    /// needs must not look like a create with an unknown outcome after a crash.
+    fn check_create(&self, _target: &MachineTarget) -> Result<(), ProviderError> {
+        Ok(())
+    }
     /// Creates the machine; called only when `observe` found none.
     async fn create(&self, target: &MachineTarget) -> Result<Instance, ProviderError>;
     /// Converges an existing machine (start/stop, tags); returns it as it now is.
@@ -116,11 +130,48 @@ pub struct CloudTarget {
 }
 
 /// A block device as its provider sees it.
-pub use aws::ebs::{Attachment as VolumeAttachment, Observed as VolumeState};
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeState {
+    pub id: String,
+    pub zone: String,
+    pub size_gib: i32,
+    pub volume_type: Option<String>,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+    /// The provider's word for it (creating, available, in-use, …), for messages.
+    pub state: String,
+    pub attachments: Vec<VolumeAttachment>,
+}
+
+/// One attachment of a volume to an instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeAttachment {
+    pub instance_id: String,
+    pub device: String,
+    pub state: AttachmentState,
+}
+
+/// Where an attachment is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachmentState {
+    Attaching,
+    Attached,
+    Detaching,
+    Detached,
+}
+
+impl std::fmt::Display for AttachmentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Attaching => "attaching",
+            Self::Attached => "attached",
+            Self::Detaching => "detaching",
+            Self::Detached => "detached",
+        })
+    }
+}
 /// What a bucket provider is asked for, and what it did.
 pub use aws::s3::{BucketHolder, BucketSpec};
-/// The physical network of a Network.
-pub use aws::vpc::NetworkResources;
 
 /// Block devices (`Volume`). All operations are idempotent.
 #[async_trait]
@@ -167,31 +218,102 @@ pub trait BucketProvider: Send + Sync {
     async fn delete(&self, target: &CloudTarget, bucket: &str, force: bool) -> Result<(), ProviderError>;
 }
 
+/// The physical network of a Network: the cloud IDs of what exists.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetworkResources {
+    /// The network itself (a VPC on AWS).
+    pub vpc_id: String,
+    pub subnets: Vec<crate::api::network::SubnetStatus>,
+    pub internet_gateway_id: Option<String>,
+    pub security_group_id: Option<String>,
+}
+
+/// One cloud resource of a Network's physical network. They are created
+/// one at a time in this order, each under the Network's create-pending
+/// mark, which names the part ("subnet public-a") as this displays it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetworkPart {
+    Vpc,
+    /// The subnet of that spec name.
+    Subnet(String),
+    InternetGateway,
+    SecurityGroup,
+}
+
+impl NetworkPart {
+    /// The kind of resource, for fault points and metrics: `vpc`, `subnet`, …
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Vpc => "vpc",
+            Self::Subnet(_) => "subnet",
+            Self::InternetGateway => "internet-gateway",
+            Self::SecurityGroup => "security-group",
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Vpc => f.write_str("VPC"),
+            Self::Subnet(name) => write!(f, "subnet {name}"),
+            Self::InternetGateway => f.write_str("internet gateway"),
+            Self::SecurityGroup => f.write_str("security group"),
+        }
+    }
+}
+
+/// What a lookup of a Network's parts found: the parts that exist (already
+/// converged to the spec), in order, and the first one that does not.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetworkState {
+    pub resources: NetworkResources,
+    pub found: Vec<NetworkPart>,
+    pub missing: Option<NetworkPart>,
+}
+
 /// Physical networks (`Network`).
 #[async_trait]
 pub trait NetworkProvider: Send + Sync {
     fn name(&self) -> &'static str;
     /// The network's ID: the one recorded as `known`, else the one tagged with the owner's UID.
     async fn find(&self, target: &CloudTarget, known: Option<&str>) -> Result<Option<String>, ProviderError>;
-    /// Creates what is missing and converges what exists.
-    async fn ensure(&self, target: &CloudTarget, known: Option<&str>) -> Result<NetworkResources, ProviderError>;
+    /// Looks each part up (by `known` for the network, else by the owner's
+    /// UID tag) in creation order, converges those that exist, and stops at
+    /// the first missing one.
+    async fn ensure(&self, target: &CloudTarget, known: Option<&str>) -> Result<NetworkState, ProviderError>;
+    /// Creates `part`, tagged with the owner; `found` holds the parts before
+    /// it. Called only when `ensure` reported it missing. Returns its ID.
+    async fn create(
+        &self,
+        target: &CloudTarget,
+        part: &NetworkPart,
+        found: &NetworkResources,
+    ) -> Result<String, ProviderError>;
     /// Deletes everything the Network owns; what is already gone is skipped.
     async fn delete(&self, target: &CloudTarget, known: Option<&str>) -> Result<(), ProviderError>;
+}
+
+/// A cloud key pair of some name, as a lookup found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloudKey {
+    /// None has the name.
+    Absent,
+    /// One created for this owner (tagged with its UID).
+    Ours,
+    /// One created by someone else.
+    Other,
 }
 
 /// Cloud key pairs (`KeyPair` with a provider).
 #[async_trait]
 pub trait KeyPairProvider: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Registers `public_key` as `key_name` unless it is there; `adopt` accepts one not created for this owner.
-    async fn ensure(
-        &self,
-        target: &CloudTarget,
-        key_name: &str,
-        public_key: &str,
-        adopt: bool,
-    ) -> Result<bool, ProviderError>;
-    async fn exists(&self, target: &CloudTarget, key_name: &str) -> Result<bool, ProviderError>;
+    /// The key pair named `key_name`, and whose it is.
+    async fn find(&self, target: &CloudTarget, key_name: &str) -> Result<CloudKey, ProviderError>;
+    /// Registers `public_key` as `key_name`, tagged with the owner; called
+    /// only when `find` found none.
+    async fn import(&self, target: &CloudTarget, key_name: &str, public_key: &str) -> Result<(), ProviderError>;
     /// Deletes the key if this owner created it.
     async fn delete(&self, target: &CloudTarget, key_name: &str) -> Result<(), ProviderError>;
 }

@@ -4,33 +4,10 @@
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
 
-use super::{AwsClients, classify, error_code, tags};
+use super::{AwsClients, AwsError, tags};
 use crate::api::machine::EbsVolumeType;
 use crate::api::volume::EbsVolume;
-use crate::provider::{Owner, ProviderError};
-
-/// An EBS volume as EC2 reports it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Observed {
-    pub id: String,
-    pub zone: String,
-    pub size_gib: i32,
-    pub volume_type: Option<String>,
-    pub iops: Option<i32>,
-    pub throughput: Option<i32>,
-    /// creating, available, in-use, deleting, …
-    pub state: String,
-    pub attachments: Vec<Attachment>,
-}
-
-/// One attachment of a volume.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Attachment {
-    pub instance_id: String,
-    pub device: String,
-    /// attaching, attached, detaching, detached.
-    pub state: String,
-}
+use crate::provider::{AttachmentState, Owner, ProviderError, VolumeAttachment, VolumeState};
 
 fn api_type(t: EbsVolumeType) -> VolumeType {
     match t {
@@ -49,8 +26,20 @@ pub fn type_name(t: EbsVolumeType) -> String {
     api_type(t).as_str().to_owned()
 }
 
-fn observed(v: &aws_sdk_ec2::types::Volume) -> Observed {
-    Observed {
+fn attachment_state(state: Option<&aws_sdk_ec2::types::VolumeAttachmentState>) -> AttachmentState {
+    use aws_sdk_ec2::types::VolumeAttachmentState as Ec2;
+    match state {
+        Some(Ec2::Attaching) => AttachmentState::Attaching,
+        Some(Ec2::Attached) => AttachmentState::Attached,
+        Some(Ec2::Detaching) => AttachmentState::Detaching,
+        Some(Ec2::Detached) => AttachmentState::Detached,
+        // busy, or a state this SDK does not know: in use, not settled.
+        _ => AttachmentState::Attaching,
+    }
+}
+
+fn observed(v: &aws_sdk_ec2::types::Volume) -> VolumeState {
+    VolumeState {
         id: v.volume_id().unwrap_or_default().to_owned(),
         zone: v.availability_zone().unwrap_or_default().to_owned(),
         size_gib: v.size().unwrap_or_default(),
@@ -61,19 +50,20 @@ fn observed(v: &aws_sdk_ec2::types::Volume) -> Observed {
         attachments: v
             .attachments()
             .iter()
-            .map(|a| Attachment {
+            .map(|a| VolumeAttachment {
                 instance_id: a.instance_id().unwrap_or_default().to_owned(),
                 device: a.device().unwrap_or_default().to_owned(),
-                state: a.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+                state: attachment_state(a.state()),
             })
             .collect(),
     }
 }
 
 /// Finds the volume: by its recorded ID if there is one, else by the owner's UID tag.
-pub async fn find(aws: &AwsClients, owner: &Owner, id: Option<&str>) -> Result<Option<Observed>, ProviderError> {
+pub async fn find(aws: &AwsClients, owner: &Owner, id: Option<&str>) -> Result<Option<VolumeState>, ProviderError> {
     let request = match id {
         Some(id) => aws.reading().await.ec2.describe_volumes().volume_ids(id),
+        None if crate::fault::lookup_lags() => return Ok(None),
         None => aws
             .reading()
             .await
@@ -81,10 +71,10 @@ pub async fn find(aws: &AwsClients, owner: &Owner, id: Option<&str>) -> Result<O
             .describe_volumes()
             .filters(Filter::builder().name(format!("tag:{}", tags::UID)).values(&owner.uid).build()),
     };
-    match request.send().await {
+    match aws.call("DescribeVolumes", "", request.send()).await {
         Ok(out) => Ok(out.volumes().iter().map(observed).find(|v| v.state != "deleted")),
-        Err(err) if error_code(&err) == Some("InvalidVolume.NotFound") => Ok(None),
-        Err(err) => Err(classify(err, "DescribeVolumes")),
+        Err(err) if err.is("InvalidVolume.NotFound") => Ok(None),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -97,8 +87,8 @@ fn tag_spec(owner: &Owner, extra: &std::collections::BTreeMap<String, String>) -
 }
 
 /// Creates the volume, tagged with its owner in the same call.
-pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result<Observed, ProviderError> {
-    let out = aws
+pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result<VolumeState, ProviderError> {
+    let request = aws
         .writing()
         .await
         .ec2
@@ -114,10 +104,9 @@ pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result
         .tag_specifications(tag_spec(owner, &spec.tags))
         .customize()
         .config_override(super::single_attempt())
-        .send()
-        .await
-        .map_err(|e| classify(e, "CreateVolume (spec.provider.ec2)"))?;
-    Ok(Observed {
+        .send();
+    let out = aws.call("CreateVolume", "(spec.provider.ec2)", request).await?;
+    Ok(VolumeState {
         id: out.volume_id().unwrap_or_default().to_owned(),
         zone: out.availability_zone().unwrap_or_default().to_owned(),
         size_gib: out.size().unwrap_or_default(),
@@ -131,7 +120,8 @@ pub async fn create(aws: &AwsClients, owner: &Owner, spec: &EbsVolume) -> Result
 
 /// Grows the volume or changes its type, IOPS or throughput.
 pub async fn modify(aws: &AwsClients, id: &str, spec: &EbsVolume) -> Result<(), ProviderError> {
-    aws.writing()
+    let request = aws
+        .writing()
         .await
         .ec2
         .modify_volume()
@@ -140,42 +130,37 @@ pub async fn modify(aws: &AwsClients, id: &str, spec: &EbsVolume) -> Result<(), 
         .volume_type(api_type(spec.volume_type))
         .set_iops(spec.iops)
         .set_throughput(spec.throughput)
-        .send()
-        .await
-        .map_err(|e| classify(e, "ModifyVolume (spec.provider.ec2)"))?;
+        .send();
+    aws.call("ModifyVolume", "(spec.provider.ec2)", request).await?;
     Ok(())
 }
 
 /// Attaches the volume to an instance as `device`.
 pub async fn attach(aws: &AwsClients, id: &str, instance_id: &str, device: &str) -> Result<(), ProviderError> {
-    aws.writing()
+    let request = aws.writing().await.ec2.attach_volume().volume_id(id).instance_id(instance_id).device(device).send();
+    // An instance launched moments ago may not be visible yet: retried.
+    aws.call("AttachVolume", format!("{id} to {instance_id} as {device}"), request)
         .await
-        .ec2
-        .attach_volume()
-        .volume_id(id)
-        .instance_id(instance_id)
-        .device(device)
-        .send()
-        .await
-        .map_err(|e| classify(e, &format!("AttachVolume {id} to {instance_id} as {device}")))?;
+        .map_err(AwsError::retry_not_found)?;
     Ok(())
 }
 
 /// Detaches the volume from `instance_id` (always named: the API's
 /// instance-less form is ambiguous and some endpoints reject it).
 pub async fn detach(aws: &AwsClients, id: &str, instance_id: &str) -> Result<(), ProviderError> {
-    match aws.writing().await.ec2.detach_volume().volume_id(id).instance_id(instance_id).send().await {
+    let request = aws.writing().await.ec2.detach_volume().volume_id(id).instance_id(instance_id).send();
+    match aws.call("DetachVolume", format!("{id} from {instance_id}"), request).await {
         Ok(_) => Ok(()),
-        Err(err) if matches!(error_code(&err), Some("IncorrectState") | Some("InvalidAttachment.NotFound")) => Ok(()),
-        Err(err) => Err(classify(err, &format!("DetachVolume {id} from {instance_id}"))),
+        Err(err) if err.is("IncorrectState") || err.is("InvalidAttachment.NotFound") => Ok(()),
+        Err(err) => Err(err.into()),
     }
 }
 
 /// Deletes the volume; one already gone is success.
 pub async fn delete(aws: &AwsClients, id: &str) -> Result<(), ProviderError> {
-    match aws.writing().await.ec2.delete_volume().volume_id(id).send().await {
+    match aws.call("DeleteVolume", id, aws.writing().await.ec2.delete_volume().volume_id(id).send()).await {
         Ok(_) => Ok(()),
-        Err(err) if error_code(&err) == Some("InvalidVolume.NotFound") => Ok(()),
-        Err(err) => Err(classify(err, &format!("DeleteVolume {id}"))),
+        Err(err) if err.is("InvalidVolume.NotFound") => Ok(()),
+        Err(err) => Err(err.into()),
     }
 }

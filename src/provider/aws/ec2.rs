@@ -10,7 +10,7 @@ use aws_sdk_ec2::types::{
     VolumeType,
 };
 
-use super::{AwsAccounts, classify, error_code, owner_tags, tags};
+use super::{AwsAccounts, owner_tags, tags};
 use crate::api::machine::{Ec2Instance, MachineAddress};
 use crate::provider::{Instance, InstanceState, MachineProvider, MachineTarget, ProviderError};
 
@@ -70,6 +70,28 @@ fn instance(i: &aws_sdk_ec2::types::Instance, ssh_port: u16) -> Instance {
     }
 }
 
+/// Where a new instance goes: the subnet the spec names and the Network's
+/// security group, once the Network's VPC is provisioned.
+fn launch_place(target: &MachineTarget) -> Result<(String, Option<String>), ProviderError> {
+    let spec = Ec2Machines::spec(target)?;
+    let network = target.network.as_ref().and_then(|n| n.status.as_ref());
+    let network_ready =
+        network.is_some_and(|s| crate::controller::status::is_true(&s.conditions, crate::api::condition::READY));
+    if !network_ready {
+        return Err(ProviderError::Refused("waiting for the Network's VPC to be provisioned".into()));
+    }
+    let subnet_id = network
+        .and_then(|s| s.subnets.iter().find(|sub| sub.name == spec.subnet))
+        .map(|sub| sub.id.clone())
+        .ok_or_else(|| {
+            ProviderError::permanent(
+                "SubnetNotFound",
+                format!("spec.provider.ec2.subnet {} is not (yet) a subnet of the Network; name one of its spec.provider.ec2.subnets", spec.subnet),
+            )
+        })?;
+    Ok((subnet_id, network.and_then(|s| s.security_group_id.clone())))
+}
+
 /// Instances tagged with the owner's UID that are not terminated.
 async fn find(
     aws: &super::AwsClients,
@@ -84,6 +106,7 @@ async fn find(
         .build();
     let request = match &target.external_id {
         Some(id) => aws.reading().await.ec2.describe_instances().instance_ids(id).filters(live),
+        None if crate::fault::lookup_lags() => return Ok(Vec::new()),
         None => aws
             .reading()
             .await
@@ -92,10 +115,10 @@ async fn find(
             .filters(Filter::builder().name(format!("tag:{}", tags::UID)).values(&target.owner.uid).build())
             .filters(live),
     };
-    match request.send().await {
+    match aws.call("DescribeInstances", "", request.send()).await {
         Ok(out) => Ok(out.reservations().iter().flat_map(|r| r.instances().iter().cloned()).collect()),
-        Err(err) if error_code(&err) == Some("InvalidInstanceID.NotFound") => Ok(Vec::new()),
-        Err(err) => Err(classify(err, "DescribeInstances")),
+        Err(err) if err.is("InvalidInstanceID.NotFound") => Ok(Vec::new()),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -111,25 +134,14 @@ impl MachineProvider for Ec2Machines {
         Ok(found.first().map(|i| instance(i, SSH_PORT)))
     }
 
+    fn check_create(&self, target: &MachineTarget) -> Result<(), ProviderError> {
+        launch_place(target).map(|_| ())
+    }
+
     async fn create(&self, target: &MachineTarget) -> Result<Instance, ProviderError> {
         let spec = Self::spec(target)?;
+        let (subnet_id, security_group) = launch_place(target)?;
         let aws = self.clients(target).await?;
-        let network = target.network.as_ref().and_then(|n| n.status.as_ref());
-        let network_ready =
-            network.is_some_and(|s| crate::controller::status::is_true(&s.conditions, crate::api::condition::READY));
-        if !network_ready {
-            return Err(ProviderError::Refused("waiting for the Network's VPC to be provisioned".into()));
-        }
-        let subnet_id = network
-            .and_then(|s| s.subnets.iter().find(|sub| sub.name == spec.subnet))
-            .map(|sub| sub.id.clone())
-            .ok_or_else(|| {
-                ProviderError::permanent(
-                    "SubnetNotFound",
-                    format!("spec.provider.ec2.subnet {} is not (yet) a subnet of the Network; name one of its spec.provider.ec2.subnets", spec.subnet),
-                )
-            })?;
-        let security_group = network.and_then(|s| s.security_group_id.clone());
         let mut tag_instance = TagSpecification::builder().resource_type(ResourceType::Instance);
         let mut tag_volume = TagSpecification::builder().resource_type(ResourceType::Volume);
         for (k, v) in owner_tags(&target.owner, "Machine").into_iter().chain(spec.tags.clone()) {
@@ -167,12 +179,21 @@ impl MachineProvider for Ec2Machines {
         if let Some(data) = &spec.user_data {
             run = run.user_data(base64_encode(data.as_bytes()));
         }
-        let out = run
-            .customize()
-            .config_override(super::single_attempt())
-            .send()
-            .await
-            .map_err(|e| classify(e, "RunInstances (spec.provider.ec2)"))?;
+        let request = run.customize().config_override(super::single_attempt()).send();
+        let out = match aws.call("RunInstances", "(spec.provider.ec2)", request).await {
+            Ok(out) => out,
+            // The subnet, group and key were created moments ago by the
+            // Network and KeyPair: reads lagging those creates, retried. An
+            // unknown AMI is the spec's fault and still stalls.
+            Err(err)
+                if err.is("InvalidSubnetID.NotFound")
+                    || err.is("InvalidGroup.NotFound")
+                    || err.is("InvalidKeyPair.NotFound") =>
+            {
+                return Err(err.refused());
+            }
+            Err(err) => return Err(err.into()),
+        };
         let created = out
             .instances()
             .first()
@@ -187,24 +208,12 @@ impl MachineProvider for Ec2Machines {
         };
         match (target.running, current.state) {
             (false, InstanceState::Running | InstanceState::Pending) => {
-                aws.writing()
-                    .await
-                    .ec2
-                    .stop_instances()
-                    .instance_ids(&id)
-                    .send()
-                    .await
-                    .map_err(|e| classify(e, "StopInstances (spec.running: false)"))?;
+                let request = aws.writing().await.ec2.stop_instances().instance_ids(&id).send();
+                aws.call("StopInstances", "(spec.running: false)", request).await?;
             }
             (true, InstanceState::Stopped) => {
-                aws.writing()
-                    .await
-                    .ec2
-                    .start_instances()
-                    .instance_ids(&id)
-                    .send()
-                    .await
-                    .map_err(|e| classify(e, "StartInstances (spec.running: true)"))?;
+                let request = aws.writing().await.ec2.start_instances().instance_ids(&id).send();
+                aws.call("StartInstances", "(spec.running: true)", request).await?;
             }
             _ => return Ok(current),
         }
@@ -218,10 +227,11 @@ impl MachineProvider for Ec2Machines {
         if ids.is_empty() {
             return Ok(());
         }
-        match aws.writing().await.ec2.terminate_instances().set_instance_ids(Some(ids)).send().await {
+        let request = aws.writing().await.ec2.terminate_instances().set_instance_ids(Some(ids)).send();
+        match aws.call("TerminateInstances", "", request).await {
             Ok(_) => Ok(()),
-            Err(err) if error_code(&err) == Some("InvalidInstanceID.NotFound") => Ok(()),
-            Err(err) => Err(classify(err, "TerminateInstances")),
+            Err(err) if err.is("InvalidInstanceID.NotFound") => Ok(()),
+            Err(err) => Err(err.into()),
         }
     }
 }

@@ -22,6 +22,7 @@ use kube::{Client, ResourceExt};
 use super::ProviderError;
 use crate::api::Network;
 use crate::api::network::Ec2Network;
+use crate::metrics::Metrics;
 
 /// Tag keys set on every cloud resource the operator creates. The UID tag
 /// finds a resource again after a crash, before anything is created twice.
@@ -51,6 +52,7 @@ pub struct AwsClients {
     pub s3: aws_sdk_s3::Client,
     pub region: String,
     limits: Arc<RateLimits>,
+    metrics: Metrics,
 }
 
 /// Client-side rate limits of one account and region, shared by every
@@ -86,12 +88,93 @@ impl AwsClients {
         self.limits.writes.until_ready().await;
         self
     }
+
+    /// Sends one API call, the only way this module talks to AWS: it is
+    /// counted in `nixops_provider_calls_total` (provider `aws`, the API
+    /// operation, ok or error) and its error classified once (see
+    /// [`classify`]), keeping the AWS error code for callers to which a code
+    /// means success (NotFound on delete, Duplicate on authorize).
+    /// `doing` is what the message says was being done.
+    pub async fn call<T, E>(
+        &self,
+        operation: &'static str,
+        doing: impl std::fmt::Display,
+        request: impl std::future::Future<Output = Result<T, aws_sdk_ec2::error::SdkError<E>>>,
+    ) -> Result<T, AwsError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let result = request.await;
+        self.metrics.provider_call("aws", operation, result.is_ok());
+        result.map_err(|err| {
+            let code = error_code(&err).map(str::to_owned);
+            let status = err.raw_response().map(|r| r.status().as_u16());
+            let doing = doing.to_string();
+            let doing = if doing.starts_with(operation) { doing } else { format!("{operation} {doing}") };
+            AwsError { code, status, error: classify(err, doing.trim_end()) }
+        })
+    }
+}
+
+/// A failed AWS call: classified, with the AWS error code and HTTP status.
+#[derive(Debug)]
+pub struct AwsError {
+    code: Option<String>,
+    status: Option<u16>,
+    error: ProviderError,
+}
+
+impl AwsError {
+    /// Whether AWS answered with error code `code`.
+    pub fn is(&self, code: &str) -> bool {
+        self.code.as_deref() == Some(code)
+    }
+
+    /// Whether the code says the resource does not exist (`InvalidVpcID.NotFound`,
+    /// `InvalidGroup.NotFound`, …).
+    pub fn is_not_found(&self) -> bool {
+        self.code.as_deref().is_some_and(|c| c.ends_with(".NotFound") || c == "NotFound")
+    }
+
+    /// For a call naming a resource created moments ago: NotFound is the
+    /// cloud's reads lagging its writes, retried rather than stalled.
+    pub fn retry_not_found(self) -> ProviderError {
+        if self.is_not_found() { self.refused() } else { self.error }
+    }
+
+    /// The answer says the call did nothing and a retry may succeed.
+    pub fn refused(self) -> ProviderError {
+        ProviderError::Refused(self.error.to_string())
+    }
+
+    /// The error with `why` added to its message.
+    pub fn context(self, why: &str) -> ProviderError {
+        match self.error {
+            ProviderError::Transient(m) => ProviderError::Transient(format!("{m} ({why})")),
+            ProviderError::Refused(m) => ProviderError::Refused(format!("{m} ({why})")),
+            ProviderError::Permanent { reason, message } => {
+                ProviderError::Permanent { reason, message: format!("{message} ({why})") }
+            }
+        }
+    }
+
+    /// The HTTP status of the answer (S3 answers HEAD with a bare status).
+    pub fn http_status(&self) -> Option<u16> {
+        self.status
+    }
+}
+
+impl From<AwsError> for ProviderError {
+    fn from(err: AwsError) -> Self {
+        err.error
+    }
 }
 
 /// Builds and caches clients per Network.
 #[derive(Clone)]
 pub struct AwsAccounts {
     client: Client,
+    metrics: Metrics,
     cache: Arc<Mutex<HashMap<String, CachedClients>>>,
     /// Rate limits by account (access key or "default chain"), region and endpoint.
     limits: Arc<Mutex<HashMap<String, Arc<RateLimits>>>>,
@@ -101,8 +184,9 @@ pub struct AwsAccounts {
 type CachedClients = (String, Arc<AwsClients>);
 
 impl AwsAccounts {
-    pub fn new(client: Client) -> Self {
-        Self { client, cache: Arc::default(), limits: Arc::default() }
+    /// Accounts whose calls are counted in `metrics`.
+    pub fn new(client: Client, metrics: Metrics) -> Self {
+        Self { client, metrics, cache: Arc::default(), limits: Arc::default() }
     }
 
     /// The clients for `network`'s account; a Stalled-worthy error names the
@@ -146,7 +230,7 @@ impl AwsAccounts {
             .entry(format!("{account}|{}|{:?}", ec2.region, ec2.endpoint))
             .or_insert_with(|| Arc::new(RateLimits::new()))
             .clone();
-        let clients = Arc::new(build(ec2, secret.as_ref(), &name, limits).await?);
+        let clients = Arc::new(build(ec2, secret.as_ref(), &name, limits, self.metrics.clone()).await?);
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (version, clients.clone()));
         Ok(clients)
     }
@@ -162,6 +246,7 @@ async fn build(
     secret: Option<&Secret>,
     network: &str,
     limits: Arc<RateLimits>,
+    metrics: Metrics,
 ) -> Result<AwsClients, ProviderError> {
     let region = aws_config::Region::new(ec2.region.clone());
     // Adaptive retries back off on throttling (RequestLimitExceeded, SlowDown)
@@ -199,6 +284,7 @@ async fn build(
         s3: aws_sdk_s3::Client::from_conf(s3_config),
         region: ec2.region.clone(),
         limits,
+        metrics,
     })
 }
 
@@ -214,7 +300,7 @@ pub fn single_attempt() -> aws_sdk_ec2::config::Builder {
 /// Classifies an AWS SDK error: throttling and transport trouble are retried,
 /// everything that needs a change (bad input, auth, quotas) stalls. The
 /// message carries the AWS error code and what was being done.
-pub fn classify<E, R>(err: aws_sdk_ec2::error::SdkError<E, R>, doing: &str) -> ProviderError
+fn classify<E, R>(err: aws_sdk_ec2::error::SdkError<E, R>, doing: &str) -> ProviderError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
@@ -277,7 +363,7 @@ pub fn is_transient_code(code: &str) -> bool {
 }
 
 /// The error code of an SDK error, if the service answered.
-pub fn error_code<E: ProvideErrorMetadata, R>(err: &aws_sdk_ec2::error::SdkError<E, R>) -> Option<&str> {
+fn error_code<E: ProvideErrorMetadata, R>(err: &aws_sdk_ec2::error::SdkError<E, R>) -> Option<&str> {
     match err {
         aws_sdk_ec2::error::SdkError::ServiceError(s) => s.err().code(),
         _ => None,
@@ -295,6 +381,21 @@ mod tests {
         let reads = (0..100).take_while(|_| limits.reads.check().is_ok()).count();
         assert_eq!(writes, 10, "burst of mutating calls");
         assert_eq!(reads, 40, "burst of read calls");
+    }
+
+    #[test]
+    fn not_found_right_after_a_create_is_retried() {
+        let not_found = |code: &str| AwsError {
+            code: Some(code.into()),
+            status: Some(400),
+            error: ProviderError::permanent("AwsError", format!("AWS {code}")),
+        };
+        assert!(matches!(not_found("InvalidSubnetID.NotFound").retry_not_found(), ProviderError::Refused(_)));
+        assert!(matches!(not_found("InvalidVpcID.NotFound").retry_not_found(), ProviderError::Refused(_)));
+        assert!(
+            matches!(not_found("InvalidParameterValue").retry_not_found(), ProviderError::Permanent { .. }),
+            "other errors keep their class"
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use super::{AwsAccounts, AwsClients, ebs, keypair, s3, vpc};
 use crate::api::volume::VolumeProvider as VolumeSpec;
 use crate::provider::{
-    BucketHolder, BucketProvider, BucketSpec, CloudTarget, KeyPairProvider, NetworkProvider, NetworkResources,
-    ProviderError, VolumeProvider, VolumeState,
+    BucketHolder, BucketProvider, BucketSpec, CloudKey, CloudTarget, KeyPairProvider, NetworkPart, NetworkProvider,
+    NetworkResources, NetworkState, ProviderError, VolumeProvider, VolumeState,
 };
 
 /// Amazon Web Services for volumes, buckets, networks and key pairs.
@@ -24,6 +24,16 @@ impl Aws {
     async fn clients(&self, target: &CloudTarget) -> Result<std::sync::Arc<AwsClients>, ProviderError> {
         self.accounts.for_network(&target.network).await
     }
+}
+
+fn ec2_network(target: &CloudTarget) -> Result<&crate::api::network::Ec2Network, ProviderError> {
+    target
+        .network
+        .spec
+        .provider
+        .as_ref()
+        .and_then(|p| p.ec2.as_ref())
+        .ok_or_else(|| ProviderError::permanent("NoProvider", "spec.provider.ec2 is not set"))
 }
 
 fn ebs_spec(spec: &VolumeSpec) -> Result<&crate::api::volume::EbsVolume, ProviderError> {
@@ -119,15 +129,17 @@ impl NetworkProvider for Aws {
         vpc::find_vpc(&*self.clients(target).await?, &target.owner, known).await
     }
 
-    async fn ensure(&self, target: &CloudTarget, known: Option<&str>) -> Result<NetworkResources, ProviderError> {
-        let spec = target
-            .network
-            .spec
-            .provider
-            .as_ref()
-            .and_then(|p| p.ec2.as_ref())
-            .ok_or_else(|| ProviderError::permanent("NoProvider", "spec.provider.ec2 is not set"))?;
-        vpc::ensure(&*self.clients(target).await?, &target.owner, spec, known).await
+    async fn ensure(&self, target: &CloudTarget, known: Option<&str>) -> Result<NetworkState, ProviderError> {
+        vpc::ensure(&*self.clients(target).await?, &target.owner, ec2_network(target)?, known).await
+    }
+
+    async fn create(
+        &self,
+        target: &CloudTarget,
+        part: &NetworkPart,
+        found: &NetworkResources,
+    ) -> Result<String, ProviderError> {
+        vpc::create(&*self.clients(target).await?, &target.owner, ec2_network(target)?, part, found).await
     }
 
     async fn delete(&self, target: &CloudTarget, known: Option<&str>) -> Result<(), ProviderError> {
@@ -141,18 +153,12 @@ impl KeyPairProvider for Aws {
         "ec2"
     }
 
-    async fn ensure(
-        &self,
-        target: &CloudTarget,
-        key_name: &str,
-        public_key: &str,
-        adopt: bool,
-    ) -> Result<bool, ProviderError> {
-        keypair::ensure(&*self.clients(target).await?, &target.owner, key_name, public_key, adopt).await
+    async fn find(&self, target: &CloudTarget, key_name: &str) -> Result<CloudKey, ProviderError> {
+        keypair::find(&*self.clients(target).await?, &target.owner, key_name).await
     }
 
-    async fn exists(&self, target: &CloudTarget, key_name: &str) -> Result<bool, ProviderError> {
-        keypair::exists(&*self.clients(target).await?, key_name).await
+    async fn import(&self, target: &CloudTarget, key_name: &str, public_key: &str) -> Result<(), ProviderError> {
+        keypair::import(&*self.clients(target).await?, &target.owner, key_name, public_key).await
     }
 
     async fn delete(&self, target: &CloudTarget, key_name: &str) -> Result<(), ProviderError> {

@@ -8,7 +8,7 @@ use aws_sdk_s3::types::{
     PublicAccessBlockConfiguration, Tag, Tagging, VersioningConfiguration,
 };
 
-use super::{AwsClients, classify, error_code};
+use super::AwsClients;
 use crate::api::s3bucket::PublicAccessBlock;
 use crate::provider::ProviderError;
 
@@ -37,15 +37,15 @@ pub enum BucketHolder {
 
 /// Whether the bucket exists in this account.
 async fn exists(aws: &AwsClients, name: &str) -> Result<bool, ProviderError> {
-    match aws.reading().await.s3.head_bucket().bucket(name).send().await {
+    match aws.call("HeadBucket", name, aws.reading().await.s3.head_bucket().bucket(name).send()).await {
         Ok(_) => Ok(true),
-        Err(err) => match err.raw_response().map(|r| r.status().as_u16()) {
+        Err(err) => match err.http_status() {
             Some(404) => Ok(false),
             Some(403) => Err(ProviderError::permanent(
                 "BucketNameTaken",
                 format!("bucket {name} exists but belongs to another account; choose another spec.bucketName"),
             )),
-            _ => Err(classify(err, &format!("HeadBucket {name}"))),
+            _ => Err(err.into()),
         },
     }
 }
@@ -63,10 +63,10 @@ pub async fn holder(aws: &AwsClients, name: &str) -> Result<BucketHolder, Provid
 }
 
 async fn current_tags(aws: &AwsClients, name: &str) -> Result<BTreeMap<String, String>, ProviderError> {
-    match aws.reading().await.s3.get_bucket_tagging().bucket(name).send().await {
+    match aws.call("GetBucketTagging", name, aws.reading().await.s3.get_bucket_tagging().bucket(name).send()).await {
         Ok(out) => Ok(out.tag_set().iter().map(|t| (t.key().to_owned(), t.value().to_owned())).collect()),
-        Err(err) if error_code(&err) == Some("NoSuchTagSet") => Ok(BTreeMap::new()),
-        Err(err) => Err(classify(err, &format!("GetBucketTagging {name}"))),
+        Err(err) if err.is("NoSuchTagSet") => Ok(BTreeMap::new()),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -76,15 +76,12 @@ async fn put_tags(aws: &AwsClients, name: &str, tags: &BTreeMap<String, String>)
         .set_tag_set(Some(tags.map_err(|e| ProviderError::permanent("InvalidTag", format!("spec.tags: {e}")))?))
         .build()
         .map_err(|e| ProviderError::permanent("InvalidTag", format!("spec.tags: {e}")))?;
-    aws.writing()
-        .await
-        .s3
-        .put_bucket_tagging()
-        .bucket(name)
-        .tagging(tagging)
-        .send()
-        .await
-        .map_err(|e| classify(e, &format!("PutBucketTagging {name}")))?;
+    aws.call(
+        "PutBucketTagging",
+        name,
+        aws.writing().await.s3.put_bucket_tagging().bucket(name).tagging(tagging).send(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -100,22 +97,22 @@ pub async fn create(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<(), Provi
                 .build(),
         );
     }
-    match create.send().await {
+    match aws.call("CreateBucket", name, create.send()).await {
         Ok(_) => {}
         // Made by someone else since the lookup: not ours to tag.
-        Err(err) if error_code(&err) == Some("BucketAlreadyOwnedByYou") => {
+        Err(err) if err.is("BucketAlreadyOwnedByYou") => {
             return Err(ProviderError::permanent(
                 "BucketNotOwned",
                 format!("bucket {name} was created in this account by someone else meanwhile; it is left as it is"),
             ));
         }
-        Err(err) if error_code(&err) == Some("BucketAlreadyExists") => {
+        Err(err) if err.is("BucketAlreadyExists") => {
             return Err(ProviderError::permanent(
                 "BucketNameTaken",
                 format!("bucket name {name} is taken in S3 (names are global); choose another spec.bucketName"),
             ));
         }
-        Err(err) => return Err(classify(err, &format!("CreateBucket {name}"))),
+        Err(err) => return Err(err.into()),
     }
     put_tags(aws, name, &spec.tags).await
 }
@@ -128,26 +125,23 @@ pub async fn converge(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<Vec<&'s
     let mut changed = Vec::new();
     // Versioning: Enabled, or Suspended once it was ever enabled.
     let current = aws
-        .reading()
-        .await
-        .s3
-        .get_bucket_versioning()
-        .bucket(name)
-        .send()
-        .await
-        .map_err(|e| classify(e, "GetBucketVersioning"))?;
+        .call("GetBucketVersioning", name, aws.reading().await.s3.get_bucket_versioning().bucket(name).send())
+        .await?;
     let enabled = current.status() == Some(&BucketVersioningStatus::Enabled);
     if enabled != spec.versioning && (spec.versioning || current.status().is_some()) {
         let status = if spec.versioning { BucketVersioningStatus::Enabled } else { BucketVersioningStatus::Suspended };
-        aws.writing()
-            .await
-            .s3
-            .put_bucket_versioning()
-            .bucket(name)
-            .versioning_configuration(VersioningConfiguration::builder().status(status).build())
-            .send()
-            .await
-            .map_err(|e| classify(e, "PutBucketVersioning"))?;
+        aws.call(
+            "PutBucketVersioning",
+            name,
+            aws.writing()
+                .await
+                .s3
+                .put_bucket_versioning()
+                .bucket(name)
+                .versioning_configuration(VersioningConfiguration::builder().status(status).build())
+                .send(),
+        )
+        .await?;
         changed.push("versioning");
     }
 
@@ -159,53 +153,49 @@ pub async fn converge(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<Vec<&'s
         .block_public_policy(pab.block_public_policy)
         .restrict_public_buckets(pab.restrict_public_buckets)
         .build();
-    let current = match aws.reading().await.s3.get_public_access_block().bucket(name).send().await {
+    let request = aws.reading().await.s3.get_public_access_block().bucket(name).send();
+    let current = match aws.call("GetPublicAccessBlock", name, request).await {
         Ok(out) => out.public_access_block_configuration().cloned(),
-        Err(err) if error_code(&err) == Some("NoSuchPublicAccessBlockConfiguration") => None,
-        Err(err) => return Err(classify(err, "GetPublicAccessBlock")),
+        Err(err) if err.is("NoSuchPublicAccessBlockConfiguration") => None,
+        Err(err) => return Err(err.into()),
     };
     if current.as_ref() != Some(&desired) {
-        aws.writing()
-            .await
-            .s3
-            .put_public_access_block()
-            .bucket(name)
-            .public_access_block_configuration(desired)
-            .send()
-            .await
-            .map_err(|e| classify(e, "PutPublicAccessBlock"))?;
+        aws.call(
+            "PutPublicAccessBlock",
+            name,
+            aws.writing()
+                .await
+                .s3
+                .put_public_access_block()
+                .bucket(name)
+                .public_access_block_configuration(desired)
+                .send(),
+        )
+        .await?;
         changed.push("publicAccessBlock");
     }
 
     // Policy, compared as JSON values.
-    let current = match aws.reading().await.s3.get_bucket_policy().bucket(name).send().await {
-        Ok(out) => out.policy().and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok()),
-        Err(err) if error_code(&err) == Some("NoSuchBucketPolicy") => None,
-        Err(err) => return Err(classify(err, "GetBucketPolicy")),
-    };
+    let current =
+        match aws.call("GetBucketPolicy", name, aws.reading().await.s3.get_bucket_policy().bucket(name).send()).await {
+            Ok(out) => out.policy().and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok()),
+            Err(err) if err.is("NoSuchBucketPolicy") => None,
+            Err(err) => return Err(err.into()),
+        };
     match (spec.policy, current) {
         (Some(want), Some(have)) if *want == have => {}
         (Some(want), _) => {
-            aws.writing()
-                .await
-                .s3
-                .put_bucket_policy()
-                .bucket(name)
-                .policy(want.to_string())
-                .send()
-                .await
-                .map_err(|e| classify(e, "PutBucketPolicy (spec.policy)"))?;
+            aws.call(
+                "PutBucketPolicy",
+                format!("{name} (spec.policy)"),
+                aws.writing().await.s3.put_bucket_policy().bucket(name).policy(want.to_string()).send(),
+            )
+            .await?;
             changed.push("policy");
         }
         (None, Some(_)) => {
-            aws.writing()
-                .await
-                .s3
-                .delete_bucket_policy()
-                .bucket(name)
-                .send()
-                .await
-                .map_err(|e| classify(e, "DeleteBucketPolicy"))?;
+            aws.call("DeleteBucketPolicy", name, aws.writing().await.s3.delete_bucket_policy().bucket(name).send())
+                .await?;
             changed.push("policy");
         }
         (None, None) => {}
@@ -221,15 +211,8 @@ pub async fn converge(aws: &AwsClients, spec: &BucketSpec<'_>) -> Result<Vec<&'s
 
 /// Number of object versions and delete markers in the bucket (up to one page).
 pub async fn object_count(aws: &AwsClients, name: &str) -> Result<usize, ProviderError> {
-    let out = aws
-        .reading()
-        .await
-        .s3
-        .list_object_versions()
-        .bucket(name)
-        .send()
-        .await
-        .map_err(|e| classify(e, "ListObjectVersions"))?;
+    let out =
+        aws.call("ListObjectVersions", name, aws.reading().await.s3.list_object_versions().bucket(name).send()).await?;
     Ok(out.versions().len() + out.delete_markers().len())
 }
 
@@ -241,14 +224,8 @@ pub async fn delete(aws: &AwsClients, name: &str, force: bool) -> Result<(), Pro
     if force {
         loop {
             let out = aws
-                .reading()
-                .await
-                .s3
-                .list_object_versions()
-                .bucket(name)
-                .send()
-                .await
-                .map_err(|e| classify(e, "ListObjectVersions"))?;
+                .call("ListObjectVersions", name, aws.reading().await.s3.list_object_versions().bucket(name).send())
+                .await?;
             let mut ids = Vec::new();
             for v in out.versions() {
                 ids.push((v.key().unwrap_or_default().to_owned(), v.version_id().map(str::to_owned)));
@@ -269,20 +246,13 @@ pub async fn delete(aws: &AwsClients, name: &str, force: bool) -> Result<(), Pro
                 .quiet(true)
                 .build()
                 .map_err(|e| ProviderError::Transient(format!("DeleteObjects: {e}")))?;
-            aws.writing()
-                .await
-                .s3
-                .delete_objects()
-                .bucket(name)
-                .delete(delete)
-                .send()
-                .await
-                .map_err(|e| classify(e, "DeleteObjects"))?;
+            aws.call("DeleteObjects", name, aws.writing().await.s3.delete_objects().bucket(name).delete(delete).send())
+                .await?;
         }
     }
-    match aws.writing().await.s3.delete_bucket().bucket(name).send().await {
+    match aws.call("DeleteBucket", name, aws.writing().await.s3.delete_bucket().bucket(name).send()).await {
         Ok(_) => Ok(()),
-        Err(err) if error_code(&err) == Some("NoSuchBucket") => Ok(()),
-        Err(err) => Err(classify(err, &format!("DeleteBucket {name}"))),
+        Err(err) if err.is("NoSuchBucket") => Ok(()),
+        Err(err) => Err(err.into()),
     }
 }
