@@ -189,11 +189,7 @@ async fn a_full_disk_on_the_machine_stalls_with_its_cause() {
     assert!(node.current_system().is_none());
 
     node.exec_ok("mount -o remount,size=64m /nix/store");
-    fleet
-        .machines
-        .patch("full", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": {"retry": "1"}}})))
-        .await
-        .unwrap();
+    fleet.nudge("full").await;
     fleet.wait_running("full", &sys).await;
     node.verify();
 }
@@ -233,11 +229,7 @@ async fn a_source_path_that_does_not_match_its_hash_stalls_as_corrupt() {
     assert!(node.current_system().is_none());
 
     rewrite(genuine);
-    fleet
-        .machines
-        .patch("rot", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": {"retry": "1"}}})))
-        .await
-        .unwrap();
+    fleet.nudge("rot").await;
     fleet.wait_running("rot", &sys).await;
     node.verify();
 }
@@ -413,11 +405,7 @@ async fn the_first_host_key_is_recorded_although_the_login_is_rejected() {
 
     // Authorising the key lets the deployment through, with the recorded key.
     node.exec_ok(&format!("echo '{}' > {}", fleet.public_key, support::node::AUTHORIZED_KEYS));
-    fleet
-        .machines
-        .patch("tofu", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": {"retry": "1"}}})))
-        .await
-        .unwrap();
+    fleet.nudge("tofu").await;
     fleet.wait_running("tofu", &sys).await;
 }
 

@@ -136,6 +136,16 @@ impl Fleet {
         drop(old);
     }
 
+    /// Makes the operator look at Machine `name` again now (an annotation
+    /// changes), as a user does after fixing what it stalled on.
+    pub async fn nudge(&self, name: &str) {
+        let patch = serde_json::json!({"metadata": {"annotations": {"retry": nonce()}}});
+        self.machines
+            .patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .await
+            .expect("annotate the machine");
+    }
+
     /// Waits until the last deployment of `closure` has ended with `result`.
     pub async fn wait_result(&self, name: &str, closure: &str, result: &str) -> Machine {
         super::wait_for(&self.machines, name, TIMEOUT, &format!("{result} deploying {closure}"), |m| {
