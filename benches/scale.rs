@@ -1,6 +1,9 @@
-//! `make bench-scale`: 2,000 objects (KeyPairs, and Machines against a few
-//! local SSH hosts) reconciled by one operator process. Prints
-//! `scale_objects`, `scale_ready_seconds`, `resync_writes` and `rss_mib`.
+//! `make bench-scale`: SCALE_OBJECTS objects (half KeyPairs, half Machines
+//! of one Network against a few local SSH hosts) reconciled by one operator
+//! process. Prints `scale_objects`, `scale_ready_seconds`, `resync_writes`,
+//! `rss_mib`, `network_reconciles_per_member_change` (Network reconciles
+//! while its Machines join and become Ready, per Machine) and
+//! `machine_list_calls` (LISTs of Machines the API server served meanwhile).
 //! A benchmark, not a test: figures go in notes, not assertions.
 
 #[path = "../tests/support/mod.rs"]
@@ -40,6 +43,17 @@ async fn versions(client: &kube::Client, ns: &str) -> Vec<(String, String)> {
         all.push((format!("k/{}", k.name_any()), k.resource_version().unwrap_or_default()));
     }
     all
+}
+
+/// LIST requests for Machines the API server has served (its own metrics).
+async fn machine_lists(client: &kube::Client) -> f64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).expect("request");
+    let body = client.request_text(request).await.expect("API server metrics");
+    body.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| l.contains("verb=\"LIST\"") && l.contains("resource=\"machines\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn peak_rss_mib(pid: u32) -> f64 {
@@ -86,6 +100,7 @@ async fn main() {
     eprintln!("created {objects} objects in {:.1} s", created.elapsed().as_secs_f64());
 
     let resync = 60;
+    let lists_before = machine_lists(&client).await;
     let operator = support::Operator::start(&ns, &["--resync-seconds", &resync.to_string()]);
     let started = Instant::now();
     loop {
@@ -99,6 +114,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let ready_seconds = started.elapsed().as_secs_f64();
+    let network_reconciles = operator.metric("nixops_reconciles_total", &["kind=\"Network\""]);
+    let machine_list_calls = machine_lists(&client).await - lists_before;
 
     // One full resync once everything is Ready: count what it writes.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -121,4 +138,7 @@ async fn main() {
     println!("scale_ready_seconds: {ready_seconds:.1}");
     println!("resync_writes: {}", writes.max(changed as f64));
     println!("rss_mib: {:.1}", peak_rss_mib(operator.pid()));
+    // Every Machine joined the Network and became Ready once: one member change each.
+    println!("network_reconciles_per_member_change: {:.2}", network_reconciles / (objects - half) as f64);
+    println!("machine_list_calls: {machine_list_calls}");
 }
