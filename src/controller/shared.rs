@@ -199,7 +199,7 @@ fn without_members(status: &NetworkStatus) -> NetworkStatus {
     } = status;
     NetworkStatus {
         observed_generation: *observed_generation,
-        phase: phase.clone(),
+        phase: *phase,
         conditions: conditions.clone(),
         provider: provider.clone(),
         machines: *machines,

@@ -41,14 +41,14 @@ struct DesiredAttachment {
     instance_id: Option<String>,
 }
 
-fn desired_attachment<M: std::ops::Deref<Target = Machine>>(
+fn desired_attachment<'a>(
     volume: &str,
-    machines: &[M],
+    machines: impl IntoIterator<Item = &'a Machine>,
 ) -> Result<Option<DesiredAttachment>> {
     let users: Vec<(&Machine, &str)> = machines
-        .iter()
+        .into_iter()
         .filter(|m| m.metadata.deletion_timestamp.is_none())
-        .filter_map(|m| m.spec.volumes.iter().find(|v| v.volume_ref.name == volume).map(|v| (&**m, v.device.as_str())))
+        .filter_map(|m| m.spec.volumes.iter().find(|v| v.volume_ref.name == volume).map(|v| (m, v.device.as_str())))
         .collect();
     match users.as_slice() {
         [] => Ok(None),
@@ -99,7 +99,7 @@ impl Reconciler for Volume {
         let provider = ctx.providers.volume(spec)?;
         let target = target(&ctx, &self).await?;
         let machines = ctx.stores.machines_in(&ns).await?;
-        let desired = desired_attachment(&self.name_any(), &machines)?;
+        let desired = desired_attachment(&self.name_any(), machines.iter().map(|m| &**m))?;
 
         let known_id = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
         let observe_only = self.spec.management_policy == ManagementPolicy::Observe;
