@@ -1041,3 +1041,52 @@ fn output_tail(stdout: &[u8], stderr: &[u8]) -> String {
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLOSURE: &str = "/nix/store/00000000000000000000000000000000-nixos-system-a";
+
+    fn member(name: &str, generation: i64, result: Option<&str>) -> Machine {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "Machine",
+            "metadata": {"name": name, "namespace": "ns", "generation": generation},
+            "spec": {"networkRef": {"name": "net"}, "nixos": {"closure": CLOSURE}},
+            "status": {"lastDeploy": {"closure": CLOSURE, "result": result, "specGeneration": generation}}
+        }))
+        .unwrap()
+    }
+
+    fn network() -> Network {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "Network",
+            "metadata": {"name": "net", "namespace": "ns"}, "spec": {}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_failure_counts_before_the_store_shows_it_and_ends_with_a_spec_change() {
+        let deployments = Deployments::new(1 << 20);
+        let net = network();
+        let stored_failed = member("a", 1, Some(deploy_result::FAILED));
+        assert_eq!(deployments.failed_members(&net, &[&stored_failed, &member("b", 1, None)], "b"), ["a"]);
+        assert!(deployments.failed_members(&net, &[&stored_failed], "a").is_empty(), "a machine does not halt itself");
+
+        // Written and recorded while holding the slot; the store still has the older copy.
+        deployments.record_failure(&net, "a", Some(1));
+        let lagging = member("a", 1, Some(deploy_result::PUSHING));
+        assert_eq!(deployments.failed_members(&net, &[&lagging, &member("b", 1, None)], "b"), ["a"]);
+
+        // A new spec for "a" lets the rollout go on; the record does not come back.
+        let respecified = member("a", 2, None);
+        assert!(deployments.failed_members(&net, &[&respecified], "b").is_empty());
+        assert!(deployments.failed_members(&net, &[&lagging], "b").is_empty());
+
+        // Nor does one for a machine that is gone.
+        deployments.record_failure(&net, "c", Some(1));
+        assert!(deployments.failed_members::<&Machine>(&net, &[], "b").is_empty());
+        assert!(deployments.failed_members(&net, &[&member("c", 1, None)], "b").is_empty());
+    }
+}
