@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::Controller;
@@ -169,7 +170,20 @@ pub fn controller(
         Some(ObjectRef::new(network?).within(meta.namespace.as_deref().unwrap_or_default()))
     }
     let seen = Mutex::new(HashMap::<String, String>::new());
-    Controller::for_stream(networks.applied(), networks.store())
+    // A Network's own status writes (every member change makes one) wake
+    // nothing: only what the reconcile reads from the object itself does.
+    let own = Mutex::new(HashMap::<String, String>::new());
+    let changed = move |network: &Network| {
+        let m = &network.metadata;
+        let projection = format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}",
+            m.generation, m.annotations, m.labels, m.finalizers, m.deletion_timestamp
+        );
+        let mut own = own.lock().unwrap_or_else(|e| e.into_inner());
+        own.insert(super::object_key(network), projection.clone()).as_ref() != Some(&projection)
+    };
+    let triggers = networks.applied().filter(move |n| std::future::ready(n.as_ref().map_or(true, &changed)));
+    Controller::for_stream(triggers, networks.store())
         .watches_stream(volumes.touched(), |v| leaving(&v.metadata, Some(&v.spec.network_ref.name)))
         .watches_stream(keypairs.touched(), |k| {
             leaving(&k.metadata, k.spec.network_ref.as_ref().map(|r| r.name.as_str()))
