@@ -108,7 +108,9 @@ async fn main() {
     }
     eprintln!("created {objects} objects in {:.1} s", created.elapsed().as_secs_f64());
 
-    let resync = 60;
+    // A resync re-checks every Machine over SSH; at 10,000 objects a short
+    // one leaves no time for anything else on a small machine.
+    let resync: u64 = std::env::var("SCALE_RESYNC_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
     let lists_before = machine_lists(&client).await;
     let operator = support::Operator::start(&ns, &["--resync-seconds", &resync.to_string()]);
     let started = Instant::now();
@@ -133,7 +135,7 @@ async fn main() {
     let reconciles_before = operator.metric("nixops_reconciles_total", &[]);
     let resync_started = Instant::now();
     while operator.metric("nixops_reconciles_total", &[]) < reconciles_before + objects as f64 {
-        if resync_started.elapsed() > Duration::from_secs(resync as u64 * 10) {
+        if resync_started.elapsed() > Duration::from_secs(resync * 10) {
             eprintln!("warning: fewer than {objects} reconciles in the resync window");
             break;
         }
