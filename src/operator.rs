@@ -188,11 +188,11 @@ struct Watches {
 impl Watches {
     fn stores(&self) -> Stores {
         Stores {
-            machines: self.machines.store(),
-            networks: self.networks.store(),
-            volumes: self.volumes.store(),
-            keypairs: self.keypairs.store(),
-            buckets: self.buckets.store(),
+            machines: self.machines.synced(),
+            networks: self.networks.synced(),
+            volumes: self.volumes.synced(),
+            keypairs: self.keypairs.synced(),
+            buckets: self.buckets.synced(),
         }
     }
 }

@@ -29,6 +29,8 @@ const SUBSCRIBER_BUFFER: usize = 1024;
 pub struct SharedWatch<K: Resource<DynamicType = ()> + Clone + 'static> {
     reader: Store<K>,
     writer: reflector::store::Writer<K>,
+    /// True once the store holds the first complete list.
+    synced: watch::Sender<bool>,
     /// Each subscriber, and whether it hears of deletions too.
     subscribers: Vec<(bool, mpsc::Sender<K>)>,
 }
@@ -48,12 +50,17 @@ where
 {
     pub fn new() -> Self {
         let (reader, writer) = reflector::store();
-        Self { reader, writer, subscribers: Vec::new() }
+        Self { reader, writer, synced: watch::Sender::new(false), subscribers: Vec::new() }
     }
 
     /// The store this watch keeps.
     pub fn store(&self) -> Store<K> {
         self.reader.clone()
+    }
+
+    /// The store, for lookups that wait until it is synced.
+    pub fn synced(&self) -> Synced<K> {
+        Synced { store: self.reader.clone(), synced: self.synced.subscribe() }
     }
 
     /// Objects as they are created or changed: what wakes the kind's own
@@ -78,7 +85,7 @@ where
     /// each event to the subscribers once the store has it. A slow
     /// subscriber holds the watch back rather than losing events.
     pub async fn run(self, api: Api<K>, wc: watcher::Config, mut stop: watch::Receiver<bool>) {
-        let Self { writer, subscribers, .. } = self;
+        let Self { writer, synced, subscribers, .. } = self;
         let kind = K::kind(&());
         let forward = async move {
             let events = reflector::reflector(writer, watcher(api, wc).default_backoff());
@@ -87,7 +94,11 @@ where
                 let (obj, deleted) = match event {
                     Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => (obj, false),
                     Ok(watcher::Event::Delete(obj)) => (obj, true),
-                    Ok(watcher::Event::Init | watcher::Event::InitDone) => continue,
+                    Ok(watcher::Event::InitDone) => {
+                        synced.send_replace(true);
+                        continue;
+                    }
+                    Ok(watcher::Event::Init) => continue,
                     Err(err) => {
                         tracing::warn!(%kind, %err, "watch failed; retrying");
                         continue;
@@ -109,24 +120,35 @@ where
     }
 }
 
+/// A shared watch's store and whether it is synced.
+///
+/// Not `Store::wait_until_ready`: that wakes only the last of several
+/// waiters (a oneshot receiver behind a mutex), so a reconcile waiting on it
+/// beside the controller's own runner could wait forever.
+#[derive(Clone)]
+pub struct Synced<K: Resource<DynamicType = ()> + Clone + 'static> {
+    store: Store<K>,
+    synced: watch::Receiver<bool>,
+}
+
 /// The stores of the shared watches, for lookups by reconcilers.
 #[derive(Clone)]
 pub struct Stores {
-    pub machines: Store<Machine>,
-    pub networks: Store<Network>,
-    pub volumes: Store<Volume>,
-    pub keypairs: Store<KeyPair>,
-    pub buckets: Store<S3Bucket>,
+    pub machines: Synced<Machine>,
+    pub networks: Synced<Network>,
+    pub volumes: Synced<Volume>,
+    pub keypairs: Synced<KeyPair>,
+    pub buckets: Synced<S3Bucket>,
 }
 
 /// A store's objects once it holds the first complete list; before that
 /// (or after the watch stopped) nothing is decided from it.
-async fn ready<K>(store: &Store<K>) -> Result<&Store<K>>
+async fn ready<K>(shared: &Synced<K>) -> Result<&Store<K>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    store.wait_until_ready().await.map_err(|_| Error::Stale)?;
-    Ok(store)
+    shared.synced.clone().wait_for(|synced| *synced).await.map_err(|_| Error::Stale)?;
+    Ok(&shared.store)
 }
 
 impl Stores {
