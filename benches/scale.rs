@@ -1,11 +1,16 @@
-//! `make bench-scale`: 2,000 objects (KeyPairs, and Machines against a few
-//! local SSH hosts) reconciled by one operator process. Prints
-//! `scale_objects`, `scale_ready_seconds`, `resync_writes` and `rss_mib`.
+//! `make bench-scale`: SCALE_OBJECTS objects (half KeyPairs, half Machines
+//! of one Network against a few local SSH hosts) reconciled by one operator
+//! process. Prints `scale_objects`, `scale_ready_seconds`, `resync_writes`,
+//! `rss_mib`, `network_reconciles_per_member_change` (Network reconciles
+//! while its Machines join and become Ready, per Machine) and
+//! `machine_list_calls` (LISTs of Machines the API server served the
+//! operator meanwhile).
 //! A benchmark, not a test: figures go in notes, not assertions.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
@@ -19,8 +24,12 @@ fn ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition
     support::condition(conditions, "Ready").as_deref() == Some("True")
 }
 
+/// LISTs of Machines this bench makes itself, to tell the operator's apart.
+static OWN_MACHINE_LISTS: AtomicUsize = AtomicUsize::new(0);
+
 async fn count_ready(client: &kube::Client, ns: &str) -> (usize, usize) {
     let lp = ListParams::default();
+    OWN_MACHINE_LISTS.fetch_add(1, Ordering::Relaxed);
     let machines = Api::<Machine>::namespaced(client.clone(), ns).list(&lp).await.expect("list machines");
     let keypairs = Api::<KeyPair>::namespaced(client.clone(), ns).list(&lp).await.expect("list keypairs");
     let ready_machines =
@@ -33,6 +42,7 @@ async fn count_ready(client: &kube::Client, ns: &str) -> (usize, usize) {
 async fn versions(client: &kube::Client, ns: &str) -> Vec<(String, String)> {
     let lp = ListParams::default();
     let mut all: Vec<(String, String)> = Vec::new();
+    OWN_MACHINE_LISTS.fetch_add(1, Ordering::Relaxed);
     for m in Api::<Machine>::namespaced(client.clone(), ns).list(&lp).await.expect("list") {
         all.push((format!("m/{}", m.name_any()), m.resource_version().unwrap_or_default()));
     }
@@ -40,6 +50,19 @@ async fn versions(client: &kube::Client, ns: &str) -> Vec<(String, String)> {
         all.push((format!("k/{}", k.name_any()), k.resource_version().unwrap_or_default()));
     }
     all
+}
+
+/// LIST requests for Machines the API server has served (its own metrics),
+/// less those this bench made.
+async fn machine_lists(client: &kube::Client) -> f64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).expect("request");
+    let body = client.request_text(request).await.expect("API server metrics");
+    body.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| l.contains("verb=\"LIST\"") && l.contains("resource=\"machines\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        - OWN_MACHINE_LISTS.load(Ordering::Relaxed) as f64
 }
 
 fn peak_rss_mib(pid: u32) -> f64 {
@@ -85,7 +108,10 @@ async fn main() {
     }
     eprintln!("created {objects} objects in {:.1} s", created.elapsed().as_secs_f64());
 
-    let resync = 60;
+    // A resync re-checks every Machine over SSH; at 10,000 objects a short
+    // one leaves no time for anything else on a small machine.
+    let resync: u64 = std::env::var("SCALE_RESYNC_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let lists_before = machine_lists(&client).await;
     let operator = support::Operator::start(&ns, &["--resync-seconds", &resync.to_string()]);
     let started = Instant::now();
     loop {
@@ -99,6 +125,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let ready_seconds = started.elapsed().as_secs_f64();
+    let network_reconciles = operator.metric("nixops_reconciles_total", &["kind=\"Network\""]);
+    let machine_list_calls = machine_lists(&client).await - lists_before;
 
     // One full resync once everything is Ready: count what it writes.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -107,7 +135,7 @@ async fn main() {
     let reconciles_before = operator.metric("nixops_reconciles_total", &[]);
     let resync_started = Instant::now();
     while operator.metric("nixops_reconciles_total", &[]) < reconciles_before + objects as f64 {
-        if resync_started.elapsed() > Duration::from_secs(resync as u64 * 10) {
+        if resync_started.elapsed() > Duration::from_secs(resync * 10) {
             eprintln!("warning: fewer than {objects} reconciles in the resync window");
             break;
         }
@@ -121,4 +149,7 @@ async fn main() {
     println!("scale_ready_seconds: {ready_seconds:.1}");
     println!("resync_writes: {}", writes.max(changed as f64));
     println!("rss_mib: {:.1}", peak_rss_mib(operator.pid()));
+    // Every Machine joined the Network and became Ready once: one member change each.
+    println!("network_reconciles_per_member_change: {:.2}", network_reconciles / (objects - half) as f64);
+    println!("machine_list_calls: {machine_list_calls}");
 }

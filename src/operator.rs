@@ -17,7 +17,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::api::{KeyPair, Machine, Network, S3Bucket, Volume};
-use crate::controller::{self, Context, Reconciler, Settings};
+use crate::controller::shared::{SharedWatch, Stores};
+use crate::controller::{self, Context, KeyPairUsers, Reconciler, Settings};
 use crate::http::{self, Health};
 use crate::leader::{LeaseLock, LeaseTiming};
 use crate::metrics::Metrics;
@@ -101,13 +102,17 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     }
     metrics.leader.set(1);
 
+    let watches = Watches::default();
+    let keypair_users = KeyPairUsers::default();
     let ctx = Arc::new(Context::new(
         client.clone(),
         Reporter { controller: "nixops-operator".into(), instance: Some(opts.identity.clone()) },
         metrics.clone(),
         opts.settings.clone(),
+        watches.stores(),
+        keypair_users.clone(),
     ));
-    let controllers = run_controllers(&client, &opts, ctx.clone(), stop_rx.clone());
+    let controllers = run_controllers(&client, &opts, watches, keypair_users, ctx.clone(), stop_rx.clone());
     tokio::pin!(controllers);
 
     let result = tokio::select! {
@@ -169,41 +174,76 @@ where
     }
 }
 
-/// Runs one controller per kind until `stop` turns true; reconciliations in
-/// flight are finished first.
-async fn run_controllers(client: &Client, opts: &Options, ctx: Arc<Context>, stop: watch::Receiver<bool>) {
+/// One shared watch per kind the controllers look up (see
+/// [`controller::shared`]).
+#[derive(Default)]
+struct Watches {
+    machines: SharedWatch<Machine>,
+    networks: SharedWatch<Network>,
+    volumes: SharedWatch<Volume>,
+    keypairs: SharedWatch<KeyPair>,
+    buckets: SharedWatch<S3Bucket>,
+}
+
+impl Watches {
+    fn stores(&self) -> Stores {
+        Stores {
+            machines: self.machines.synced(),
+            networks: self.networks.synced(),
+            volumes: self.volumes.synced(),
+            keypairs: self.keypairs.synced(),
+            buckets: self.buckets.synced(),
+        }
+    }
+}
+
+/// Runs one controller per kind, and the shared watches that wake them,
+/// until `stop` turns true; reconciliations in flight are finished first.
+async fn run_controllers(
+    client: &Client,
+    opts: &Options,
+    mut w: Watches,
+    keypair_users: KeyPairUsers,
+    ctx: Arc<Context>,
+    stop: watch::Receiver<bool>,
+) {
     let wc = watcher::Config::default();
     let config = kube::runtime::controller::Config::default().concurrency(opts.concurrency);
     let ns = &opts.namespace;
 
     let machines = controller::machine::controller(
+        &mut w.machines,
+        &mut w.networks,
+        &mut w.keypairs,
         api(client, ns),
-        api(client, ns),
-        api(client, ns),
-        api(client, ns),
-        ctx.keypair_users.clone(),
+        keypair_users,
         wc.clone(),
     );
     let networks = controller::network::controller(
-        api(client, ns),
-        api(client, ns),
-        api(client, ns),
-        api(client, ns),
-        api(client, ns),
-        wc.clone(),
+        &mut w.networks,
+        &mut w.machines,
+        &mut w.volumes,
+        &mut w.keypairs,
+        &mut w.buckets,
     );
-    let keypairs = controller::keypair::controller(api(client, ns), api(client, ns), api(client, ns), wc.clone());
-    let volumes = controller::volume::controller(api(client, ns), api(client, ns), api(client, ns), wc.clone());
+    let keypairs = controller::keypair::controller(&mut w.keypairs, api(client, ns), &mut w.networks, wc.clone());
+    let volumes = controller::volume::controller(&mut w.volumes, &mut w.machines, &mut w.networks);
     let buckets = {
-        let buckets = Controller::new(api::<S3Bucket>(client, ns), wc.clone());
-        let store = buckets.store();
+        let store = w.buckets.store();
         fn network_of(b: &S3Bucket) -> Option<&str> {
             Some(&b.spec.network_ref.name)
         }
-        buckets.watches(api(client, ns), wc.clone(), controller::network_dependents(store, network_of))
+        Controller::for_stream(w.buckets.applied(), w.buckets.store())
+            .watches_stream(w.networks.touched(), controller::network_dependents(store, network_of))
     };
 
+    // Every subscription is made above: the watches start with all their controllers.
     futures::join!(
+        w.machines.run(api(client, ns), wc.clone(), stop.clone()),
+        w.networks.run(api(client, ns), wc.clone(), stop.clone()),
+        w.volumes.run(api(client, ns), wc.clone(), stop.clone()),
+        w.keypairs.run(api(client, ns), wc.clone(), stop.clone()),
+        w.buckets.run(api(client, ns), wc, stop.clone()),
         drive::<Machine>(machines, config.clone(), ctx.clone(), stop.clone()),
         drive::<Network>(networks, config.clone(), ctx.clone(), stop.clone()),
         drive::<KeyPair>(keypairs, config.clone(), ctx.clone(), stop.clone()),

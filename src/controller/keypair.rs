@@ -300,18 +300,18 @@ impl KeyPair {
 /// The KeyPair controller. A change to a KeyPair's Secret wakes it, so a
 /// deleted or replaced key is reported at once, not at the next resync.
 pub fn controller(
-    keypairs: Api<KeyPair>,
+    keypairs: &mut super::shared::SharedWatch<KeyPair>,
     secrets: Api<Secret>,
-    networks: Api<crate::api::Network>,
+    networks: &mut super::shared::SharedWatch<crate::api::Network>,
     wc: watcher::Config,
 ) -> Controller<KeyPair> {
-    let controller = Controller::new(keypairs, wc.clone());
-    let by_secret = controller.store();
-    let by_network = controller.store();
+    let controller = Controller::for_stream(keypairs.applied(), keypairs.store());
+    let by_secret = keypairs.store();
+    let by_network = keypairs.store();
     fn network_of(k: &KeyPair) -> Option<&str> {
         k.spec.network_ref.as_ref().map(|r| r.name.as_str())
     }
-    controller.watches(networks, wc.clone(), super::network_dependents(by_network, network_of)).watches(
+    controller.watches_stream(networks.touched(), super::network_dependents(by_network, network_of)).watches(
         secrets,
         wc,
         move |secret| {

@@ -14,6 +14,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 
 use super::deploy;
+use super::shared::SharedWatch;
 use super::status::Conditions;
 use super::{Cleanup, Context, Error, Reconciler, Result, create_once, object_status, record_external_name};
 use crate::api::machine::{JumpHost, MachinePhase, MachineProvider as MachineProviderSpec, MachineStatus, SshSpec};
@@ -416,23 +417,24 @@ impl Reconciler for Machine {
 }
 
 /// The Machine controller; a Network, KeyPair or key Secret appearing or
-/// changing wakes the Machines that use it (no polling).
+/// changing wakes the Machines that use it (no polling). Machines, Networks
+/// and KeyPairs come from the shared watches, whose stores the reconcile reads.
 pub fn controller(
-    machines: Api<Machine>,
-    networks: Api<Network>,
-    keypairs: Api<KeyPair>,
+    machines: &mut SharedWatch<Machine>,
+    networks: &mut SharedWatch<Network>,
+    keypairs: &mut SharedWatch<KeyPair>,
     secrets: Api<Secret>,
     keypair_users: super::KeyPairUsers,
     wc: watcher::Config,
 ) -> Controller<Machine> {
-    let controller = Controller::new(machines, wc.clone());
-    let by_network = controller.store();
-    let by_key_secret = controller.store();
+    let controller = Controller::for_stream(machines.applied(), machines.store());
+    let by_network = machines.store();
+    let by_key_secret = machines.store();
     // Network status changes with every member's readiness; only a spec
     // change (a new generation) concerns the members.
     let seen_generations = Mutex::new(HashMap::<String, Option<i64>>::new());
     controller
-        .watches(networks, wc.clone(), move |network| {
+        .watches_stream(networks.touched(), move |network| {
             let key = super::object_key(&network);
             let mut seen = seen_generations.lock().unwrap_or_else(|e| e.into_inner());
             if seen.insert(key, network.metadata.generation) == Some(network.metadata.generation)
@@ -449,7 +451,7 @@ pub fn controller(
                 .map(|m| ObjectRef::from_obj(&*m))
                 .collect::<Vec<_>>()
         })
-        .watches(secrets, wc.clone(), move |secret| {
+        .watches(secrets, wc, move |secret| {
             // A changed Secret rewrites the key files made from it (spec.keys).
             let ns = secret.namespace();
             let name = secret.name_any();
@@ -460,7 +462,7 @@ pub fn controller(
                 .map(|m| ObjectRef::from_obj(&*m))
                 .collect::<Vec<_>>()
         })
-        .watches(keypairs, wc, move |keypair| {
+        .watches_stream(keypairs.touched(), move |keypair| {
             // Machines whose last reconcile resolved to this KeyPair (directly
             // or through the Network's defaults), including those waiting for it.
             let ns = keypair.namespace().unwrap_or_default();

@@ -12,6 +12,7 @@ pub mod keypair;
 pub mod machine;
 pub mod network;
 pub mod s3bucket;
+pub mod shared;
 pub mod status;
 pub mod volume;
 
@@ -158,6 +159,8 @@ pub struct Context {
     pub keypair_users: KeyPairUsers,
     /// Shared by deployments: path records and rollout slots.
     pub deployments: deploy::Deployments,
+    /// The shared watches' stores: every lookup of other objects reads these.
+    pub stores: shared::Stores,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Reconciliations running now, so shutdown can wait for exactly those.
@@ -170,7 +173,15 @@ pub struct Context {
 pub type KeyPairUsers = Arc<Mutex<HashMap<String, String>>>;
 
 impl Context {
-    pub fn new(client: Client, reporter: Reporter, metrics: Metrics, settings: Settings) -> Self {
+    /// `keypair_users` is the map the Machine controller's KeyPair watch reads.
+    pub fn new(
+        client: Client,
+        reporter: Reporter,
+        metrics: Metrics,
+        settings: Settings,
+        stores: shared::Stores,
+        keypair_users: KeyPairUsers,
+    ) -> Self {
         let recorder = Recorder::new(client.clone(), reporter.clone());
         let aws = AwsAccounts::new(client.clone(), metrics.clone());
         let providers = Providers::builtin(aws.clone());
@@ -183,8 +194,9 @@ impl Context {
             settings,
             reporter,
             last_notes: Mutex::default(),
-            keypair_users: KeyPairUsers::default(),
+            keypair_users,
             deployments: deploy::Deployments::new(RECORD_CACHE_BYTES),
+            stores,
             failures: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
             refused_creates: Mutex::default(),
@@ -507,10 +519,11 @@ async fn cleanup<K: Reconciler>(api: &Api<K>, obj: Arc<K>, ctx: Arc<Context>) ->
     }
 }
 
-/// The Network `name` in `ns`, or a Waiting error naming `field` when it
-/// does not exist yet (a watch brings the object back when it appears).
+/// The Network `name` in `ns` (from the shared store, without
+/// status.members), or a Waiting error naming `field` when it does not
+/// exist yet (the Network's watch brings the object back when it appears).
 pub async fn resolve_network(ctx: &Context, ns: &str, name: &str, field: &str) -> Result<crate::api::Network> {
-    Api::<crate::api::Network>::namespaced(ctx.client.clone(), ns).get_opt(name).await?.ok_or_else(|| {
+    ctx.stores.network(ns, name).await?.ok_or_else(|| {
         Error::waiting(
             "NetworkNotFound",
             format!("Network {name} ({field}) does not exist yet; create it or fix the reference"),

@@ -5,13 +5,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::Controller;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
 use kube::{Client, ResourceExt};
 
 use super::deploy;
+use super::shared::SharedWatch;
 use super::status::{Conditions, is_true};
 use super::{
     Cleanup, Context, Error, PendingCreate, Reconciler, Result, create_part_once, object_status, record_external_name,
@@ -87,7 +89,7 @@ impl Reconciler for Network {
         } else {
             status.provider = None;
         }
-        let members = members(&ctx.client, &self).await?;
+        let members = ctx.stores.members(&owner.namespace, &self.name_any()).await?;
         let ready = members
             .iter()
             .filter(|m| m.status.as_ref().is_some_and(|s| is_true(&s.conditions, condition::READY)))
@@ -131,8 +133,9 @@ impl Reconciler for Network {
         // Everything that uses this Network's account or VPC goes first:
         // deleted after it, a volume, key pair or bucket could no longer be
         // cleaned up and would leak.
-        let members = members(&ctx.client, &self).await?;
-        let dependents = dependents(&ctx.client, &self).await?;
+        let ns = self.namespace().unwrap_or_default();
+        let members = ctx.stores.members(&ns, &self.name_any()).await?;
+        let dependents = ctx.stores.network_dependents(&ns, &self.name_any()).await?;
         if !members.is_empty() || !dependents.is_empty() {
             let names: Vec<String> =
                 members.iter().map(|m| format!("Machine {}", m.name_any())).chain(dependents).collect();
@@ -269,57 +272,18 @@ async fn provision(
     .into())
 }
 
-/// The Volumes, KeyPairs and S3Buckets that name the Network, as "Kind name".
-async fn dependents(client: &Client, network: &Network) -> Result<Vec<String>> {
-    use crate::api::{KeyPair, S3Bucket, Volume};
-    let ns = network.namespace().unwrap_or_default();
-    let name = network.name_any();
-    let lp = ListParams::default();
-    let mut found = Vec::new();
-    for v in Api::<Volume>::namespaced(client.clone(), &ns).list(&lp).await?.items {
-        if v.spec.network_ref.name == name {
-            found.push(format!("Volume {}", v.name_any()));
-        }
-    }
-    for k in Api::<KeyPair>::namespaced(client.clone(), &ns).list(&lp).await?.items {
-        if k.spec.network_ref.as_ref().is_some_and(|r| r.name == name) {
-            found.push(format!("KeyPair {}", k.name_any()));
-        }
-    }
-    for b in Api::<S3Bucket>::namespaced(client.clone(), &ns).list(&lp).await?.items {
-        if b.spec.network_ref.name == name {
-            found.push(format!("S3Bucket {}", b.name_any()));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// Machines in the Network's namespace whose spec.networkRef names it, sorted by name.
-async fn members(client: &Client, network: &Network) -> Result<Vec<Machine>> {
-    let ns = network.namespace().unwrap_or_default();
-    let api: Api<Machine> = Api::namespaced(client.clone(), &ns);
-    let mut machines: Vec<Machine> = api
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|m| m.spec.network_ref.name == network.name_any())
-        .collect();
-    machines.sort_by_key(|m| m.name_any());
-    Ok(machines)
-}
-
 /// The Network controller. A Machine wakes its Network only when what the
 /// Network publishes about it changes (membership, addresses, host key,
 /// readiness), not on every status write.
+///
+/// Every trigger comes from a shared watch (see [`super::shared`]), whose
+/// store the reconcile reads: a Network woken by a Machine sees that change.
 pub fn controller(
-    networks: Api<Network>,
-    machines: Api<Machine>,
-    volumes: Api<crate::api::Volume>,
-    keypairs: Api<crate::api::KeyPair>,
-    buckets: Api<crate::api::S3Bucket>,
-    wc: watcher::Config,
+    networks: &mut SharedWatch<Network>,
+    machines: &mut SharedWatch<Machine>,
+    volumes: &mut SharedWatch<crate::api::Volume>,
+    keypairs: &mut SharedWatch<crate::api::KeyPair>,
+    buckets: &mut SharedWatch<crate::api::S3Bucket>,
 ) -> Controller<Network> {
     // A dependent being deleted lets a Network that waits for it go on.
     fn leaving(meta: &kube::api::ObjectMeta, network: Option<&str>) -> Option<ObjectRef<Network>> {
@@ -327,11 +291,26 @@ pub fn controller(
         Some(ObjectRef::new(network?).within(meta.namespace.as_deref().unwrap_or_default()))
     }
     let seen = Mutex::new(HashMap::<String, String>::new());
-    Controller::new(networks, wc.clone())
-        .watches(volumes, wc.clone(), |v| leaving(&v.metadata, Some(&v.spec.network_ref.name)))
-        .watches(keypairs, wc.clone(), |k| leaving(&k.metadata, k.spec.network_ref.as_ref().map(|r| r.name.as_str())))
-        .watches(buckets, wc.clone(), |b| leaving(&b.metadata, Some(&b.spec.network_ref.name)))
-        .watches(machines, wc, move |machine| {
+    // A Network's own status writes (every member change makes one) wake
+    // nothing: only what the reconcile reads from the object itself does.
+    let own = Mutex::new(HashMap::<String, String>::new());
+    let changed = move |network: &Network| {
+        let m = &network.metadata;
+        let projection = format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}",
+            m.generation, m.annotations, m.labels, m.finalizers, m.deletion_timestamp
+        );
+        let mut own = own.lock().unwrap_or_else(|e| e.into_inner());
+        own.insert(super::object_key(network), projection.clone()).as_ref() != Some(&projection)
+    };
+    let triggers = networks.applied().filter(move |n| std::future::ready(n.as_ref().map_or(true, &changed)));
+    Controller::for_stream(triggers, networks.store())
+        .watches_stream(volumes.touched(), |v| leaving(&v.metadata, Some(&v.spec.network_ref.name)))
+        .watches_stream(keypairs.touched(), |k| {
+            leaving(&k.metadata, k.spec.network_ref.as_ref().map(|r| r.name.as_str()))
+        })
+        .watches_stream(buckets.touched(), |b| leaving(&b.metadata, Some(&b.spec.network_ref.name)))
+        .watches_stream(machines.touched(), move |machine| {
             let status = machine.status.clone().unwrap_or_default();
             // The finalizers are part of it: their removal is the Machine leaving
             // (its last event), which must reach the Network at once.

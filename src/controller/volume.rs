@@ -5,12 +5,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::api::{Api, ListParams};
+use kube::api::Api;
+use kube::runtime::Controller;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
 use kube::{Resource, ResourceExt};
 
+use super::shared::SharedWatch;
 use super::status::Conditions;
 use super::{Cleanup, Context, Error, Reconciler, Result, create_once, object_status, record_external_name};
 use crate::api::network::ResourcePhase;
@@ -40,9 +41,12 @@ struct DesiredAttachment {
     instance_id: Option<String>,
 }
 
-fn desired_attachment(volume: &str, machines: &[Machine]) -> Result<Option<DesiredAttachment>> {
+fn desired_attachment<'a>(
+    volume: &str,
+    machines: impl IntoIterator<Item = &'a Machine>,
+) -> Result<Option<DesiredAttachment>> {
     let users: Vec<(&Machine, &str)> = machines
-        .iter()
+        .into_iter()
         .filter(|m| m.metadata.deletion_timestamp.is_none())
         .filter_map(|m| m.spec.volumes.iter().find(|v| v.volume_ref.name == volume).map(|v| (m, v.device.as_str())))
         .collect();
@@ -94,8 +98,8 @@ impl Reconciler for Volume {
         let spec = &self.spec.provider;
         let provider = ctx.providers.volume(spec)?;
         let target = target(&ctx, &self).await?;
-        let machines = Api::<Machine>::namespaced(ctx.client.clone(), &ns).list(&ListParams::default()).await?.items;
-        let desired = desired_attachment(&self.name_any(), &machines)?;
+        let machines = ctx.stores.machines_in(&ns).await?;
+        let desired = desired_attachment(&self.name_any(), machines.iter().map(|m| &**m))?;
 
         let known_id = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
         let observe_only = self.spec.management_policy == ManagementPolicy::Observe;
@@ -267,19 +271,21 @@ impl Reconciler for Volume {
 }
 
 /// The Volume controller; a Machine adding or dropping a volume, or getting
-/// its instance, wakes the volumes it names now and named before.
+/// its instance, wakes the volumes it names now and named before. Triggers
+/// come from the shared watches, whose Machine store the reconcile reads.
 pub fn controller(
-    volumes: Api<Volume>,
-    machines: Api<Machine>,
-    networks: Api<crate::api::Network>,
-    wc: watcher::Config,
+    volumes: &mut SharedWatch<Volume>,
+    machines: &mut SharedWatch<Machine>,
+    networks: &mut SharedWatch<crate::api::Network>,
 ) -> Controller<Volume> {
     let seen = Mutex::new(HashMap::<String, (BTreeSet<String>, Option<String>)>::new());
-    let controller = Controller::new(volumes, wc.clone());
-    let store = controller.store();
-    controller
-        .watches(networks, wc.clone(), super::network_dependents(store, |v: &Volume| Some(&v.spec.network_ref.name)))
-        .watches(machines, wc, move |machine| {
+    let store = volumes.store();
+    Controller::for_stream(volumes.applied(), volumes.store())
+        .watches_stream(
+            networks.touched(),
+            super::network_dependents(store, |v: &Volume| Some(&v.spec.network_ref.name)),
+        )
+        .watches_stream(machines.touched(), move |machine| {
             let ns = machine.namespace().unwrap_or_default();
             let now: BTreeSet<String> = if machine.meta().deletion_timestamp.is_some() {
                 BTreeSet::new()

@@ -65,11 +65,45 @@ pub struct Deployments {
     pub records: RecordCache,
     /// Per Network ("namespace/name"): its maxUnavailable and the slots.
     rollouts: Mutex<HashMap<String, (i32, Arc<Semaphore>)>>,
+    /// Per Network ("namespace/name"): its members whose deployment failed
+    /// while holding a rollout slot, with their spec generation then. The
+    /// failure is written to the Machine before the slot is released, but
+    /// the store the next machine checks may not have it yet; this does.
+    failures: Mutex<HashMap<String, HashMap<String, Option<i64>>>>,
 }
 
 impl Deployments {
     pub fn new(record_cache_bytes: u64) -> Self {
-        Self { records: RecordCache::new(record_cache_bytes), rollouts: Mutex::default() }
+        Self { records: RecordCache::new(record_cache_bytes), rollouts: Mutex::default(), failures: Mutex::default() }
+    }
+
+    fn record_failure(&self, network: &Network, machine: &str, generation: Option<i64>) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.entry(super::object_key(network)).or_default().insert(machine.to_owned(), generation);
+    }
+
+    /// The members of `network` that failed to deploy, other than `this`:
+    /// those `members` (from the store) shows failed, and those this process
+    /// saw fail at the generation the store still shows for them (the store
+    /// may lag the failure's write). A record outlives neither a spec change
+    /// nor the machine.
+    fn failed_members<M: std::ops::Deref<Target = Machine>>(
+        &self,
+        network: &Network,
+        members: &[M],
+        this: &str,
+    ) -> Vec<String> {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let recorded = failures.entry(super::object_key(network)).or_default();
+        recorded.retain(|name, generation| {
+            members.iter().any(|m| m.name_any() == *name && m.metadata.generation == *generation)
+        });
+        members
+            .iter()
+            .filter(|m| m.name_any() != this)
+            .filter(|m| deploy_failed(m) || recorded.contains_key(&m.name_any()))
+            .map(|m| m.name_any())
+            .collect()
     }
 
     fn rollout_slots(&self, network: &Network, max: i32) -> Arc<Semaphore> {
@@ -374,17 +408,15 @@ impl Run<'_> {
         Ok(Some(Some(permit)))
     }
 
+    /// Reads the members from the shared store; what it may not have yet
+    /// (a failure written just before the slot was released) comes from
+    /// [`Deployments::failed_members`], so a lagging store cannot let the
+    /// next machine deploy past a failure.
     async fn check_rollout_not_halted(&self) -> Result<()> {
         let ns = self.machine.namespace().unwrap_or_default();
         let network = self.network.name_any();
-        let machines = self.api.list(&Default::default()).await?;
-        let failed: Vec<String> = machines
-            .items
-            .iter()
-            .filter(|m| m.spec.network_ref.name == network && m.name_any() != self.machine.name_any())
-            .filter(|m| deploy_failed(m))
-            .map(|m| m.name_any())
-            .collect();
+        let members = self.ctx.stores.members(&ns, &network).await?;
+        let failed = self.ctx.deployments.failed_members(self.network, &members, &self.machine.name_any());
         if failed.is_empty() {
             return Ok(());
         }
@@ -763,7 +795,11 @@ impl Run<'_> {
             .set(conditions::DEPLOYED, false, result, message.clone())
             .stalled(result, format!("{message}; change spec.nixos.closure (or any other spec field) to try again"));
         // Written now, while this machine still holds its rollout slot, so
-        // the next machine of the rollout sees the failure.
+        // the next machine of the rollout sees the failure; recorded here
+        // too, for a next machine whose store has not seen the write yet.
+        if self.network.spec.rollout.is_some() {
+            self.ctx.deployments.record_failure(self.network, &self.machine.name_any(), self.generation);
+        }
         if let Err(err) = write_status(&self.api, self.machine, status.clone(), self.ctx).await {
             tracing::warn!(error = %err, "recording a failed deployment");
         }
@@ -1004,4 +1040,53 @@ fn output_tail(stdout: &[u8], stderr: &[u8]) -> String {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLOSURE: &str = "/nix/store/00000000000000000000000000000000-nixos-system-a";
+
+    fn member(name: &str, generation: i64, result: Option<&str>) -> Machine {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "Machine",
+            "metadata": {"name": name, "namespace": "ns", "generation": generation},
+            "spec": {"networkRef": {"name": "net"}, "nixos": {"closure": CLOSURE}},
+            "status": {"lastDeploy": {"closure": CLOSURE, "result": result, "specGeneration": generation}}
+        }))
+        .unwrap()
+    }
+
+    fn network() -> Network {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "Network",
+            "metadata": {"name": "net", "namespace": "ns"}, "spec": {}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_failure_counts_before_the_store_shows_it_and_ends_with_a_spec_change() {
+        let deployments = Deployments::new(1 << 20);
+        let net = network();
+        let stored_failed = member("a", 1, Some(deploy_result::FAILED));
+        assert_eq!(deployments.failed_members(&net, &[&stored_failed, &member("b", 1, None)], "b"), ["a"]);
+        assert!(deployments.failed_members(&net, &[&stored_failed], "a").is_empty(), "a machine does not halt itself");
+
+        // Written and recorded while holding the slot; the store still has the older copy.
+        deployments.record_failure(&net, "a", Some(1));
+        let lagging = member("a", 1, Some(deploy_result::PUSHING));
+        assert_eq!(deployments.failed_members(&net, &[&lagging, &member("b", 1, None)], "b"), ["a"]);
+
+        // A new spec for "a" lets the rollout go on; the record does not come back.
+        let respecified = member("a", 2, None);
+        assert!(deployments.failed_members(&net, &[&respecified], "b").is_empty());
+        assert!(deployments.failed_members(&net, &[&lagging], "b").is_empty());
+
+        // Nor does one for a machine that is gone.
+        deployments.record_failure(&net, "c", Some(1));
+        assert!(deployments.failed_members::<&Machine>(&net, &[], "b").is_empty());
+        assert!(deployments.failed_members(&net, &[&member("c", 1, None)], "b").is_empty());
+    }
 }
