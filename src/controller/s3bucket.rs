@@ -13,7 +13,6 @@ use super::{Cleanup, Context, Error, Reconciler, Result, create_once, object_sta
 use crate::api::network::ResourcePhase;
 use crate::api::s3bucket::{PublicAccessBlock, S3BucketStatus, bucket_name_violation};
 use crate::api::{DeletionPolicy, EXTERNAL_NAME_ANNOTATION, ManagementPolicy, S3Bucket};
-use crate::provider::aws::owner_tags;
 use crate::provider::{BucketHolder, BucketSpec, CloudTarget, Owner};
 
 object_status!(S3BucketStatus, failed = ResourcePhase::Failed, deleting = ResourcePhase::Deleting);
@@ -201,7 +200,7 @@ impl Reconciler for S3Bucket {
         let target = target(&ctx, &self).await?;
         let provider = ctx.providers.bucket()?;
         let owner = Owner::of(&*self);
-        let mut tags = owner_tags(&owner, "S3Bucket");
+        let mut tags = owner.tags("S3Bucket");
         tags.extend(self.spec.tags.clone());
         let spec = BucketSpec {
             name: &name,

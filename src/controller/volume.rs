@@ -27,11 +27,6 @@ pub mod conditions {
     pub const ATTACHED: &str = "Attached";
 }
 
-/// The instance ID in a providerID such as aws:///eu-west-1a/i-0abc.
-pub fn instance_id(provider_id: &str) -> Option<&str> {
-    provider_id.strip_prefix("aws:///")?.rsplit('/').next().filter(|id| id.starts_with("i-"))
-}
-
 /// Where the volume should be attached, from the Machines that name it.
 #[derive(Debug, PartialEq)]
 struct DesiredAttachment {
@@ -41,9 +36,11 @@ struct DesiredAttachment {
     instance_id: Option<String>,
 }
 
+/// `machine_id` reads the provider's machine ID from a providerID.
 fn desired_attachment<'a>(
     volume: &str,
     machines: impl IntoIterator<Item = &'a Machine>,
+    machine_id: impl Fn(&str) -> Option<&str>,
 ) -> Result<Option<DesiredAttachment>> {
     let users: Vec<(&Machine, &str)> = machines
         .into_iter()
@@ -59,7 +56,7 @@ fn desired_attachment<'a>(
                 .status
                 .as_ref()
                 .and_then(|s| s.provider_id.as_deref())
-                .and_then(instance_id)
+                .and_then(&machine_id)
                 .map(str::to_owned),
         })),
         several => Err(Error::stalled(
@@ -99,7 +96,7 @@ impl Reconciler for Volume {
         let provider = ctx.providers.volume(spec)?;
         let target = target(&ctx, &self).await?;
         let machines = ctx.stores.machines_in(&ns).await?;
-        let desired = desired_attachment(&self.name_any(), machines.iter().map(|m| &**m))?;
+        let desired = desired_attachment(&self.name_any(), machines.iter().map(|m| &**m), |p| provider.machine_id(p))?;
 
         let known_id = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
         let observe_only = self.spec.management_policy == ManagementPolicy::Observe;
@@ -308,13 +305,6 @@ pub fn controller(
 mod tests {
     use super::*;
 
-    #[test]
-    fn provider_ids_give_instance_ids() {
-        assert_eq!(instance_id("aws:///eu-west-1a/i-0abc123"), Some("i-0abc123"));
-        assert_eq!(instance_id("gce://p/z/n"), None);
-        assert_eq!(instance_id("aws:///eu-west-1a/"), None);
-    }
-
     fn machine(name: &str, volumes: serde_json::Value, provider_id: Option<&str>) -> Machine {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name},
@@ -333,16 +323,20 @@ mod tests {
         );
         let b = machine("b", serde_json::json!([{"volumeRef": {"name": "data"}, "device": "/dev/xvdg"}]), None);
         let c = machine("c", serde_json::json!([]), None);
-        assert_eq!(desired_attachment("data", std::slice::from_ref(&c)).unwrap(), None);
+        // Whatever the provider reads from a providerID.
+        fn id(provider_id: &str) -> Option<&str> {
+            provider_id.rsplit('/').next()
+        }
+        assert_eq!(desired_attachment("data", std::slice::from_ref(&c), id).unwrap(), None);
         assert_eq!(
-            desired_attachment("data", &[a.clone(), c]).unwrap(),
+            desired_attachment("data", &[a.clone(), c], id).unwrap(),
             Some(DesiredAttachment {
                 machine: "a".into(),
                 device: "/dev/xvdf".into(),
                 instance_id: Some("i-1".into())
             })
         );
-        let err = desired_attachment("data", &[a, b]).unwrap_err();
+        let err = desired_attachment("data", &[a, b], id).unwrap_err();
         assert!(err.to_string().contains("machines a, b"), "{err}");
     }
 }

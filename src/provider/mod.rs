@@ -34,6 +34,15 @@ impl ProviderError {
     }
 }
 
+/// Tag keys set on every cloud resource the operator creates. The UID tag
+/// finds a resource again after a crash, before anything is created twice.
+pub mod tags {
+    pub const UID: &str = "nixops.io/uid";
+    pub const NAME: &str = "nixops.io/name";
+    pub const NAMESPACE: &str = "nixops.io/namespace";
+    pub const KIND: &str = "nixops.io/kind";
+}
+
 /// Identity of the object a provider acts for; cloud resources are tagged
 /// with it so they can be found again after a crash.
 #[derive(Clone, Debug)]
@@ -44,6 +53,20 @@ pub struct Owner {
 }
 
 impl Owner {
+    /// The tags identifying this owner (an object of `kind`), set on every
+    /// resource created for it.
+    pub fn tags(&self, kind: &str) -> BTreeMap<String, String> {
+        [
+            (tags::UID, &self.uid),
+            (tags::NAME, &self.name),
+            (tags::NAMESPACE, &self.namespace),
+            (tags::KIND, &kind.to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.clone()))
+        .collect()
+    }
+
     /// The identity of a Kubernetes object.
     pub fn of<K: kube::Resource>(obj: &K) -> Self {
         use kube::ResourceExt;
@@ -171,7 +194,28 @@ impl std::fmt::Display for AttachmentState {
     }
 }
 /// What a bucket provider is asked for, and what it did.
-pub use aws::s3::{BucketHolder, BucketSpec};
+/// A bucket as desired.
+pub struct BucketSpec<'a> {
+    pub name: &'a str,
+    pub versioning: bool,
+    /// Already checked to be valid JSON.
+    pub policy: Option<&'a serde_json::Value>,
+    pub public_access_block: crate::api::s3bucket::PublicAccessBlock,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Who holds a bucket name, as far as this account can tell. Buckets are
+/// matched to their S3Bucket by the `nixops.io/uid` tag, never by name
+/// alone: names are global, and one in this account may be anyone's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BucketHolder {
+    /// No bucket has the name.
+    Nobody,
+    /// A bucket in this account, with its `nixops.io/uid` tag if it has one.
+    ThisAccount { uid: Option<String> },
+    /// A bucket of another account.
+    OtherAccount,
+}
 
 /// Block devices (`Volume`). All operations are idempotent.
 #[async_trait]
@@ -194,6 +238,9 @@ pub trait VolumeProvider: Send + Sync {
         id: &str,
         spec: &crate::api::volume::VolumeProvider,
     ) -> Result<(), ProviderError>;
+    /// The machine a volume of this provider attaches to, from a Machine's
+    /// providerID; None for a machine of another provider (or none yet).
+    fn machine_id<'a>(&self, provider_id: &'a str) -> Option<&'a str>;
     async fn attach(&self, target: &CloudTarget, id: &str, instance: &str, device: &str) -> Result<(), ProviderError>;
     /// Detaches from `instance` (always named).
     async fn detach(&self, target: &CloudTarget, id: &str, instance: &str) -> Result<(), ProviderError>;

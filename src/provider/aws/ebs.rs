@@ -80,7 +80,7 @@ pub async fn find(aws: &AwsClients, owner: &Owner, id: Option<&str>) -> Result<O
 
 fn tag_spec(owner: &Owner, extra: &std::collections::BTreeMap<String, String>) -> TagSpecification {
     let mut builder = TagSpecification::builder().resource_type(ResourceType::Volume);
-    for (k, v) in super::owner_tags(owner, "Volume").iter().chain(extra.iter()) {
+    for (k, v) in owner.tags("Volume").iter().chain(extra.iter()) {
         builder = builder.tags(Tag::builder().key(k).value(v).build());
     }
     builder.build()

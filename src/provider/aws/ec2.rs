@@ -10,7 +10,7 @@ use aws_sdk_ec2::types::{
     VolumeType,
 };
 
-use super::{AwsAccounts, owner_tags, tags};
+use super::{AwsAccounts, tags};
 use crate::api::machine::{Ec2Instance, MachineAddress};
 use crate::provider::{Instance, InstanceState, MachineProvider, MachineTarget, ProviderError};
 
@@ -144,7 +144,7 @@ impl MachineProvider for Ec2Machines {
         let aws = self.clients(target).await?;
         let mut tag_instance = TagSpecification::builder().resource_type(ResourceType::Instance);
         let mut tag_volume = TagSpecification::builder().resource_type(ResourceType::Volume);
-        for (k, v) in owner_tags(&target.owner, "Machine").into_iter().chain(spec.tags.clone()) {
+        for (k, v) in target.owner.tags("Machine").into_iter().chain(spec.tags.clone()) {
             tag_instance = tag_instance.tags(Tag::builder().key(&k).value(&v).build());
             tag_volume = tag_volume.tags(Tag::builder().key(k).value(v).build());
         }

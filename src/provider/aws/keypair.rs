@@ -4,7 +4,7 @@
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 
-use super::{AwsClients, owner_tags, tags};
+use super::{AwsClients, tags};
 use crate::provider::{CloudKey, Owner, ProviderError};
 
 /// The key pair named `name`, and whether it was created for `owner`.
@@ -35,7 +35,7 @@ async fn describe(aws: &AwsClients, owner: &Owner, name: &str) -> Result<CloudKe
 /// Imports `public_key` as `name`, tagged with its owner in the same call.
 pub async fn import(aws: &AwsClients, owner: &Owner, name: &str, public_key: &str) -> Result<(), ProviderError> {
     let mut spec = TagSpecification::builder().resource_type(ResourceType::KeyPair);
-    for (k, v) in owner_tags(owner, "KeyPair") {
+    for (k, v) in owner.tags("KeyPair") {
         spec = spec.tags(Tag::builder().key(k).value(v).build());
     }
     let request = aws

@@ -24,27 +24,7 @@ use crate::api::Network;
 use crate::api::network::Ec2Network;
 use crate::metrics::Metrics;
 
-/// Tag keys set on every cloud resource the operator creates. The UID tag
-/// finds a resource again after a crash, before anything is created twice.
-pub mod tags {
-    pub const UID: &str = "nixops.io/uid";
-    pub const NAME: &str = "nixops.io/name";
-    pub const NAMESPACE: &str = "nixops.io/namespace";
-    pub const KIND: &str = "nixops.io/kind";
-}
-
-/// The tags identifying `owner`, set on every resource created for it.
-pub fn owner_tags(owner: &crate::provider::Owner, kind: &str) -> std::collections::BTreeMap<String, String> {
-    [
-        (tags::UID, owner.uid.clone()),
-        (tags::NAME, owner.name.clone()),
-        (tags::NAMESPACE, owner.namespace.clone()),
-        (tags::KIND, kind.to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
-}
+pub use crate::provider::tags;
 
 /// EC2 and S3 clients for one account and region.
 pub struct AwsClients {

@@ -46,6 +46,10 @@ impl VolumeProvider for Aws {
         "ec2"
     }
 
+    fn machine_id<'a>(&self, provider_id: &'a str) -> Option<&'a str> {
+        instance_id(provider_id)
+    }
+
     async fn find(&self, target: &CloudTarget, id: Option<&str>) -> Result<Option<VolumeState>, ProviderError> {
         ebs::find(&*self.clients(target).await?, &target.owner, id).await
     }
@@ -163,5 +167,21 @@ impl KeyPairProvider for Aws {
 
     async fn delete(&self, target: &CloudTarget, key_name: &str) -> Result<(), ProviderError> {
         keypair::delete(&*self.clients(target).await?, &target.owner, key_name).await
+    }
+}
+
+/// The instance ID in a providerID such as aws:///eu-west-1a/i-0abc.
+fn instance_id(provider_id: &str) -> Option<&str> {
+    provider_id.strip_prefix("aws:///")?.rsplit('/').next().filter(|id| id.starts_with("i-"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn provider_ids_give_instance_ids() {
+        use super::instance_id;
+        assert_eq!(instance_id("aws:///eu-west-1a/i-0abc123"), Some("i-0abc123"));
+        assert_eq!(instance_id("gce://p/z/n"), None, "a machine of another provider");
+        assert_eq!(instance_id("aws:///eu-west-1a/"), None);
     }
 }

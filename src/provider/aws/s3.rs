@@ -9,31 +9,7 @@ use aws_sdk_s3::types::{
 };
 
 use super::AwsClients;
-use crate::api::s3bucket::PublicAccessBlock;
-use crate::provider::ProviderError;
-
-/// The bucket as desired.
-pub struct BucketSpec<'a> {
-    pub name: &'a str,
-    pub versioning: bool,
-    /// Already checked to be valid JSON.
-    pub policy: Option<&'a serde_json::Value>,
-    pub public_access_block: PublicAccessBlock,
-    pub tags: BTreeMap<String, String>,
-}
-
-/// Who holds a bucket name, as far as this account can tell. Buckets are
-/// matched to their S3Bucket by the `nixops.io/uid` tag, never by name
-/// alone: names are global, and one in this account may be anyone's.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BucketHolder {
-    /// No bucket has the name.
-    Nobody,
-    /// A bucket in this account, with its `nixops.io/uid` tag if it has one.
-    ThisAccount { uid: Option<String> },
-    /// A bucket of another account.
-    OtherAccount,
-}
+use crate::provider::{BucketHolder, BucketSpec, ProviderError};
 
 /// Whether the bucket exists in this account.
 async fn exists(aws: &AwsClients, name: &str) -> Result<bool, ProviderError> {

@@ -9,7 +9,7 @@ use aws_sdk_ec2::types::{
     TagSpecification,
 };
 
-use super::{AwsClients, AwsError, owner_tags, tags};
+use super::{AwsClients, AwsError, tags};
 use crate::api::network::{Ec2Network, IpProtocol, SubnetStatus};
 use crate::provider::{NetworkPart, NetworkResources, NetworkState, Owner, ProviderError};
 
@@ -18,7 +18,7 @@ const SUBNET_TAG: &str = "nixops.io/subnet";
 
 fn tag_spec(owner: &Owner, resource: ResourceType, extra: &[(&str, &str)]) -> TagSpecification {
     let mut builder = TagSpecification::builder().resource_type(resource);
-    for (k, v) in owner_tags(owner, "Network") {
+    for (k, v) in owner.tags("Network") {
         builder = builder.tags(Tag::builder().key(k).value(v).build());
     }
     for (k, v) in extra {
