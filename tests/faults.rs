@@ -79,4 +79,12 @@ async fn faults_are_retried_and_leave_exactly_one_resource() {
         let out = ec2.describe_volumes().filters(tagged(uid)).send().await.unwrap();
         assert_eq!(out.volumes().len(), 1, "v-{i}: exactly one volume");
     }
+    // The Network was built through the same faults: one of each of its parts.
+    let in_ns = || aws_sdk_ec2::types::Filter::builder().name("tag:nixops.io/namespace").values(&ns).build();
+    let vpcs = ec2.describe_vpcs().filters(in_ns()).send().await.unwrap().vpcs().len();
+    let subnets = ec2.describe_subnets().filters(in_ns()).send().await.unwrap().subnets().len();
+    let gateways = ec2.describe_internet_gateways().filters(in_ns()).send().await.unwrap().internet_gateways().len();
+    let groups = ec2.describe_security_groups().filters(in_ns()).send().await.unwrap();
+    let groups = groups.security_groups().iter().filter(|g| g.group_name() != Some("default")).count();
+    assert_eq!((vpcs, subnets, gateways, groups), (1, 1, 1, 1), "one VPC, subnet, internet gateway, security group");
 }
