@@ -47,7 +47,7 @@ impl Reconciler for Network {
         if let Some(secret) = named {
             hold_credentials(&ctx.client, &self, secret).await?;
         }
-        if let Some(held) = status.credentials_secret.clone()
+        if let Some(held) = held_credentials(&ctx, &self, status.credentials_secret.as_deref()).await?
             && Some(held.as_str()) != named
         {
             release_credentials(&ctx.client, &self, &held).await?;
@@ -168,8 +168,13 @@ impl Reconciler for Network {
         }
         // The credentials go last. Marked first: a crash after the release
         // must not leave a cleanup that needs a Secret already deleted.
-        let held = self.status.as_ref().and_then(|s| s.credentials_secret.as_deref());
-        let mut secrets: Vec<&str> = credentials_secret(&self).into_iter().chain(held).collect();
+        let recorded = self.status.as_ref().and_then(|s| s.credentials_secret.as_deref());
+        let held = if credentials_secret(&self).is_some() || recorded.is_some() {
+            held_credentials(&ctx, &self, None).await?
+        } else {
+            None
+        };
+        let mut secrets: Vec<&str> = credentials_secret(&self).into_iter().chain(held.as_deref()).collect();
         secrets.dedup();
         if !secrets.is_empty() {
             if !self.annotations().contains_key(CLOUD_DELETED_ANNOTATION) {
@@ -190,6 +195,21 @@ impl Reconciler for Network {
 fn credentials_secret(network: &Network) -> Option<&str> {
     let ec2 = network.spec.provider.as_ref()?.ec2.as_ref()?;
     Some(ec2.credentials_secret_ref.as_ref()?.name.as_str())
+}
+
+/// The credentials Secret `network` holds, as its status records it.
+/// `recorded` is the watched copy's; when that differs from what the spec
+/// names (a change about to be made), the stored object is read, since the
+/// watched copy may not show this Network's own last status write yet,
+/// and a hold it misses would never be released. None for `recorded`
+/// always reads the stored object.
+async fn held_credentials(ctx: &Context, network: &Network, recorded: Option<&str>) -> Result<Option<String>> {
+    if recorded.is_some() && recorded == credentials_secret(network) {
+        return Ok(recorded.map(str::to_owned));
+    }
+    let api = Api::<Network>::namespaced(ctx.client.clone(), &network.namespace().unwrap_or_default());
+    let stored = api.get_opt(&network.name_any()).await?;
+    Ok(stored.and_then(|n| n.status?.credentials_secret).or_else(|| recorded.map(str::to_owned)))
 }
 
 /// The finalizer `network` keeps on its credentials Secret.
