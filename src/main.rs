@@ -82,6 +82,14 @@ struct RunArgs {
     #[arg(long, env = "NIXOPS_SSH_TIMEOUT_SECONDS", default_value_t = 10)]
     ssh_timeout_seconds: u64,
 
+    /// Seconds after its login an SSH session is kept for the next look
+    /// at its machine, as NixOps kept an SSH ControlMaster: a deployment
+    /// that follows a resync starts without a new login. Kept only after a
+    /// look that activated nothing (a new system proves new logins work)
+    /// and never through a jump host. 0 logs in for every look.
+    #[arg(long, env = "NIXOPS_SSH_KEEP_SECONDS", default_value_t = 600)]
+    ssh_keep_seconds: u64,
+
     /// The largest NAR (one store path, compressed or not) read from a
     /// binary cache, in MiB; a larger one is refused before it is read.
     #[arg(long, env = "NIXOPS_MAX_NAR_MIB", default_value_t = 4096)]
@@ -144,6 +152,7 @@ async fn run(args: RunArgs) -> Result<(), operator::RunError> {
         settings: Settings {
             resync: Duration::from_secs(args.resync_seconds),
             ssh_timeout: Duration::from_secs(args.ssh_timeout_seconds),
+            ssh_keep: Duration::from_secs(args.ssh_keep_seconds),
             max_nar_bytes: args.max_nar_mib.saturating_mul(1 << 20),
             create_pending_window: Duration::from_secs(args.create_pending_seconds),
             ..Settings::default()

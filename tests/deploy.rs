@@ -234,6 +234,70 @@ async fn a_source_path_that_does_not_match_its_hash_stalls_as_corrupt() {
     node.verify();
 }
 
+/// Client ports of the SSH connections open at the end of `log` (sshd's).
+fn open_connections(log: &str) -> std::collections::BTreeSet<String> {
+    let port = |line: &str, prefix: &str| {
+        line.split_once(prefix).and_then(|(_, rest)| rest.split([' ', ':']).next()).map(str::to_owned)
+    };
+    let mut open = std::collections::BTreeSet::new();
+    for line in log.lines() {
+        if let Some(p) = port(line, "Connection from 127.0.0.1 port ") {
+            open.insert(p);
+        } else if let Some(p) = ["Disconnected from user root 127.0.0.1 port ", "Disconnected from 127.0.0.1 port "]
+            .iter()
+            .chain(&["Connection closed by 127.0.0.1 port ", "Connection reset by 127.0.0.1 port "])
+            .find_map(|prefix| port(line, prefix))
+        {
+            open.remove(&p);
+        }
+    }
+    open
+}
+
+/// A deployment that follows a look at an up-to-date machine starts on
+/// the SSH session that look logged in with (kept as NixOps kept an SSH
+/// ControlMaster): the deployment's commands arrive over a connection that
+/// was open before the closure changed. After the activation that session
+/// is closed, not kept: the next look logs in anew, so the new system
+/// proves it accepts new logins.
+#[tokio::test]
+async fn a_deployment_after_a_look_starts_on_the_session_that_look_kept() {
+    let fleet = Fleet::start("deploy-kept", json!({})).await;
+    let node = fleet.node();
+    let n = nonce();
+    let v1 = system("kept", &n, &[("app", "v1")], Activation::Ok);
+    let v2 = system("kept", &n, &[("app", "v2")], Activation::Ok);
+    fleet.create("kept", &node, json!({"closure": v1}), json!({})).await;
+    fleet.wait_running("kept", &v1).await;
+    // Looks every 2 s; one that found the machine up to date keeps its session.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let (before, kept) = loop {
+        let log = node.sshd_log();
+        let open = open_connections(&log);
+        if !open.is_empty() {
+            break (log.len(), open);
+        }
+        assert!(std::time::Instant::now() < deadline, "no session was kept after a look:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    fleet.set_closure("kept", &v2).await;
+    fleet.wait_running("kept", &v2).await;
+    let log = node.sshd_log();
+    let after = &log[before..];
+    let on_kept = after
+        .lines()
+        .filter(|l| l.contains("Starting session: command"))
+        .filter(|l| kept.iter().any(|p| l.contains(&format!("127.0.0.1 port {p} "))))
+        .count();
+    // Probe, key sync, the serve connection (which also carries the push), the activation, its settling.
+    assert!(on_kept >= 4, "the deployment ran {on_kept} commands on the kept session {kept:?}:\n{after}");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while kept.iter().any(|p| open_connections(&node.sshd_log()).contains(p)) {
+        assert!(std::time::Instant::now() < deadline, "the session was kept after the activation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn failing_health_check_rolls_back() {
     let fleet = Fleet::start("deploy-health", json!({})).await;

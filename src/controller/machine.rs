@@ -378,6 +378,7 @@ impl Reconciler for Machine {
     }
 
     async fn cleanup(self: Arc<Self>, ctx: Arc<Context>) -> Result<Cleanup> {
+        ctx.deployments.sessions.forget(&self.uid().unwrap_or_default());
         if self.spec.deletion_policy == DeletionPolicy::Orphan
             || self.spec.management_policy == ManagementPolicy::Observe
         {

@@ -122,6 +122,9 @@ pub struct Settings {
     pub resync: Duration,
     /// Timeout for SSH connections.
     pub ssh_timeout: Duration,
+    /// How long after its login an SSH session may be kept for the next
+    /// look at its machine (zero: never kept); see `deploy::KeptSessions`.
+    pub ssh_keep: Duration,
     /// Longest wait between retries of a failing object.
     pub max_backoff: Duration,
     /// The largest NAR read from a binary cache.
@@ -136,6 +139,7 @@ impl Default for Settings {
         Self {
             resync: Duration::from_secs(300),
             ssh_timeout: Duration::from_secs(10),
+            ssh_keep: Duration::from_secs(600),
             max_backoff: Duration::from_secs(300),
             max_nar_bytes: crate::nix::cache::DEFAULT_MAX_NAR_BYTES,
             create_pending_window: Duration::from_secs(120),
@@ -183,6 +187,7 @@ impl Context {
         keypair_users: KeyPairUsers,
     ) -> Self {
         let recorder = Recorder::new(client.clone(), reporter.clone());
+        let deployments = deploy::Deployments::new(RECORD_CACHE_BYTES, settings.ssh_keep);
         let aws = AwsAccounts::new(client.clone(), metrics.clone());
         let providers = Providers::builtin(aws.clone());
         Self {
@@ -195,7 +200,7 @@ impl Context {
             reporter,
             last_notes: Mutex::default(),
             keypair_users,
-            deployments: deploy::Deployments::new(RECORD_CACHE_BYTES),
+            deployments,
             stores,
             failures: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),

@@ -229,6 +229,12 @@ impl Session {
         Ok(RemoteProcess { reader, writer, addr: self.addr.clone(), received: Received::default(), read: 0 })
     }
 
+    /// Whether the connection is gone (closed by either side, or found dead
+    /// by keepalives).
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
     /// The address this session is connected to.
     pub fn addr(&self) -> &str {
         &self.addr

@@ -63,6 +63,8 @@ const ROLLOUT_RECHECK: Duration = Duration::from_secs(3);
 pub struct Deployments {
     /// Path records shared by concurrent pushes of the same paths.
     pub records: RecordCache,
+    /// SSH sessions kept for the next look at their machine.
+    pub sessions: KeptSessions,
     /// Per Network ("namespace/name"): its maxUnavailable and the slots.
     rollouts: Mutex<HashMap<String, (i32, Arc<Semaphore>)>>,
     /// Per Network ("namespace/name"): its members whose deployment failed
@@ -73,8 +75,13 @@ pub struct Deployments {
 }
 
 impl Deployments {
-    pub fn new(record_cache_bytes: u64) -> Self {
-        Self { records: RecordCache::new(record_cache_bytes), rollouts: Mutex::default(), failures: Mutex::default() }
+    pub fn new(record_cache_bytes: u64, keep_sessions: Duration) -> Self {
+        Self {
+            records: RecordCache::new(record_cache_bytes),
+            sessions: KeptSessions::new(keep_sessions),
+            rollouts: Mutex::default(),
+            failures: Mutex::default(),
+        }
     }
 
     fn record_failure(&self, network: &Network, machine: &str, generation: Option<i64>) {
@@ -114,6 +121,68 @@ impl Deployments {
             *entry = (max, Arc::new(Semaphore::new(max.max(1) as usize)));
         }
         entry.1.clone()
+    }
+}
+
+/// At most this many sessions are kept; the oldest logins go first.
+const MAX_KEPT_SESSIONS: usize = 1024;
+
+/// SSH sessions kept between looks at a machine, as NixOps kept an SSH
+/// ControlMaster: a deployment that follows a resync starts on the session
+/// that resync used instead of a new login (six round trips, the most of
+/// an incremental deploy over a slow link). A session is kept only after a
+/// look that activated nothing, since a new system must prove it accepts
+/// new logins; only for `max_age` after its login, so every machine proves
+/// that again at least that often; never through a jump host; and only
+/// for exactly the target it logged in to (address, user, key, pinned
+/// host key).
+pub struct KeptSessions {
+    max_age: Duration,
+    /// Per Machine UID.
+    kept: Mutex<HashMap<String, Kept>>,
+}
+
+struct Kept {
+    /// What the session logged in to; another target gets a new login.
+    target: String,
+    login: Instant,
+    session: Session,
+}
+
+impl KeptSessions {
+    fn new(max_age: Duration) -> Self {
+        Self { max_age, kept: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session kept for `uid`, if it is to `target`, young enough and
+    /// still connected; with the time of its login.
+    fn take(&self, uid: &str, target: &str) -> Option<(Session, Instant)> {
+        let kept = self.lock().remove(uid)?;
+        (kept.target == target && kept.login.elapsed() < self.max_age && !kept.session.is_closed())
+            .then_some((kept.session, kept.login))
+    }
+
+    /// Keeps `session` (logged in at `login`) for the next look at `uid`.
+    fn keep(&self, uid: &str, target: String, session: Session, login: Instant) {
+        if login.elapsed() >= self.max_age || session.is_closed() {
+            return;
+        }
+        let mut kept = self.lock();
+        if kept.len() >= MAX_KEPT_SESSIONS
+            && let Some(oldest) = kept.iter().min_by_key(|(_, k)| k.login).map(|(uid, _)| uid.clone())
+        {
+            kept.remove(&oldest);
+        }
+        kept.insert(uid.to_owned(), Kept { target, login, session });
+    }
+
+    /// Lets go of the session kept for a Machine that is going away.
+    pub fn forget(&self, uid: &str) {
+        self.lock().remove(uid);
     }
 }
 
@@ -205,10 +274,33 @@ impl Run<'_> {
             }
         }
 
-        let session = self.connect().await?;
+        let uid = self.machine.uid().unwrap_or_default();
+        let target = self.target_id();
+        let kept = target.as_deref().and_then(|t| self.ctx.deployments.sessions.take(&uid, t));
+        let (session, login) = match kept {
+            Some(kept) => kept,
+            None => (self.connect().await?, Instant::now()),
+        };
+        let before = status.last_deploy.clone();
         let outcome = self.reconcile_on(&session, status, &desired_path).await;
-        session.close().await;
+        match target {
+            Some(target) if outcome.is_ok() && status.last_deploy == before => {
+                self.ctx.deployments.sessions.keep(&uid, target, session, login);
+            }
+            _ => session.close().await,
+        }
         outcome
+    }
+
+    /// What a session logs in to, for keeping it: None through a jump host
+    /// (whose own session is new for every look).
+    fn target_id(&self) -> Option<String> {
+        let t = self.target;
+        if t.via.is_some() {
+            return None;
+        }
+        let key = t.key.public_key().fingerprint(russh::keys::HashAlg::Sha256);
+        Some(format!("{}@{}:{} key {key} host {}", t.user, t.host, t.port, t.host_key))
     }
 
     async fn reconcile_on(
@@ -1068,7 +1160,7 @@ mod tests {
 
     #[test]
     fn a_failure_counts_before_the_store_shows_it_and_ends_with_a_spec_change() {
-        let deployments = Deployments::new(1 << 20);
+        let deployments = Deployments::new(1 << 20, Duration::ZERO);
         let net = network();
         let stored_failed = member("a", 1, Some(deploy_result::FAILED));
         assert_eq!(deployments.failed_members(&net, &[&stored_failed, &member("b", 1, None)], "b"), ["a"]);
