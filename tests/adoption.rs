@@ -106,16 +106,7 @@ async fn observe_reads_and_adoption_takes_over_existing_volumes_and_buckets() {
     let made_elsewhere = |name: String| {
         let s3 = s3.clone();
         async move {
-            s3.create_bucket()
-                .bucket(&name)
-                .create_bucket_configuration(
-                    aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                        .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from("eu-west-1"))
-                        .build(),
-                )
-                .send()
-                .await
-                .unwrap();
+            support::create_bucket(&s3, &name).await;
             name
         }
     };

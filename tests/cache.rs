@@ -407,16 +407,7 @@ async fn the_same_cache_from_an_s3_bucket() {
     let dir = built.cache("xz", "compression=xz", true);
     let s3 = support::s3_client().await;
     let bucket = format!("nix-cache-{}", built.root.hash());
-    s3.create_bucket()
-        .bucket(&bucket)
-        .create_bucket_configuration(
-            aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from("eu-west-1"))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    support::create_bucket(&s3, &bucket).await;
     let mut uploaded = 0;
     for entry in walk(&dir) {
         let key = entry.strip_prefix(&dir).unwrap().to_str().unwrap().to_owned();

@@ -101,13 +101,9 @@ async fn dependents_wake_with_their_network_and_a_deleted_machine_leaves_it_prom
     .await;
 
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
-    let ready = |c: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>| {
-        c.is_some_and(|c| support::is_ready(c))
-    };
-    support::wait_for(&volumes, "data", TIMEOUT, "Ready", |v| ready(v.status.as_ref().map(|s| &s.conditions))).await;
-    support::wait_for(&keypairs, "deployer", TIMEOUT, "Ready", |k| ready(k.status.as_ref().map(|s| &s.conditions)))
-        .await;
-    support::wait_for(&buckets, "logs", TIMEOUT, "Ready", |b| ready(b.status.as_ref().map(|s| &s.conditions))).await;
+    support::wait_ready(&volumes, "data").await;
+    support::wait_ready(&keypairs, "deployer").await;
+    support::wait_ready(&buckets, "logs").await;
 
     // A member leaves at once when deleted.
     let host = support::SshHost::start();
@@ -147,14 +143,10 @@ async fn a_network_is_deleted_after_everything_that_uses_it() {
     let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
     let buckets: Api<S3Bucket> = Api::namespaced(client.clone(), &ns);
     create_dependents(&client, &ns).await;
-    let ready = |c: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>| {
-        c.is_some_and(|c| support::is_ready(c))
-    };
-    support::wait_for(&volumes, "data", TIMEOUT, "Ready", |v| ready(v.status.as_ref().map(|s| &s.conditions))).await;
-    support::wait_for(&keypairs, "deployer", TIMEOUT, "Ready", |k| ready(k.status.as_ref().map(|s| &s.conditions)))
-        .await;
-    support::wait_for(&buckets, "logs", TIMEOUT, "Ready", |b| ready(b.status.as_ref().map(|s| &s.conditions))).await;
-    support::wait_for(&networks, "aws", TIMEOUT, "Ready", |n| ready(n.status.as_ref().map(|s| &s.conditions))).await;
+    support::wait_ready(&volumes, "data").await;
+    support::wait_ready(&keypairs, "deployer").await;
+    support::wait_ready(&buckets, "logs").await;
+    support::wait_ready(&networks, "aws").await;
     let net = networks.get("aws").await.unwrap();
     let vpc = net.status.as_ref().and_then(|s| s.vpc_id.clone()).expect("a VPC");
     let volume_id = volumes.get("data").await.unwrap().status.unwrap().volume_id.expect("a volume");

@@ -174,11 +174,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let first = support::Operator::start(&ns, &flags);
     first.wait_ready().await;
-    let deadline = Instant::now() + TIMEOUT;
-    while first.metric("nixops_leader", &[]) < 1.0 {
-        assert!(Instant::now() < deadline, "the first replica never led");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    first.wait_leading("the first replica never led").await;
     let second = support::Operator::start(&ns, &flags);
     second.wait_ready().await;
 
@@ -191,11 +187,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
 
     let killed_at = Instant::now();
     first.signal("KILL");
-    let deadline = Instant::now() + TIMEOUT;
-    while second.metric("nixops_leader", &[]) < 1.0 {
-        assert!(Instant::now() < deadline, "the standby never took over");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    second.wait_leading("the standby never took over").await;
     let takeover = killed_at.elapsed();
     eprintln!("takeover after {takeover:?} (lease 4 s, retry 1 s)");
     assert!(
@@ -245,11 +237,7 @@ async fn a_leader_whose_api_connection_hangs_stops_before_the_standby_starts() {
     ];
     let mut first = support::Operator::start_env(&ns, &flags, &[("KUBECONFIG", proxied.to_str().unwrap())]);
     first.wait_ready().await;
-    let deadline = Instant::now() + TIMEOUT;
-    while first.metric("nixops_leader", &[]) < 1.0 {
-        assert!(Instant::now() < deadline, "the first replica never led");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    first.wait_leading("the first replica never led").await;
     let second = support::Operator::start(&ns, &flags);
     second.wait_ready().await;
     assert_eq!(second.metric("nixops_leader", &[]), 0.0, "a ready standby, not a second leader");
@@ -296,11 +284,7 @@ async fn sigterm_stops_cleanly_and_releases_the_lease() {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut operator = support::Operator::start(&ns, &flags);
     operator.wait_ready().await;
-    let deadline = Instant::now() + TIMEOUT;
-    while operator.metric("nixops_leader", &[]) < 1.0 {
-        assert!(Instant::now() < deadline, "never led");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    operator.wait_leading("never led").await;
     operator.signal("TERM");
     let status = operator.wait_exit(Duration::from_secs(30)).expect("the operator did not exit after SIGTERM");
     assert!(status.success(), "exit status after SIGTERM: {status}; log:\n{}", operator.logs());

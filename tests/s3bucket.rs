@@ -267,16 +267,7 @@ async fn an_untagged_bucket_with_the_requested_name_is_never_changed_or_deleted(
     let s3 = support::s3_client().await;
 
     let theirs = format!("{ns}-theirs");
-    s3.create_bucket()
-        .bucket(&theirs)
-        .create_bucket_configuration(
-            aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from("eu-west-1"))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    support::create_bucket(&s3, &theirs).await;
     let policy = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*",
         "Action": "s3:DeleteObject", "Resource": format!("arn:aws:s3:::{theirs}/*")}]});
     s3.put_bucket_policy().bucket(&theirs).policy(policy.to_string()).send().await.unwrap();

@@ -168,12 +168,7 @@ impl Reconciler for Network {
         }
         // The credentials go last. Marked first: a crash after the release
         // must not leave a cleanup that needs a Secret already deleted.
-        let recorded = self.status.as_ref().and_then(|s| s.credentials_secret.as_deref());
-        let held = if credentials_secret(&self).is_some() || recorded.is_some() {
-            held_credentials(&ctx, &self, None).await?
-        } else {
-            None
-        };
+        let held = held_credentials(&ctx, &self, None).await?;
         let mut secrets: Vec<&str> = credentials_secret(&self).into_iter().chain(held.as_deref()).collect();
         secrets.dedup();
         if !secrets.is_empty() {

@@ -270,6 +270,15 @@ impl Operator {
         panic!("operator never became ready; log:\n{}", self.logs());
     }
 
+    /// Waits until this operator leads (its nixops_leader gauge is 1).
+    pub async fn wait_leading(&self, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.metric("nixops_leader", &[]) < 1.0 {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -565,6 +574,20 @@ pub async fn ec2_client() -> aws_sdk_ec2::Client {
 pub async fn s3_client() -> aws_sdk_s3::Client {
     let config = aws_sdk_config().await;
     aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build())
+}
+
+/// Creates bucket `name` in moto's eu-west-1 directly, as someone other
+/// than the operator would.
+pub async fn create_bucket(s3: &aws_sdk_s3::Client, name: &str) {
+    let region = aws_sdk_s3::types::BucketLocationConstraint::from("eu-west-1");
+    s3.create_bucket()
+        .bucket(name)
+        .create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder().location_constraint(region).build(),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create bucket {name}: {e:?}"));
 }
 
 /// examples/ec2 for tests against moto: moto's endpoint and test credentials,
