@@ -31,7 +31,19 @@ async fn every_crd_is_established_and_discoverable_by_category_and_short_name() 
     let client = support::client().await;
     support::install_crds(&client).await;
 
-    let discovery = Discovery::new(client.clone()).filter(&["nixops.io"]).run().await.expect("discovery");
+    let expected: BTreeSet<String> =
+        ["KeyPair", "Machine", "Network", "S3Bucket", "Volume"].iter().map(|s| s.to_string()).collect();
+    // An Established CRD reaches the API server's discovery a moment later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let discovery = loop {
+        let discovery = Discovery::new(client.clone()).filter(&["nixops.io"]).run().await.expect("discovery");
+        let found: BTreeSet<String> =
+            discovery.groups().flat_map(|g| g.recommended_resources()).map(|(r, _)| r.kind).collect();
+        if found == expected || std::time::Instant::now() > deadline {
+            break discovery;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
     let mut kinds = BTreeSet::new();
     for group in discovery.groups() {
         for (resource, caps) in group.recommended_resources() {
@@ -45,8 +57,6 @@ async fn every_crd_is_established_and_discoverable_by_category_and_short_name() 
             kinds.insert(resource.kind.clone());
         }
     }
-    let expected: BTreeSet<String> =
-        ["KeyPair", "Machine", "Network", "S3Bucket", "Volume"].iter().map(|s| s.to_string()).collect();
     assert_eq!(kinds, expected);
 
     // What a user types: the category lists all five, short names resolve.
