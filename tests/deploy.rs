@@ -234,14 +234,15 @@ async fn a_source_path_that_does_not_match_its_hash_stalls_as_corrupt() {
     node.verify();
 }
 
-/// Client ports of the SSH connections open at the end of `log` (sshd's).
+/// Client ports of the logged-in SSH connections open at the end of `log`
+/// (sshd's); a connection that never logs in (a host-key scan) is not one.
 fn open_connections(log: &str) -> std::collections::BTreeSet<String> {
     let port = |line: &str, prefix: &str| {
         line.split_once(prefix).and_then(|(_, rest)| rest.split([' ', ':']).next()).map(str::to_owned)
     };
     let mut open = std::collections::BTreeSet::new();
     for line in log.lines() {
-        if let Some(p) = port(line, "Connection from 127.0.0.1 port ") {
+        if let Some(p) = port(line, "Accepted publickey for root from 127.0.0.1 port ") {
             open.insert(p);
         } else if let Some(p) = ["Disconnected from user root 127.0.0.1 port ", "Disconnected from 127.0.0.1 port "]
             .iter()
