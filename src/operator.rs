@@ -225,6 +225,8 @@ async fn run_controllers(
         &mut w.volumes,
         &mut w.keypairs,
         &mut w.buckets,
+        api(client, ns),
+        wc.clone(),
     );
     let keypairs = controller::keypair::controller(&mut w.keypairs, api(client, ns), &mut w.networks, wc.clone());
     let volumes = controller::volume::controller(&mut w.volumes, &mut w.machines, &mut w.networks);

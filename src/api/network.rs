@@ -23,6 +23,7 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, T
     printcolumn(name = "Region", type_ = "string", json_path = ".spec.provider.ec2.region"),
     printcolumn(name = "Machines", type_ = "integer", json_path = ".status.machines"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Mesh", type_ = "string", json_path = ".status.conditions[?(@.type==\"MeshReady\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Ready-Machines", type_ = "integer", json_path = ".status.readyMachines", priority = 1),
     printcolumn(name = "Updated", type_ = "integer", json_path = ".status.updatedMachines", priority = 1),
@@ -52,6 +53,11 @@ pub struct NetworkSpec {
     /// How many machines change at once when several need a new closure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
+
+    /// An encrypted mesh between all members (NixOps' encrypted links),
+    /// configured on the machines at run time over SSH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshSpec>,
 
     /// `Default` creates, updates and deletes the cloud resource; `Observe`
     /// only reads the existing one named by the `nixops.io/external-name`
@@ -233,6 +239,51 @@ pub struct MachineDefaults {
     pub ssh: Option<SshSpec>,
 }
 
+/// The encrypted mesh between a Network's members.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshSpec {
+    /// A WireGuard mesh: every member is a peer of every other. The
+    /// operator generates each member's key pair (the private half in the
+    /// Secret `<machine>-wireguard`), gives each member an address from
+    /// `addressRange`, and configures the interface `nixops0` and its peers
+    /// on every member over SSH; members need WireGuard and wireguard-tools
+    /// (nix/nixops-network.nix provides them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardMesh>,
+}
+
+/// A WireGuard mesh.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WireguardMesh {
+    /// The IPv4 range members' mesh addresses come from, /16 to /29, e.g.
+    /// 10.77.0.0/24. A member keeps its address while it exists. Immutable:
+    /// members' addresses are kept while they exist.
+    #[x_kube(validation = rules::ipv4_cidr())]
+    #[x_kube(validation = Rule::new("cidr(self).prefixLength() >= 16 && cidr(self).prefixLength() <= 29")
+        .message("the mesh range's prefix length must be between /16 and /29, e.g. 10.77.0.0/24"))]
+    #[x_kube(validation = rules::immutable("the mesh address range"))]
+    #[schemars(length(min = 9, max = 18))]
+    pub address_range: String,
+
+    /// UDP port every member listens on (the AWS security group opens it
+    /// to the VPC and to members' public addresses). Default 51820.
+    #[serde(default = "default_listen_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub listen_port: i32,
+
+    /// Seconds between keepalive packets to each peer, for members behind
+    /// NAT or stateful firewalls; off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub persistent_keepalive: Option<i32>,
+}
+
+fn default_listen_port() -> i32 {
+    51820
+}
+
 /// Rollout policy.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -280,7 +331,8 @@ pub struct NetworkStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_machines: Option<i32>,
 
-    /// Membership published to every member as /etc/nixops/network.json.
+    /// Membership published to every member as /run/nixops/network.json
+    /// (and its names in the member's hosts file).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<NetworkMember>,
 
@@ -328,6 +380,12 @@ pub struct NetworkMember {
     /// Its SSH host key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_key: Option<String>,
+    /// Its address in the mesh (spec.mesh), kept while it is a member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_address: Option<String>,
+    /// Its WireGuard public key (spec.mesh.wireguard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_key: Option<String>,
 }
 
 /// A created subnet.

@@ -432,15 +432,15 @@ pub fn controller(
     let by_network = machines.store();
     let by_key_secret = machines.store();
     // Network status changes with every member's readiness; only a spec
-    // change (a new generation) concerns the members.
-    let seen_generations = Mutex::new(HashMap::<String, Option<i64>>::new());
+    // change (a new generation) or a change of membership (what members
+    // publish to their machines) concerns the members.
+    let seen_generations = Mutex::new(HashMap::<String, (Option<i64>, u64)>::new());
     controller
         .watches_stream(networks.touched(), move |network| {
             let key = super::object_key(&network);
+            let seen_now = (network.metadata.generation, membership_digest(&network));
             let mut seen = seen_generations.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.insert(key, network.metadata.generation) == Some(network.metadata.generation)
-                && network.metadata.deletion_timestamp.is_none()
-            {
+            if seen.insert(key, seen_now) == Some(seen_now) && network.metadata.deletion_timestamp.is_none() {
                 return Vec::new();
             }
             let ns = network.namespace();
@@ -476,6 +476,22 @@ pub fn controller(
                 .filter_map(|(machine, _)| machine.split_once('/').map(|(ns, n)| ObjectRef::new(n).within(ns)))
                 .collect::<Vec<_>>()
         })
+}
+
+/// A digest of a Network's published membership.
+fn membership_digest(network: &Network) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    if let Some(status) = &network.status {
+        for m in &status.members {
+            (&m.name, &m.host_key, &m.mesh_address, &m.mesh_key).hash(&mut hasher);
+            for a in &m.addresses {
+                (&a.address_type, &a.address).hash(&mut hasher);
+            }
+        }
+        status.members.len().hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 #[cfg(test)]

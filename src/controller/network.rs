@@ -101,17 +101,37 @@ impl Reconciler for Network {
         status.machines = Some(members.len() as i32);
         status.ready_machines = Some(ready as i32);
         status.updated_machines = Some(updated as i32);
+        let mesh = super::mesh::converge_keys(&self, &ctx, &members, &status.members).await?;
         status.members = members
             .iter()
             .map(|m| {
                 let s = m.status.clone().unwrap_or_default();
-                NetworkMember { name: m.name_any(), addresses: s.addresses, host_key: s.host_key }
+                let meshed = mesh.get(&m.name_any());
+                NetworkMember {
+                    name: m.name_any(),
+                    addresses: s.addresses,
+                    host_key: s.host_key,
+                    mesh_address: meshed.map(|k| k.address.to_string()),
+                    mesh_key: meshed.map(|k| k.public_key.clone()),
+                }
             })
             .collect();
+        let mesh_ready = members
+            .iter()
+            .filter(|m| m.status.as_ref().is_some_and(|s| is_true(&s.conditions, super::mesh::MESH_READY)))
+            .count();
         status.phase = Some(ResourcePhase::Ready);
         let summary = format!("{} machines, {ready} ready, {updated} on their desired closure", members.len());
         let mut conds = Conditions::new(&mut status.conditions, self.metadata.generation);
         conds.ready("Ready", summary.clone());
+        if super::mesh::mesh_of(&self).is_some() {
+            let all = mesh_ready == members.len() && !members.is_empty();
+            let message =
+                format!("{mesh_ready} of {} members have handshaken with all their peers recently", members.len());
+            conds.set(super::mesh::MESH_READY, all, if all { "Handshaken" } else { "WaitingForHandshake" }, message);
+        } else {
+            conds.remove(super::mesh::MESH_READY);
+        }
         if failed.is_empty() {
             let rolling = updated < members.len();
             conds.set(ROLLOUT, !rolling, if rolling { "RollingOut" } else { "RolledOut" }, summary);
@@ -299,6 +319,8 @@ pub fn controller(
     volumes: &mut SharedWatch<crate::api::Volume>,
     keypairs: &mut SharedWatch<crate::api::KeyPair>,
     buckets: &mut SharedWatch<crate::api::S3Bucket>,
+    secrets: Api<Secret>,
+    wc: kube::runtime::watcher::Config,
 ) -> Controller<Network> {
     // A dependent being deleted lets a Network that waits for it go on.
     fn leaving(meta: &kube::api::ObjectMeta, network: Option<&str>) -> Option<ObjectRef<Network>> {
@@ -325,22 +347,31 @@ pub fn controller(
             leaving(&k.metadata, k.spec.network_ref.as_ref().map(|r| r.name.as_str()))
         })
         .watches_stream(buckets.touched(), |b| leaving(&b.metadata, Some(&b.spec.network_ref.name)))
+        // A mesh key Secret deleted (to rotate the key) or changed.
+        .watches(secrets, wc.labels(super::mesh::NETWORK_LABEL), |secret| {
+            let network = secret.labels().get(super::mesh::NETWORK_LABEL)?;
+            Some(ObjectRef::new(network).within(&secret.namespace().unwrap_or_default()))
+        })
         .watches_stream(machines.touched(), move |machine| {
             let status = machine.status.clone().unwrap_or_default();
             // The finalizers are part of it: their removal is the Machine leaving
             // (its last event), which must reach the Network at once.
             let projection = format!(
-                "{}|{:?}|{:?}|{}|{}|{}",
+                "{}|{:?}|{:?}|{}|{}|{}|{}",
                 machine.spec.network_ref.name,
                 status.addresses,
                 status.host_key,
                 is_true(&status.conditions, condition::READY),
+                is_true(&status.conditions, super::mesh::MESH_READY),
                 machine.metadata.deletion_timestamp.is_some(),
                 machine.metadata.finalizers.as_ref().map_or(0, Vec::len),
             );
             let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-            let gone = machine.metadata.deletion_timestamp.is_some()
-                && machine.metadata.finalizers.as_ref().is_none_or(Vec::is_empty);
+            // A Machine being deleted wakes its Network on every event: the
+            // watch's last one (the Machine gone from the store) may carry
+            // the same state as the one before it, finalizer included, and
+            // must still reach the Network, which drops it from membership.
+            let gone = machine.metadata.deletion_timestamp.is_some();
             if gone {
                 seen.remove(&super::object_key(&machine));
             } else if seen.insert(super::object_key(&machine), projection.clone()).as_ref() == Some(&projection) {

@@ -178,6 +178,12 @@ impl Stores {
         }))
     }
 
+    /// The Network `name` in `ns` as stored, status.members included: what
+    /// its members publish to their machines.
+    pub async fn membership(&self, ns: &str, name: &str) -> Result<Option<Arc<Network>>> {
+        Ok(ready(&self.networks).await?.get(&ObjectRef::new(name).within(ns)))
+    }
+
     /// The Volumes, KeyPairs and S3Buckets in `ns` that name Network `network`, as "Kind name", sorted.
     pub async fn network_dependents(&self, ns: &str, network: &str) -> Result<Vec<String>> {
         let in_ns = |meta: &kube::api::ObjectMeta| meta.namespace.as_deref() == Some(ns);

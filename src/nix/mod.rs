@@ -7,6 +7,7 @@ pub mod base32;
 pub mod cache;
 pub mod keys;
 pub mod local_store;
+pub mod membership;
 pub mod nar;
 pub mod narinfo;
 pub mod path_info;

@@ -61,6 +61,10 @@ mount --no-mtab -t tmpfs -o mode=0755 node-run /run
 mount --no-mtab --bind "$dir/nix" /nix
 mount --no-mtab --bind "$dir/root" /root
 mkdir -p /run/sshd /run/node
+# Its own hosts file (the operator manages a block in it), and tools of its own.
+mount --no-mtab --bind "$dir/hosts" /etc/hosts
+if [ -d "$dir/bin" ]; then mount --no-mtab --bind "$dir/bin" /usr/local/sbin; fi
+if [ -n "${NODE_NET:-}" ]; then ip link set lo up; fi
 install -m 600 "$dir/authorized_keys" /run/node/authorized_keys
 if [ -e "$dir/users.sh" ]; then . "$dir/users.sh"; fi
 nix-store --init
@@ -73,7 +77,7 @@ cat >/dev/null
 /// lets the init exit only once every other process of its pid namespace is
 /// gone, so nothing of the node still writes to the directory by then.
 const NODE_SUPERVISOR: &str = r#"
-unshare --mount --propagation private --pid --kill-child sh -c "$2" node-init "$1"
+unshare --mount --propagation private --pid ${NODE_NET:+--net} --kill-child sh -c "$2" node-init "$1"
 status=$?
 rm -rf "$1"
 exit $status
@@ -92,6 +96,8 @@ pub struct NixNode {
     lifeline: Option<ChildStdin>,
     /// The node's init, as seen from here: the target for nsenter.
     init_pid: u32,
+    /// The node's own network namespace's link to a LAN, once wired.
+    net: Option<(super::netns::NodePort, bool)>,
 }
 
 /// What a node has beyond an ed25519 host key and root.
@@ -102,6 +108,11 @@ pub struct NodeSetup {
     pub host_keys: Vec<&'static str>,
     /// Login users besides root; they accept the same key as root.
     pub users: Vec<NodeUser>,
+    /// A network namespace of its own, on this LAN port, instead of the
+    /// host's loopback.
+    pub net: Option<super::netns::NodePort>,
+    /// Commands the node has in /usr/local/sbin (e.g. wireguard-go).
+    pub bin: Vec<std::path::PathBuf>,
 }
 
 /// A login user of a node.
@@ -161,11 +172,21 @@ impl NixNode {
         if !setup.users.is_empty() {
             write_users(path, &setup.users);
         }
+        std::fs::copy("/etc/hosts", path.join("hosts")).expect("copy /etc/hosts for the node");
+        if !setup.bin.is_empty() {
+            std::fs::create_dir(path.join("bin")).expect("create the node's bin");
+            for bin in &setup.bin {
+                let name = bin.file_name().expect("a command's file name");
+                std::fs::copy(bin, path.join("bin").join(name))
+                    .unwrap_or_else(|e| panic!("copy {}: {e}", bin.display()));
+            }
+        }
+        let listen = if setup.net.is_some() { "0.0.0.0" } else { "127.0.0.1" };
         let port = super::free_port();
         std::fs::write(
             path.join("sshd_config"),
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\n{host_keys}PidFile none\n\
+                "Port {port}\nListenAddress {listen}\n{host_keys}PidFile none\n\
                  AuthorizedKeysFile {AUTHORIZED_KEYS} {HOMES}/%u/authorized_keys\n\
                  PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nLogLevel VERBOSE\n\
                  PrintMotd no\nPrintLastLog no\n"
@@ -173,11 +194,15 @@ impl NixNode {
         )
         .expect("write sshd_config");
         let log = std::fs::File::create(path.join("node.log")).expect("create node.log");
-        let mut supervisor = Command::new("sh")
+        let mut supervisor = Command::new("sh");
+        supervisor.env_clear();
+        if setup.net.is_some() {
+            supervisor.env("NODE_NET", "1");
+        }
+        let mut supervisor = supervisor
             .args(["-c", NODE_SUPERVISOR, "node-supervisor"])
             .arg(path)
             .arg(NODE_INIT)
-            .env_clear()
             .env("PATH", NODE_PATH)
             .env("HOME", "/root")
             .current_dir("/")
@@ -189,12 +214,15 @@ impl NixNode {
             .spawn()
             .expect("start the node (sh, unshare)");
         let lifeline = supervisor.stdin.take();
-        Self { host: "127.0.0.1".into(), port, dir, supervisor, lifeline, init_pid: 0 }
+        let host = setup.net.as_ref().map_or_else(|| "127.0.0.1".to_owned(), |n| n.address.clone());
+        let net = setup.net.clone().map(|n| (n, false));
+        Self { host, port, dir, supervisor, lifeline, init_pid: 0, net }
     }
 
     /// Waits until sshd listens and the init's pid is known.
     fn wait_ready(&mut self) -> Result<(), NotReady> {
-        let listening = format!("Server listening on 127.0.0.1 port {}.", self.port);
+        let listen = if self.net.is_some() { "0.0.0.0" } else { "127.0.0.1" };
+        let listening = format!("Server listening on {listen} port {}.", self.port);
         let deadline = Instant::now() + NODE_TIMEOUT;
         loop {
             if let Ok(Some(status)) = self.supervisor.try_wait() {
@@ -207,6 +235,12 @@ impl NixNode {
             if self.init_pid == 0 {
                 let unshare = children(self.supervisor.id());
                 self.init_pid = unshare.first().map(|&pid| children(pid)).and_then(|c| c.first().copied()).unwrap_or(0);
+            }
+            if self.init_pid != 0
+                && let Some((port, wired @ false)) = &mut self.net
+            {
+                port.wire(self.init_pid);
+                *wired = true;
             }
             if self.init_pid != 0
                 && log.contains(&listening)
@@ -238,7 +272,7 @@ impl NixNode {
     /// namespaces, so it sees the node's /nix and /run and dies with it).
     pub fn exec(&self, script: &str) -> Output {
         Command::new("nsenter")
-            .args(["--target", &self.init_pid.to_string(), "--mount", "--pid", "--", "sh", "-c", script])
+            .args(["--target", &self.init_pid.to_string(), "--mount", "--pid", "--net", "--", "sh", "-c", script])
             .env_clear()
             .env("PATH", NODE_PATH)
             .env("HOME", "/root")

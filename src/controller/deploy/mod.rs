@@ -206,6 +206,9 @@ struct Run<'a> {
     nixos: &'a NixosSpec,
     target: &'a Target,
     generation: Option<i64>,
+    /// How soon the Network's membership wants another look (mesh peers
+    /// without a handshake yet).
+    membership_recheck: Mutex<Option<Duration>>,
 }
 
 /// Brings the machine to `spec.nixos`: returns with `status` describing the
@@ -228,8 +231,14 @@ pub async fn reconcile(
         nixos,
         target,
         generation: machine.metadata.generation,
+        membership_recheck: Mutex::default(),
     };
-    run.reconcile(status).await
+    let requeue = run.reconcile(status).await?;
+    let recheck = *run.membership_recheck.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(match (requeue, recheck) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
 }
 
 impl Run<'_> {
@@ -315,7 +324,16 @@ impl Run<'_> {
         // of three over a slow link.
         let likely = plan::deploy_likely(&self.desired(), status.last_deploy.as_ref());
         let surveying = async { if likely { Some(self.survey(session, desired_path).await) } else { None } };
-        let (state, keys, survey) = tokio::join!(self.probe(session), self.sync_keys(session, status), surveying);
+        // The Network's membership (and mesh) is published before anything is activated.
+        let mut conditions = status.conditions.clone();
+        let publishing = super::mesh::publish(session, self.machine, self.ctx, &mut conditions);
+        let (state, keys, survey, published) =
+            tokio::join!(self.probe(session), self.sync_keys(session, status), surveying, publishing);
+        super::mesh::carry_conditions(&conditions, &mut status.conditions);
+        let keys = keys.and_then(|()| {
+            *self.membership_recheck.lock().unwrap_or_else(|e| e.into_inner()) = published?;
+            Ok(())
+        });
         let state = match state.and_then(|state| keys.map(|()| state)) {
             Ok(state) => state,
             Err(err) => {

@@ -134,7 +134,8 @@ impl NetworkProvider for Aws {
     }
 
     async fn ensure(&self, target: &CloudTarget, known: Option<&str>) -> Result<NetworkState, ProviderError> {
-        vpc::ensure(&*self.clients(target).await?, &target.owner, ec2_network(target)?, known).await
+        let spec = vpc::with_mesh_port(ec2_network(target)?, target.network.spec.mesh.as_ref());
+        vpc::ensure(&*self.clients(target).await?, &target.owner, &spec, known).await
     }
 
     async fn create(

@@ -59,6 +59,24 @@ fn desired_rules(spec: &Ec2Network) -> BTreeSet<Rule> {
     rules
 }
 
+/// `spec` with an ingress rule for the mesh's UDP port from anywhere when
+/// the Network has a mesh: members on other clouds reach the port over
+/// the internet, and WireGuard answers no packet that does not carry a
+/// member's key.
+pub fn with_mesh_port(spec: &Ec2Network, mesh: Option<&crate::api::network::MeshSpec>) -> Ec2Network {
+    let mut spec = spec.clone();
+    if let Some(wg) = mesh.and_then(|m| m.wireguard.as_ref()) {
+        spec.security_group.get_or_insert_with(Default::default).ingress.push(crate::api::network::IngressRule {
+            protocol: IpProtocol::Udp,
+            from_port: Some(wg.listen_port),
+            to_port: Some(wg.listen_port),
+            cidr_blocks: vec!["0.0.0.0/0".into()],
+            description: Some("nixops-operator WireGuard mesh".into()),
+        });
+    }
+    spec
+}
+
 fn permission((proto, from, to, cidr): &Rule) -> IpPermission {
     IpPermission::builder()
         .ip_protocol(proto)
@@ -446,5 +464,28 @@ async fn delete_internet_gateway(aws: &AwsClients, gateway: &InternetGateway) ->
         Ok(_) => Ok(()),
         Err(err) if err.is("InvalidInternetGatewayID.NotFound") => Ok(()),
         Err(err) => Err(err.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mesh_port_is_open_only_with_a_mesh() {
+        let spec: Ec2Network = serde_json::from_value(serde_json::json!({
+            "region": "eu-west-1", "vpc": {"cidrBlock": "10.0.0.0/16"},
+            "subnets": [{"name": "a", "cidrBlock": "10.0.1.0/24", "zone": "eu-west-1a"}],
+            "securityGroup": {"ingress": [{"protocol": "tcp", "fromPort": 22, "toPort": 22, "cidrBlocks": ["0.0.0.0/0"]}]}
+        }))
+        .unwrap();
+        let mesh: crate::api::network::MeshSpec = serde_json::from_value(
+            serde_json::json!({"wireguard": {"addressRange": "10.77.0.0/24", "listenPort": 51999}}),
+        )
+        .unwrap();
+        assert_eq!(desired_rules(&with_mesh_port(&spec, None)), desired_rules(&spec));
+        let rules = desired_rules(&with_mesh_port(&spec, Some(&mesh)));
+        assert!(rules.contains(&("udp".to_owned(), 51999, 51999, "0.0.0.0/0".to_owned())), "{rules:?}");
+        assert!(rules.contains(&("tcp".to_owned(), 22, 22, "0.0.0.0/0".to_owned())));
     }
 }
