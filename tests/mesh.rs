@@ -194,7 +194,10 @@ async fn members_talk_over_an_encrypted_mesh() {
     eprintln!("mesh: {} packets between members during the pings, e.g. {:?}", packets.len(), packets.first());
     assert!(packets.len() >= 12, "the pings crossed the bridge: {packets:?}");
     for p in &packets {
-        assert!(p.contains(": UDP") && p.contains(".51820 > ") && p.contains(".51820:"), "only WireGuard: {p}\nall: {packets:#?}");
+        assert!(
+            p.contains(": UDP") && p.contains(".51820 > ") && p.contains(".51820:"),
+            "only WireGuard: {p}\nall: {packets:#?}"
+        );
         assert!(!p.contains("ICMP"), "no plaintext ICMP between members: {p}");
     }
 

@@ -192,10 +192,9 @@ pub async fn converge_keys(
     // Secret is being replaced.
     let recorded: BTreeMap<&str, &NetworkMember> = recorded.iter().map(|m| (m.name.as_str(), m)).collect();
     for member in members.iter().filter(|m| !kept.contains_key(&m.name_any())) {
-        if let Some(address) = recorded.get(member.name_any().as_str()).and_then(|r| r.mesh_address.as_deref()) {
-            if let Ok(address) = address.parse::<Ipv4Addr>() {
-                taken.insert(address);
-            }
+        let address = recorded.get(member.name_any().as_str()).and_then(|r| r.mesh_address.as_deref());
+        if let Some(Ok(address)) = address.map(str::parse::<Ipv4Addr>) {
+            taken.insert(address);
         }
     }
     for member in members.iter().filter(|m| m.metadata.deletion_timestamp.is_none()) {
