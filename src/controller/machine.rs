@@ -440,15 +440,20 @@ pub fn controller(
             let key = super::object_key(&network);
             let seen_now = (network.metadata.generation, membership_digest(&network));
             let mut seen = seen_generations.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.insert(key, seen_now) == Some(seen_now) && network.metadata.deletion_timestamp.is_none() {
+            let before = seen.insert(key, seen_now);
+            if before == Some(seen_now) && network.metadata.deletion_timestamp.is_none() {
                 return Vec::new();
             }
+            // Only membership changed: only members that publish it (deploy) care.
+            let only_membership = before.is_some_and(|(generation, _)| generation == seen_now.0)
+                && network.metadata.deletion_timestamp.is_none();
             let ns = network.namespace();
             let name = network.name_any();
             by_network
                 .state()
                 .into_iter()
                 .filter(|m| m.namespace() == ns && m.spec.network_ref.name == name)
+                .filter(|m| !only_membership || m.spec.nixos.is_some())
                 .map(|m| ObjectRef::from_obj(&*m))
                 .collect::<Vec<_>>()
         })

@@ -482,8 +482,9 @@ pub fn carry_conditions(from: &[Condition], to: &mut Vec<Condition>) {
     }
 }
 
+/// As a deployment's: a host key mismatch or refused login or sudo stalls.
 fn ssh_error(err: crate::ssh::SshError) -> Error {
-    ProviderError::Transient(format!("publishing the membership: {err}")).into()
+    super::deploy::ssh_error(err)
 }
 
 #[cfg(test)]

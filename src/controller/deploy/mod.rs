@@ -1083,7 +1083,7 @@ pub fn is_up_to_date(machine: &Machine) -> bool {
     })
 }
 
-fn ssh_error(err: SshError) -> Error {
+pub(super) fn ssh_error(err: SshError) -> Error {
     match err {
         SshError::HostKeyMismatch { .. } => {
             Error::stalled("HostKeyMismatch", format!("{err}; no work is done on this machine"))
