@@ -290,3 +290,51 @@ fn the_nixos_module_parses_and_matches_the_operator() {
         "conditions name the module's file"
     );
 }
+
+/// The UDP rules of the security group `sg`, as (from port, CIDR).
+async fn udp_rules(ec2: &aws_sdk_ec2::Client, sg: &str) -> Vec<(i32, String)> {
+    let out = ec2.describe_security_groups().group_ids(sg).send().await.unwrap();
+    let group = out.security_groups()[0].clone();
+    group
+        .ip_permissions()
+        .iter()
+        .filter(|p| p.ip_protocol() == Some("udp"))
+        .flat_map(|p| {
+            p.ip_ranges().iter().map(|r| (p.from_port().unwrap_or(-1), r.cidr_ip().unwrap_or_default().to_owned()))
+        })
+        .collect()
+}
+
+/// An AWS Network's security group opens the mesh's UDP port while the
+/// mesh is on, and closes it when the mesh goes (moto).
+#[tokio::test]
+async fn an_aws_network_opens_the_mesh_port_while_it_has_a_mesh() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "mesh-aws").await;
+    let _operator = support::Operator::start(&ns, &[]);
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let networks: Api<Network> = Api::namespaced(client.clone(), &ns);
+    let ec2 = support::ec2_client().await;
+    support::wait_for(&networks, "aws", TIMEOUT, "Ready", |n| {
+        n.status.as_ref().is_some_and(|s| support::is_ready(&s.conditions) && s.security_group_id.is_some())
+    })
+    .await;
+    let sg = networks.get("aws").await.unwrap().status.unwrap().security_group_id.unwrap();
+    assert!(udp_rules(&ec2, &sg).await.is_empty(), "no mesh, no UDP rule");
+
+    let mesh = json!({"spec": {"mesh": {"wireguard": {"addressRange": "10.77.0.0/24", "listenPort": 51999}}}});
+    networks.patch("aws", &PatchParams::default(), &Patch::Merge(&mesh)).await.unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while udp_rules(&ec2, &sg).await != [(51999, "0.0.0.0/0".to_owned())] {
+        assert!(Instant::now() < deadline, "the mesh port never opened: {:?}", udp_rules(&ec2, &sg).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let off = json!({"spec": {"mesh": null}});
+    networks.patch("aws", &PatchParams::default(), &Patch::Merge(&off)).await.unwrap();
+    while !udp_rules(&ec2, &sg).await.is_empty() {
+        assert!(Instant::now() < deadline, "the mesh port stayed open: {:?}", udp_rules(&ec2, &sg).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
