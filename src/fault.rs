@@ -30,6 +30,9 @@ pub mod points {
     /// A Network's cloud resources are deleted and its credentials Secret
     /// released; its own finalizer is not removed yet.
     pub const NETWORK_AFTER_CREDENTIALS_RELEASED: &str = "network-after-credentials-released";
+    /// A mesh member's key Secret is created; the Network's status does
+    /// not record the member's key and address yet.
+    pub const MESH_AFTER_KEY_CREATED: &str = "mesh-after-key-created";
     /// A lookup of a cloud resource the operator creates (by its UID tag,
     /// or by its name within its VPC) is about to run. `return` makes it
     /// find nothing, as a cloud whose reads lag its writes does:

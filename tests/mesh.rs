@@ -338,3 +338,56 @@ async fn an_aws_network_opens_the_mesh_port_while_it_has_a_mesh() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The operator killed right after creating a member's key Secret, before
+/// the Network records it: after a restart every member has exactly one
+/// key Secret, the one created before the crash is kept (same key, same
+/// address), and the addresses the status shows are the Secrets'.
+#[tokio::test]
+async fn a_crash_after_a_key_is_created_duplicates_and_loses_nothing() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "mesh-crash").await;
+    let mut operator = support::Operator::start_env(&ns, &[], &[("FAILPOINTS", "mesh-after-key-created=return(kill)")]);
+    let networks: Api<Network> = Api::namespaced(client.clone(), &ns);
+    let machines: Api<nixops_operator::api::Machine> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let pp = kube::api::PostParams::default();
+    let network = json!({"apiVersion": "nixops.io/v1alpha1", "kind": "Network", "metadata": {"name": "net"},
+        "spec": {"mesh": {"wireguard": {"addressRange": "10.77.0.0/29"}}}});
+    networks.create(&pp, &serde_json::from_value(network).unwrap()).await.unwrap();
+    for name in ["a", "b", "c"] {
+        // Members need not be reachable for the Network to give them keys.
+        let machine = json!({"apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name},
+            "spec": {"networkRef": {"name": "net"}, "provider": {"existing": {"host": "127.0.0.1", "port": 1}}}});
+        machines.create(&pp, &serde_json::from_value(machine).unwrap()).await.unwrap();
+    }
+    assert!(operator.wait_exit(TIMEOUT).is_some(), "the operator was not killed at mesh-after-key-created");
+    let mesh_secrets = || async {
+        let list = secrets.list(&ListParams::default().labels("nixops.io/mesh-network=net")).await.unwrap();
+        list.items
+    };
+    let before = mesh_secrets().await;
+    assert_eq!(before.len(), 1, "killed right after the first key Secret");
+    let first = before[0].clone();
+
+    let _operator = support::Operator::start(&ns, &[]);
+    support::wait_for(&networks, "net", TIMEOUT, "three members with mesh keys", |n| {
+        n.status.as_ref().is_some_and(|s| s.members.len() == 3 && s.members.iter().all(|m| m.mesh_key.is_some()))
+    })
+    .await;
+    let after = mesh_secrets().await;
+    assert_eq!(after.len(), 3, "one key Secret per member");
+    let kept = after.iter().find(|s| s.metadata.name == first.metadata.name).expect("the first Secret is kept");
+    assert_eq!(kept.data, first.data, "its key is not replaced");
+    assert_eq!(kept.metadata.uid, first.metadata.uid);
+    let status = networks.get("net").await.unwrap().status.unwrap();
+    let mut addresses = BTreeSet::new();
+    for secret in &after {
+        let member = &secret.metadata.labels.as_ref().unwrap()["nixops.io/mesh-member"];
+        let address = &secret.metadata.annotations.as_ref().unwrap()["nixops.io/mesh-address"];
+        let recorded = status.members.iter().find(|m| &m.name == member).unwrap();
+        assert_eq!(recorded.mesh_address.as_ref(), Some(address), "status shows {member}'s Secret's address");
+        assert!(addresses.insert(address.clone()), "{address} given twice");
+    }
+}

@@ -224,6 +224,7 @@ pub async fn converge_keys(
         let (private, public) = key_pair(seed);
         seed.fill(0);
         create_key_secret(&secrets, network, member, address, &private, &public).await?;
+        crate::fault::point(crate::fault::points::MESH_AFTER_KEY_CREATED, None).await;
         let (reason, what) = match before.and_then(|b| b.mesh_key.as_ref()) {
             Some(_) => ("MeshKeyRotated", "has a new key"),
             None => ("MeshPeerAdded", "joined the mesh"),
