@@ -238,7 +238,29 @@ async fn members_talk_over_an_encrypted_mesh() {
         String::from_utf8(secrets.get("b-wireguard").await.unwrap().data.unwrap()["privateKey"].0.clone()).unwrap(),
     );
 
-    // Removal: c leaves; a and b drop its peer and its name.
+    // Re-addressed: b answers on a second address and its Machine names it;
+    // a and c send to the new endpoint, and the tunnel carries on.
+    let moved = format!("{}.99", nodes[1].host.rsplit_once('.').unwrap().0);
+    nodes[1].exec_ok(&format!("ip addr add {moved}/24 dev eth0"));
+    let patch = json!({"spec": {"provider": {"existing": {"host": moved}}}});
+    fleet.machines.patch("b", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let endpoint = format!("{moved}:51820");
+    let took = until("a and c send to b's new address", || {
+        [&nodes[0], &nodes[2]].iter().all(|n| n.exec_ok("wg show nixops0 endpoints").contains(&endpoint))
+    })
+    .await;
+    eprintln!("mesh: a re-addressed member reached both other members' endpoints in {took:?}");
+    assert!(document(&nodes[0]).to_string().contains(&moved), "a's network.json has b's new address");
+    nodes[0].exec_ok(&format!("ping -c 2 -W 2 {}", mesh_address("b")));
+
+    // Removal: c leaves; a and b drop its peer and its name, and keep their
+    // own interface and session (wg syncconf, nothing torn down).
+    let ifindex = |n: &NixNode| n.exec_ok("ip -o link show dev nixops0 | cut -d: -f1");
+    let handshake_with = |n: &NixNode, key: &str| {
+        n.exec_ok("wg show nixops0 latest-handshakes").lines().find(|l| l.starts_with(key)).map(str::to_owned)
+    };
+    let a_before = (ifindex(&nodes[0]), handshake_with(&nodes[0], &new_key));
+    assert!(a_before.1.as_ref().is_some_and(|l| !l.ends_with("\t0")), "a has a session with b: {a_before:?}");
     let c_key = meshed.iter().find(|m| m.name == "c").and_then(|m| m.mesh_key.clone()).unwrap();
     fleet.machines.delete("c", &DeleteParams::default()).await.unwrap();
     let took = until("a and b dropped c", || {
@@ -246,6 +268,8 @@ async fn members_talk_over_an_encrypted_mesh() {
     })
     .await;
     eprintln!("mesh: a removed member left both other members' peers and hosts in {took:?}");
+    let a_after = (ifindex(&nodes[0]), handshake_with(&nodes[0], &new_key));
+    assert_eq!(a_after, a_before, "a's interface and its session with b are the same after c left");
     support::wait_gone(&secrets, "c-wireguard", TIMEOUT).await;
 
     // Events say what happened; no private key anywhere.

@@ -288,7 +288,8 @@ impl NixNode {
         let out = self.exec(script);
         assert!(
             out.status.success(),
-            "in node 127.0.0.1:{}, `{script}` failed ({}):\n{}{}\nnode log:\n{}",
+            "in node {}:{}, `{script}` failed ({}):\n{}{}\nnode log:\n{}",
+            self.host,
             self.port,
             out.status,
             String::from_utf8_lossy(&out.stdout),
@@ -376,7 +377,7 @@ impl NixNode {
 impl Drop for NixNode {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- node 127.0.0.1:{} log ----\n{}", self.port, self.sshd_log());
+            eprintln!("---- node {}:{} log ----\n{}", self.host, self.port, self.sshd_log());
         }
         // EOF for the init: it exits, the kernel kills the rest of the node,
         // and the supervisor removes the directory.
