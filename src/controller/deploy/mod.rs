@@ -206,6 +206,8 @@ struct Run<'a> {
     nixos: &'a NixosSpec,
     target: &'a Target,
     generation: Option<i64>,
+    /// Where the closure comes from when the spec does not say (a builder's store).
+    source: Option<PathSource>,
 }
 
 /// Brings the machine to `spec.nixos`: returns with `status` describing the
@@ -217,6 +219,7 @@ pub async fn reconcile(
     ctx: &Context,
     target: &Target,
     status: &mut MachineStatus,
+    source: Option<PathSource>,
 ) -> Result<Option<Duration>> {
     let Some(nixos) = &machine.spec.nixos else { return Ok(None) };
     let ns = machine.namespace().unwrap_or_default();
@@ -228,6 +231,7 @@ pub async fn reconcile(
         nixos,
         target,
         generation: machine.metadata.generation,
+        source,
     };
     run.reconcile(status).await
 }
@@ -917,6 +921,9 @@ impl Run<'_> {
     }
 
     async fn path_source(&self) -> Result<PathSource> {
+        if let Some(source) = &self.source {
+            return Ok(source.clone());
+        }
         let source = self.nixos.source.clone().unwrap_or_default();
         if let Some(cache) = &source.binary_cache {
             let s3 = if cache.url.starts_with("s3://") {
@@ -1047,8 +1054,9 @@ async fn release(survey: Option<Result<Surveyed>>) {
 /// Whether a Machine's last deployment of its current closure failed.
 pub fn deploy_failed(machine: &Machine) -> bool {
     let Some(nixos) = &machine.spec.nixos else { return false };
+    let Some(closure) = super::build::desired_closure(machine) else { return false };
     let desired = Desired {
-        closure: &nixos.closure,
+        closure,
         action: nixos.action,
         drift: nixos.drift,
         generation: machine.metadata.generation,
@@ -1058,9 +1066,11 @@ pub fn deploy_failed(machine: &Machine) -> bool {
 
 /// Whether a Machine runs its desired closure.
 pub fn is_up_to_date(machine: &Machine) -> bool {
-    let Some(nixos) = &machine.spec.nixos else { return true };
+    if machine.spec.nixos.is_none() {
+        return true;
+    }
     machine.status.as_ref().is_some_and(|s| {
-        s.closure.as_deref() == Some(nixos.closure.as_str())
+        s.closure.is_some() && s.closure.as_deref() == super::build::desired_closure(machine)
             && s.last_deploy.as_ref().is_some_and(|l| l.result.as_deref() == Some(deploy_result::SUCCEEDED))
     })
 }
