@@ -252,6 +252,7 @@ async fn a_failed_build_keeps_the_old_system_and_unsigned_commits_are_refused() 
     let record = m.status.as_ref().unwrap().build.clone().unwrap();
     assert_eq!((record.rev.as_str(), record.result), (rev2.as_str(), BuildResult::Failed));
     let message = record.message.unwrap_or_default();
+    assert!(message.starts_with(&format!("building {rev2} failed")), "{message}");
     assert!(message.contains("refuses to build (fail = true)"), "the log's end is in status: {message}");
     assert_eq!(support::condition(&m.status.as_ref().unwrap().conditions, "Built").as_deref(), Some("False"));
     assert_eq!(node.current_system().as_deref(), Some(v1.as_str()), "still on the old system");
@@ -274,6 +275,7 @@ async fn a_failed_build_keeps_the_old_system_and_unsigned_commits_are_refused() 
     let m = fleet.wait_stalled("t", "UnsignedCommit").await;
     let record = m.status.as_ref().unwrap().build.clone().unwrap();
     assert_eq!((record.rev.as_str(), record.result), (rev3.as_str(), BuildResult::Refused));
+    assert!(record.message.unwrap_or_default().contains("carries no signature"));
     assert_eq!(node.current_system().as_deref(), Some(v1.as_str()), "an unsigned commit is not deployed");
     assert_eq!(node.activations().len(), 1, "{:?}", node.activations());
 

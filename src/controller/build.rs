@@ -403,7 +403,7 @@ fn failed_error(record: &BuildRecord) -> Error {
     Error::stalled(
         reason,
         format!(
-            "{} at {} was not built, so the machine stays on its current system: {what}. To go on, {fix}",
+            "{} at {} was not built, so the machine stays on its current system; to go on, {fix}. {what}",
             record.source, record.rev
         ),
     )

@@ -177,14 +177,17 @@ impl BuildRequest {
                 s += &format!("printf 'nixops-trusted %s\\n' {} >> \"$work/allowed_signers\"\n", shell_quote(key.trim()));
             }
         }
-        s += "git -C \"$mirror\" -c gpg.ssh.allowedSignersFile=\"$work/allowed_signers\" verify-commit \"$rev\" > \"$work/verify\" 2>&1 \
-              || { echo \"commit $rev is not signed by a key of spec.nixos.build.requireSignedBy:\" >&2; tail -c 2048 \"$work/verify\" >&2; exit 12; }\n";
+        s += "if ! git -C \"$mirror\" -c gpg.ssh.allowedSignersFile=\"$work/allowed_signers\" verify-commit \"$rev\" > \"$work/verify\" 2>&1; then\n\
+              [ -s \"$work/verify\" ] || echo 'the commit carries no signature' > \"$work/verify\"\n\
+              echo \"commit $rev is not signed by a key of spec.nixos.build.requireSignedBy:\" >&2; tail -c 2048 \"$work/verify\" >&2; exit 12\nfi\n";
         s
     }
 
     /// Runs [`Self::script`] in a session of its own.
     pub fn command(&self) -> String {
-        format!("setsid sh -c {}", shell_quote(&self.script()))
+        // --wait: the session leader sshd started would otherwise fork and
+        // exit at once, and its exit status would say nothing.
+        format!("setsid --wait sh -c {}", shell_quote(&self.script()))
     }
 }
 
