@@ -19,9 +19,10 @@ use support::node::NixNode;
 
 /// The repository's demo system: a toplevel with a `motd` package and a
 /// switch-to-configuration that records activations as the test systems
-/// of support::node do; `fail` makes its build fail.
+/// of support::node do; `fail` makes its build fail, `sleep` (seconds)
+/// makes it sleep first.
 const SYSTEM_NIX: &str = r#"
-{ name, message, fail ? false, system }:
+{ name, message, fail ? false, sleep ? 0, system }:
 let
   motd = builtins.derivation {
     name = "motd-${name}";
@@ -33,7 +34,7 @@ in builtins.derivation {
   name = "nixos-system-${name}";
   inherit system;
   builder = "/bin/sh";
-  args = [ "-c" (if fail then "echo 'error: system ${name} refuses to build (fail = true)' >&2; exit 1" else ''
+  args = [ "-c" ((if sleep > 0 then "/bin/sleep ${toString sleep}; " else "") + (if fail then "echo 'error: system ${name} refuses to build (fail = true)' >&2; exit 1" else ''
     /bin/mkdir -p $out/bin
     echo ${motd} > $out/packages
     /bin/cat > $out/bin/switch-to-configuration <<EOS
@@ -44,7 +45,7 @@ in builtins.derivation {
     case "\$1" in switch|test) /bin/ln -sfn $out /run/current-system ;; esac
     EOS
     /bin/chmod +x $out/bin/switch-to-configuration
-  '') ];
+  '')) ];
 }
 "#;
 
@@ -283,4 +284,42 @@ async fn a_failed_build_keeps_the_old_system_and_unsigned_commits_are_refused() 
     let rev4 = repo.commit(json!({"t": {"message": "t v4"}}), true);
     wait_built_and_running(&fleet, "t", &rev4).await;
     assert_eq!(motd(&node), "t v4");
+}
+
+/// Whether a process with exactly `args` runs on this host (nodes share
+/// its /proc).
+fn running(args: &str) -> bool {
+    Command::new("pgrep").args(["-f", &format!("^{args}$")]).output().unwrap().status.success()
+}
+
+#[tokio::test]
+async fn a_newer_commit_stops_the_build_of_an_older_one() {
+    let repo = Repo::new();
+    // A build that would take an hour, with a sleep no other test runs.
+    let seconds = 3600 + u32::from_str_radix(&support::fleet::nonce()[..3], 16).unwrap();
+    let sleeping = format!("/bin/sleep {seconds}");
+    let rev1 = repo.commit(json!({"s": {"message": "s v1", "sleep": seconds}}), false);
+    let fleet = Fleet::start("build-cancel", json!({"build": {"builder": {"name": "builder"}}})).await;
+    let builder = offline(fleet.node());
+    let node = fleet.node();
+    create(&fleet, "builder", &builder, serde_json::Value::Null).await;
+    create(&fleet, "s", &node, json!({"build": {"git": {"url": repo.url(), "ref": "main"}}})).await;
+    support::wait_for(&fleet.machines, "s", TIMEOUT, "building rev1", |m| {
+        m.status.as_ref().and_then(|s| s.build.as_ref()).is_some_and(|b| b.rev == rev1 && b.result == BuildResult::Building)
+    })
+    .await;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !running(&sleeping) {
+        assert!(std::time::Instant::now() < deadline, "the build of rev1 never started its builder");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // The next commit supersedes it: the old build is stopped on the
+    // builder (it holds the builder's only slot) and the new one deployed.
+    let rev2 = repo.commit(json!({"s": {"message": "s v2"}}), false);
+    wait_built_and_running(&fleet, "s", &rev2).await;
+    assert_eq!(motd(&node), "s v2");
+    assert!(!running(&sleeping), "the superseded build still runs on the builder");
+    assert_eq!(builds(&fleet, "Cancelled"), 1.0);
+    assert_eq!(node.activations().len(), 1, "rev1 was never deployed: {:?}", node.activations());
 }

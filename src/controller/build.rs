@@ -148,6 +148,8 @@ struct Job {
     started: Time,
     outcome: Mutex<Option<(JobOutcome, Instant)>>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Set when a newer commit superseded the job.
+    cancelled: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Debug)]
@@ -234,6 +236,7 @@ impl Builds {
             started: Time(Timestamp::now()),
             outcome: Mutex::default(),
             task: Mutex::default(),
+            cancelled: Default::default(),
         });
         inner.jobs.push(job.clone());
         (job, true, superseded)
@@ -287,11 +290,17 @@ pub async fn reconcile(
     });
     let (job, created, superseded) = ctx.builds.job_for(&builder.id, &wanted, &rev, attributes, retry);
     for old in superseded {
-        if let Some(task) = old.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        // Stopped on the builder: its task then ends by itself and frees
+        // the builder's slot. Only if the builder cannot be told is the
+        // task dropped, which frees the slot while the build may go on.
+        old.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+        let stopped = session.exec(&script::cancel_script(&old.id)).await;
+        if !stopped.is_ok_and(|out| out.status == Some(0))
+            && let Some(task) = old.task.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
             task.abort();
+            metrics_cancelled(&ctx.metrics);
         }
-        let _ = session.exec(&script::cancel_script(&old.id)).await;
-        ctx.metrics.builds.with_label_values(&["Cancelled"]).inc();
         ctx.event(
             machine,
             EventType::Normal,
@@ -420,11 +429,19 @@ async fn run(
 ) {
     let outcome = match slots.acquire_owned().await {
         Err(_) => JobOutcome::Transient("the builder's slots are gone".into()),
+        // Superseded while it waited for a slot: never started.
+        Ok(_) if job.cancelled.load(std::sync::atomic::Ordering::SeqCst) => {
+            JobOutcome::Transient("superseded by a newer commit".into())
+        }
         Ok(_slot) => {
             let out = session.exec_with_input(&request.command(), &credentials).await;
             outcome_of(out, &request)
         }
     };
+    if job.cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+        metrics_cancelled(&metrics);
+        return;
+    }
     let label = match &outcome {
         JobOutcome::Built(_) => "Succeeded",
         JobOutcome::Failed { result: BuildResult::Refused, .. } => "Refused",
@@ -433,6 +450,10 @@ async fn run(
     };
     metrics.builds.with_label_values(&[label]).inc();
     *job.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some((outcome, Instant::now()));
+}
+
+fn metrics_cancelled(metrics: &Metrics) {
+    metrics.builds.with_label_values(&["Cancelled"]).inc();
 }
 
 /// What the build script's exit and output mean.
