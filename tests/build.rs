@@ -305,7 +305,10 @@ async fn a_newer_commit_stops_the_build_of_an_older_one() {
     create(&fleet, "builder", &builder, serde_json::Value::Null).await;
     create(&fleet, "s", &node, json!({"build": {"git": {"url": repo.url(), "ref": "main"}}})).await;
     support::wait_for(&fleet.machines, "s", TIMEOUT, "building rev1", |m| {
-        m.status.as_ref().and_then(|s| s.build.as_ref()).is_some_and(|b| b.rev == rev1 && b.result == BuildResult::Building)
+        m.status
+            .as_ref()
+            .and_then(|s| s.build.as_ref())
+            .is_some_and(|b| b.rev == rev1 && b.result == BuildResult::Building)
     })
     .await;
     let deadline = std::time::Instant::now() + TIMEOUT;

@@ -64,7 +64,7 @@ pub struct Deployable {
 /// What the build step leaves the deploy step.
 pub enum Outcome {
     /// Deploy this.
-    Deploy(Deployable),
+    Deploy(Box<Deployable>),
     /// Nothing to deploy yet; look again after this long.
     Wait(Duration),
 }
@@ -179,8 +179,10 @@ impl Builds {
 
     fn slots(&self, builder: &str, max: i32) -> Arc<Semaphore> {
         let mut inner = self.lock();
-        let entry =
-            inner.slots.entry(builder.to_owned()).or_insert_with(|| (max, Arc::new(Semaphore::new(max.max(1) as usize))));
+        let entry = inner
+            .slots
+            .entry(builder.to_owned())
+            .or_insert_with(|| (max, Arc::new(Semaphore::new(max.max(1) as usize))));
         if entry.0 != max {
             *entry = (max, Arc::new(Semaphore::new(max.max(1) as usize)));
         }
@@ -202,11 +204,6 @@ impl Builds {
         retry: bool,
     ) -> (Arc<Job>, bool, Vec<Arc<Job>>) {
         let mut inner = self.lock();
-        inner.jobs.retain(|j| {
-            !j.finished_before(KEEP_FINISHED)
-                && !matches!(j.outcome(), Some(JobOutcome::Transient(_)))
-                && !(retry && j.rev == rev && matches!(j.outcome(), Some(JobOutcome::Failed { .. })))
-        });
         let same_line = |j: &Job| {
             j.builder == builder
                 && j.url == wanted.url
@@ -214,6 +211,13 @@ impl Builds {
                 && j.follows == wanted.follows
                 && j.signers == wanted.signers
         };
+        let stale = |j: &Job| {
+            let failed = matches!(j.outcome(), Some(JobOutcome::Failed { .. }));
+            j.finished_before(KEEP_FINISHED)
+                || matches!(j.outcome(), Some(JobOutcome::Transient(_)))
+                || (retry && failed && j.rev == rev && same_line(j))
+        };
+        inner.jobs.retain(|j| !stale(j));
         if let Some(job) =
             inner.jobs.iter().find(|j| same_line(j) && j.rev == rev && j.attributes.contains(&wanted.attribute))
         {
@@ -274,7 +278,7 @@ pub async fn reconcile(
     if let Some(previous) = status.build.as_ref().filter(|b| b.rev == rev && b.source == wanted.source) {
         match (previous.result, &previous.closure) {
             (BuildResult::Succeeded, Some(closure)) => {
-                return Ok(Outcome::Deploy(deployable(machine, closure, session)));
+                return Ok(Outcome::Deploy(Box::new(deployable(machine, closure, session))));
             }
             (BuildResult::Failed | BuildResult::Refused, _) if previous.spec_generation == generation => {
                 return Err(failed_error(previous));
@@ -363,9 +367,10 @@ pub async fn reconcile(
             Err(ProviderError::Transient(format!("building {} at {rev}: {why}", wanted.source)).into())
         }
         Some(JobOutcome::Built(outs)) => {
-            let closure = outs.iter().find(|(a, _)| *a == wanted.attribute).map(|(_, c)| c.clone()).ok_or_else(|| {
-                ProviderError::Transient(format!("the build of {rev} has no result for {}", wanted.attribute))
-            })?;
+            let closure =
+                outs.iter().find(|(a, _)| *a == wanted.attribute).map(|(_, c)| c.clone()).ok_or_else(|| {
+                    ProviderError::Transient(format!("the build of {rev} has no result for {}", wanted.attribute))
+                })?;
             record.closure = Some(closure.clone());
             record.result = BuildResult::Succeeded;
             record.finished_at = Some(Time(Timestamp::now()));
@@ -380,7 +385,7 @@ pub async fn reconcile(
             if news {
                 ctx.event(machine, EventType::Normal, "Built", format!("built {closure} from {rev}")).await;
             }
-            Ok(Outcome::Deploy(deployable(machine, &closure, session)))
+            Ok(Outcome::Deploy(Box::new(deployable(machine, &closure, session))))
         }
         Some(JobOutcome::Failed { result, headline, log }) => {
             let tail = script::log_tail(&log, STATUS_LOG_LINES);
@@ -498,11 +503,9 @@ fn deployable(machine: &Machine, closure: &str, session: Arc<Session>) -> Deploy
 fn builder_of(machine: &Machine, network: &Network, spec: &BuildSpec) -> Result<Builder> {
     let named = network.spec.build.as_ref();
     match (spec.build_on, named) {
-        (Some(BuildOn::Target), _) | (None, None) => Ok(Builder {
-            id: format!("target:{}", machine.uid().unwrap_or_default()),
-            name: None,
-            max_builds: 1,
-        }),
+        (Some(BuildOn::Target), _) | (None, None) => {
+            Ok(Builder { id: format!("target:{}", machine.uid().unwrap_or_default()), name: None, max_builds: 1 })
+        }
         (_, Some(build)) => Ok(Builder {
             id: format!("{}/{}", machine.namespace().unwrap_or_default(), build.builder.name),
             name: Some(build.builder.name.clone()),
@@ -629,7 +632,10 @@ async fn builder_target(ctx: &Context, ns: &str, network: &Network, name: &str) 
     })?;
     let status = builder.status.clone().unwrap_or_default();
     let host_key = status.host_key.as_deref().ok_or_else(|| {
-        Error::waiting("BuilderNotReady", format!("builder Machine {name} has not been provisioned yet (no status.hostKey)"))
+        Error::waiting(
+            "BuilderNotReady",
+            format!("builder Machine {name} has not been provisioned yet (no status.hostKey)"),
+        )
     })?;
     let host_key = HostKey::parse(host_key, "the builder's status.hostKey")
         .map_err(|e| Error::stalled("InvalidHostKey", e.to_string()))?;
@@ -651,9 +657,13 @@ async fn builder_target(ctx: &Context, ns: &str, network: &Network, name: &str) 
             format!("builder Machine {name} has no spec.ssh.keyPairRef (nor its Network a default); the operator logs in with it"),
         )
     })?;
-    let keypair = Api::<KeyPair>::namespaced(ctx.client.clone(), ns).get_opt(&key_ref.name).await?.ok_or_else(|| {
-        Error::waiting("KeyPairNotFound", format!("KeyPair {} of builder Machine {name} does not exist yet", key_ref.name))
-    })?;
+    let keypair =
+        Api::<KeyPair>::namespaced(ctx.client.clone(), ns).get_opt(&key_ref.name).await?.ok_or_else(|| {
+            Error::waiting(
+                "KeyPairNotFound",
+                format!("KeyPair {} of builder Machine {name} does not exist yet", key_ref.name),
+            )
+        })?;
     let key = super::keypair::private_key(ctx, ns, &keypair).await?;
     let via = match &ssh.jump_host {
         Some(jump) => Some(super::machine::connect_jump_host(ctx, ns, jump, &ssh, Some(&key)).await?),
@@ -696,13 +706,15 @@ mod tests {
 
     #[test]
     fn flakes_default_to_the_machine_name_and_files_to_an_attribute() {
-        let spec: BuildSpec = serde_json::from_value(serde_json::json!({"git": {"url": "file:///r", "ref": "main"}})).unwrap();
+        let spec: BuildSpec =
+            serde_json::from_value(serde_json::json!({"git": {"url": "file:///r", "ref": "main"}})).unwrap();
         let w = Wanted::of("web-1", &spec);
         assert_eq!((w.attribute.as_str(), w.follows.as_str()), ("nixosConfigurations.web-1", "ref:main"));
         assert_eq!(w.source, "file:///r#nixosConfigurations.web-1");
-        let spec: BuildSpec =
-            serde_json::from_value(serde_json::json!({"git": {"url": "file:///r", "rev": "a".repeat(40)}, "file": "default.nix"}))
-                .unwrap();
+        let spec: BuildSpec = serde_json::from_value(
+            serde_json::json!({"git": {"url": "file:///r", "rev": "a".repeat(40)}, "file": "default.nix"}),
+        )
+        .unwrap();
         let w = Wanted::of("db", &spec);
         assert_eq!(w.expression, Expression::File("default.nix".into()));
         assert_eq!(w.attribute, "db");
@@ -722,13 +734,17 @@ mod tests {
         assert!(builder_of(&on_target, &net, &spec_t).unwrap().name.is_none());
         let on_builder = machine("a", serde_json::json!({"git": {"url": "file:///r"}, "buildOn": "Builder"}));
         let spec_b = on_builder.spec.nixos.as_ref().unwrap().build.clone().unwrap();
-        assert!(matches!(builder_of(&on_builder, &network(None), &spec_b), Err(Error::Stalled { reason: "NoBuilder", .. })));
+        assert!(matches!(
+            builder_of(&on_builder, &network(None), &spec_b),
+            Err(Error::Stalled { reason: "NoBuilder", .. })
+        ));
     }
 
     #[test]
     fn one_job_serves_a_commit_and_a_newer_commit_supersedes_it() {
         let builds = Builds::default();
-        let spec: BuildSpec = serde_json::from_value(serde_json::json!({"git": {"url": "file:///r", "ref": "main"}})).unwrap();
+        let spec: BuildSpec =
+            serde_json::from_value(serde_json::json!({"git": {"url": "file:///r", "ref": "main"}})).unwrap();
         let a = Wanted::of("a", &spec);
         let b = Wanted::of("b", &spec);
         let both = vec![a.attribute.clone(), b.attribute.clone()];

@@ -53,7 +53,9 @@ impl Expression {
     /// attribute, in order, with the sources at `./src`.
     fn pairs(&self, attributes: &[String]) -> String {
         let (source, suffix) = match self {
-            Self::Flake => ("builtins.getFlake (\"path:\" + toString ./src)".to_owned(), ".config.system.build.toplevel"),
+            Self::Flake => {
+                ("builtins.getFlake (\"path:\" + toString ./src)".to_owned(), ".config.system.build.toplevel")
+            }
             Self::File(file) => (
                 format!(
                     "let f = import (./src + \"/{}\"); in if builtins.isFunction f then f {{ }} else f",
@@ -131,7 +133,12 @@ impl BuildRequest {
     pub fn script(&self) -> String {
         let mut s = String::from("set -u\numask 077\n");
         s += &format!("base={BASE}\nmirror=\"$base/git/{}\"\n", mirror_name(&self.url));
-        s += &format!("url={}\nrev={}\njob={}\n", shell_quote(&self.url), shell_quote(&self.rev), shell_quote(&self.job));
+        s += &format!(
+            "url={}\nrev={}\njob={}\n",
+            shell_quote(&self.url),
+            shell_quote(&self.rev),
+            shell_quote(&self.job)
+        );
         s += "mkdir -p \"$base/git\" \"$base/jobs\" || exit 10\n";
         s += "work=$(mktemp -d \"${TMPDIR:-/tmp}/nixops-build.XXXXXX\") || exit 10\n";
         s += "echo $$ > \"$base/jobs/$job.pid\"\n";
@@ -169,12 +176,17 @@ impl BuildRequest {
     /// through an allowed-signers file (git's gpg.format=ssh), OpenPGP key
     /// blocks through a keyring of their own.
     fn verify_script(&self) -> String {
-        let mut s = String::from("mkdir -m 700 \"$work/gnupg\"\nexport GNUPGHOME=\"$work/gnupg\"\n: > \"$work/allowed_signers\"\n");
+        let mut s = String::from(
+            "mkdir -m 700 \"$work/gnupg\"\nexport GNUPGHOME=\"$work/gnupg\"\n: > \"$work/allowed_signers\"\n",
+        );
         for key in &self.signers {
             if key.starts_with("-----BEGIN PGP") {
                 s += &format!("printf '%s\\n' {} | gpg --batch --quiet --import 2>/dev/null\n", shell_quote(key));
             } else {
-                s += &format!("printf 'nixops-trusted %s\\n' {} >> \"$work/allowed_signers\"\n", shell_quote(key.trim()));
+                s += &format!(
+                    "printf 'nixops-trusted %s\\n' {} >> \"$work/allowed_signers\"\n",
+                    shell_quote(key.trim())
+                );
             }
         }
         s += "if ! git -C \"$mirror\" -c gpg.ssh.allowedSignersFile=\"$work/allowed_signers\" verify-commit \"$rev\" > \"$work/verify\" 2>&1; then\n\
@@ -305,10 +317,16 @@ mod tests {
         let a = "1".repeat(40);
         let b = "2".repeat(40);
         let c = "3".repeat(40);
-        let out = format!("{a}\tHEAD\n{a}\trefs/heads/main\n{b}\trefs/tags/v1\n{c}\trefs/tags/v1^{{}}\n{b}\trefs/heads/v1x\n");
+        let out = format!(
+            "{a}\tHEAD\n{a}\trefs/heads/main\n{b}\trefs/tags/v1\n{c}\trefs/tags/v1^{{}}\n{b}\trefs/heads/v1x\n"
+        );
         assert_eq!(parse_ls_remote(&out, None), Some(a.clone()));
         assert_eq!(parse_ls_remote(&out, Some("main")), Some(a.clone()));
-        assert_eq!(parse_ls_remote(&out, Some("v1")), Some(c.clone()), "an annotated tag names the commit it points to");
+        assert_eq!(
+            parse_ls_remote(&out, Some("v1")),
+            Some(c.clone()),
+            "an annotated tag names the commit it points to"
+        );
         assert_eq!(parse_ls_remote(&out, Some("refs/tags/v1")), Some(c));
         assert_eq!(parse_ls_remote(&out, Some("v2")), None);
         assert_eq!(parse_ls_remote("fatal: no such repository", Some("main")), None);

@@ -1055,12 +1055,8 @@ async fn release(survey: Option<Result<Surveyed>>) {
 pub fn deploy_failed(machine: &Machine) -> bool {
     let Some(nixos) = &machine.spec.nixos else { return false };
     let Some(closure) = super::build::desired_closure(machine) else { return false };
-    let desired = Desired {
-        closure,
-        action: nixos.action,
-        drift: nixos.drift,
-        generation: machine.metadata.generation,
-    };
+    let desired =
+        Desired { closure, action: nixos.action, drift: nixos.drift, generation: machine.metadata.generation };
     plan::failed_at_this_generation(&desired, machine.status.as_ref().and_then(|s| s.last_deploy.as_ref())).is_some()
 }
 
@@ -1070,7 +1066,8 @@ pub fn is_up_to_date(machine: &Machine) -> bool {
         return true;
     }
     machine.status.as_ref().is_some_and(|s| {
-        s.closure.is_some() && s.closure.as_deref() == super::build::desired_closure(machine)
+        s.closure.is_some()
+            && s.closure.as_deref() == super::build::desired_closure(machine)
             && s.last_deploy.as_ref().is_some_and(|l| l.result.as_deref() == Some(deploy_result::SUCCEEDED))
     })
 }
