@@ -231,13 +231,7 @@ impl ServeConnection {
         put_paths(&mut request, paths);
         self.process.send(request).await?;
         self.greeting().await?;
-        let count = self.read_u64().await?;
-        let mut valid = BTreeSet::new();
-        for _ in 0..count {
-            let path = self.read_string().await?;
-            valid.insert(StorePath::parse(&path).map_err(|e| ServeError::Protocol(e.to_string()))?);
-        }
-        Ok(valid)
+        self.read_paths().await
     }
 
     /// The closure of `paths` in the machine's store (a store that builds
