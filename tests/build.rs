@@ -117,6 +117,11 @@ impl Repo {
 
     /// Commits `machines` (name → {message, fail}) to main; returns the rev.
     fn commit(&self, machines: serde_json::Value, signed: bool) -> String {
+        self.commit_with(machines, signed.then_some(&self.signing_key))
+    }
+
+    /// Commits `machines`, signed with the SSH key at `key` if given.
+    fn commit_with(&self, machines: serde_json::Value, key: Option<&PathBuf>) -> String {
         let system = format!("{}-linux", std::env::consts::ARCH);
         let mut machines = machines;
         for cfg in machines.as_object_mut().unwrap().values_mut() {
@@ -124,12 +129,9 @@ impl Repo {
         }
         std::fs::write(self.path().join("machines.json"), machines.to_string()).unwrap();
         self.git(&["add", "-A"], None);
-        let key = self.signing_key.display().to_string();
-        let mut args = vec!["-c", "gpg.format=ssh", "-c"];
-        let signing = format!("user.signingkey={key}");
-        args.push(&signing);
-        args.extend(["commit", "-q", "-m", "machines"]);
-        if signed {
+        let signing = format!("user.signingkey={}", key.unwrap_or(&self.signing_key).display());
+        let mut args = vec!["-c", "gpg.format=ssh", "-c", &signing, "commit", "-q", "-m", "machines"];
+        if key.is_some() {
             args.push("-S");
         }
         self.git(&args, None);
@@ -279,6 +281,21 @@ async fn a_failed_build_keeps_the_old_system_and_unsigned_commits_are_refused() 
     assert!(record.message.unwrap_or_default().contains("carries no signature"));
     assert_eq!(node.current_system().as_deref(), Some(v1.as_str()), "an unsigned commit is not deployed");
     assert_eq!(node.activations().len(), 1, "{:?}", node.activations());
+
+    // So is one signed by a key that is not listed.
+    let stranger = repo.dir.path().join("stranger-key");
+    let keygen =
+        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&stranger).output().unwrap();
+    assert!(keygen.status.success());
+    let rev3b = repo.commit_with(json!({"t": {"message": "t v3b"}}), Some(&stranger));
+    support::wait_for(&fleet.machines, "t", TIMEOUT, "refusing the stranger's commit", |m| {
+        m.status
+            .as_ref()
+            .and_then(|s| s.build.as_ref())
+            .is_some_and(|b| b.rev == rev3b && b.result == BuildResult::Refused)
+    })
+    .await;
+    assert_eq!(node.current_system().as_deref(), Some(v1.as_str()), "a commit signed by another key is not deployed");
 
     // A signed commit goes through.
     let rev4 = repo.commit(json!({"t": {"message": "t v4"}}), true);
