@@ -275,6 +275,13 @@ async fn a_failed_build_keeps_the_old_system_and_unsigned_commits_are_refused() 
     let patch = json!({"spec": {"nixos": {"build": {"requireSignedBy": [repo.signer()]}}}});
     fleet.machines.patch("t", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let rev3 = repo.commit(json!({"t": {"message": "t v3"}}), false);
+    support::wait_for(&fleet.machines, "t", TIMEOUT, "refusing the unsigned commit", |m| {
+        m.status
+            .as_ref()
+            .and_then(|s| s.build.as_ref())
+            .is_some_and(|b| b.rev == rev3 && b.result == BuildResult::Refused)
+    })
+    .await;
     let m = fleet.wait_stalled("t", "UnsignedCommit").await;
     let record = m.status.as_ref().unwrap().build.clone().unwrap();
     assert_eq!((record.rev.as_str(), record.result), (rev3.as_str(), BuildResult::Refused));

@@ -160,8 +160,8 @@ pub enum BuildResult {
 pub struct BuildRecord {
     /// The commit built.
     pub rev: String,
-    /// What was built: the repository and the installable, to tell a new
-    /// build source from the old one.
+    /// What was built: the repository and the installable (and whose
+    /// signature the commit needed), to tell a new build source from the old one.
     pub source: String,
     /// The system closure the build produced.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -103,9 +103,16 @@ impl Wanted {
             (None, Some(r)) => format!("ref:{r}"),
             (None, None) => "HEAD".into(),
         };
-        let source = expression.installable(&spec.git.url, &attribute);
         let mut signers = spec.require_signed_by.clone();
         signers.sort();
+        // What was built includes whose signature was checked: a build
+        // made before requireSignedBy (or under other keys) is not taken
+        // for a verified one.
+        let mut source = expression.installable(&spec.git.url, &attribute);
+        if !signers.is_empty() {
+            let digest = crate::nix::keys::sha256_hex(signers.join("\n").as_bytes());
+            source += &format!(" (signed by one of {} keys, {})", signers.len(), &digest[..12]);
+        }
         Self { url: spec.git.url.clone(), expression, attribute, follows, source, signers }
     }
 }
@@ -278,7 +285,11 @@ pub async fn reconcile(
     if let Some(previous) = status.build.as_ref().filter(|b| b.rev == rev && b.source == wanted.source) {
         match (previous.result, &previous.closure) {
             (BuildResult::Succeeded, Some(closure)) => {
-                return Ok(Outcome::Deploy(Box::new(deployable(machine, closure, session))));
+                let message = format!("built {closure} from {} at {rev}", wanted.source);
+                let deploy = Outcome::Deploy(Box::new(deployable(machine, closure, session)));
+                // Unchanged but for the generation it now speaks for.
+                Conditions::new(&mut status.conditions, generation).set(conditions::BUILT, true, "Built", message);
+                return Ok(deploy);
             }
             (BuildResult::Failed | BuildResult::Refused, _) if previous.spec_generation == generation => {
                 return Err(failed_error(previous));
@@ -711,6 +722,16 @@ mod tests {
         let w = Wanted::of("web-1", &spec);
         assert_eq!((w.attribute.as_str(), w.follows.as_str()), ("nixosConfigurations.web-1", "ref:main"));
         assert_eq!(w.source, "file:///r#nixosConfigurations.web-1");
+        let signed: BuildSpec = serde_json::from_value(
+            serde_json::json!({"git": {"url": "file:///r", "ref": "main"}, "requireSignedBy": ["ssh-ed25519 AAAA k"]}),
+        )
+        .unwrap();
+        let s = Wanted::of("web-1", &signed);
+        assert!(
+            s.source.starts_with(&w.source) && s.source != w.source,
+            "a checked build is another build: {}",
+            s.source
+        );
         let spec: BuildSpec = serde_json::from_value(
             serde_json::json!({"git": {"url": "file:///r", "rev": "a".repeat(40)}, "file": "default.nix"}),
         )
