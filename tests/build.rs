@@ -350,3 +350,35 @@ async fn a_newer_commit_stops_the_build_of_an_older_one() {
     assert_eq!(builds(&fleet, "Cancelled"), 1.0);
     assert_eq!(node.activations().len(), 1, "rev1 was never deployed: {:?}", node.activations());
 }
+
+#[tokio::test]
+async fn a_build_left_by_a_killed_operator_is_stopped_by_the_next_commit() {
+    let repo = Repo::new();
+    let seconds = 3600 + u32::from_str_radix(&support::fleet::nonce()[..3], 16).unwrap();
+    let sleeping = format!("/bin/sleep {seconds}");
+    let rev1 = repo.commit(json!({"s": {"message": "s v1", "sleep": seconds}}), false);
+    let mut fleet = Fleet::start("build-restart", json!({"build": {"builder": {"name": "builder"}}})).await;
+    // Killed right after it started the build on the builder.
+    fleet.restart_operator(&[("FAILPOINTS", "build-after-start=return(kill)")]);
+    let builder = offline(fleet.node());
+    let node = fleet.node();
+    create(&fleet, "builder", &builder, serde_json::Value::Null).await;
+    create(&fleet, "s", &node, json!({"build": {"git": {"url": repo.url(), "ref": "main"}}})).await;
+    assert!(fleet.operator.wait_exit(TIMEOUT).is_some(), "the operator did not reach build-after-start");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !running(&sleeping) {
+        assert!(std::time::Instant::now() < deadline, "the build of {rev1} never started its builder");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // Another operator, another commit: the orphaned build of the old one stops.
+    let rev2 = repo.commit(json!({"s": {"message": "s v2"}}), false);
+    fleet.restart_operator(&[]);
+    wait_built_and_running(&fleet, "s", &rev2).await;
+    assert_eq!(motd(&node), "s v2");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while running(&sleeping) {
+        assert!(std::time::Instant::now() < deadline, "the orphaned build of {rev1} still runs on the builder");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -30,6 +30,7 @@ use super::{Context, Error, Result};
 use crate::api::build::{BuildOn, BuildRecord, BuildResult, BuildSpec};
 use crate::api::machine::{MachinePhase, MachineStatus};
 use crate::api::{KeyPair, Machine, Network};
+use crate::fault;
 use crate::metrics::Metrics;
 use crate::nix::build::{self as script, BuildRequest, Expression};
 use crate::nix::push::PathSource;
@@ -233,7 +234,9 @@ impl Builds {
         let (superseded, kept): (Vec<_>, Vec<_>) =
             inner.jobs.drain(..).partition(|j| same_line(j) && j.rev != rev && j.outcome().is_none());
         inner.jobs = kept;
-        let key = format!("{builder} {} {:?} {} {}", wanted.url, wanted.expression, rev, attributes.join(" "));
+        let line = format!("{} {:?} {} {}", wanted.url, wanted.expression, wanted.follows, wanted.signers.join(" "));
+        let line = crate::nix::keys::sha256_hex(line.as_bytes());
+        let key = format!("{builder} {line} {rev} {}", attributes.join(" "));
         let digest = crate::nix::keys::sha256_hex(key.as_bytes());
         let job = Arc::new(Job {
             builder: builder.to_owned(),
@@ -242,7 +245,7 @@ impl Builds {
             follows: wanted.follows.clone(),
             signers: wanted.signers.clone(),
             rev: rev.to_owned(),
-            id: format!("{}-{}", &rev[..rev.len().min(12)], &digest[..12]),
+            id: format!("{}-{}-{}", &line[..12], &rev[..rev.len().min(12)], &digest[..12]),
             attributes,
             started: Time(Timestamp::now()),
             outcome: Mutex::default(),
@@ -450,8 +453,15 @@ async fn run(
             JobOutcome::Transient("superseded by a newer commit".into())
         }
         Ok(_slot) => {
-            let out = session.exec_with_input(&request.command(), &credentials).await;
-            outcome_of(out, &request)
+            let out = async {
+                let mut process = session.spawn(&request.command()).await?;
+                process.send(credentials).await?;
+                let started = format!("{}\n", script::STARTED);
+                process.read_exact(started.len()).await?;
+                fault::point(fault::points::BUILD_AFTER_START, Some(&session)).await;
+                process.finish().await
+            };
+            outcome_of(out.await, &request)
         }
     };
     if job.cancelled.load(std::sync::atomic::Ordering::SeqCst) {
@@ -493,7 +503,9 @@ fn outcome_of(out: Result<crate::ssh::CommandOutput, SshError>, request: &BuildR
         }
         Some(script::exit::EVAL) => failed(BuildResult::Failed, format!("evaluating {} failed", request.rev)),
         Some(script::exit::BUILD) => failed(BuildResult::Failed, format!("building {} failed", request.rev)),
-        Some(script::exit::FETCH) | None => {
+        // Stopped (a newer commit's build on the builder stopped it), or the
+        // connection was lost: looked at again.
+        Some(script::exit::FETCH | script::exit::STOPPED) | None => {
             JobOutcome::Transient(format!("fetching or exporting the commit: {}", script::log_tail(&log, 3)))
         }
         Some(other) => failed(BuildResult::Failed, format!("the build script exited with {other}")),

@@ -26,6 +26,8 @@ pub mod exit {
     pub const EVAL: u32 = 13;
     /// Building failed.
     pub const BUILD: u32 = 14;
+    /// Stopped by SIGTERM (a newer commit's build, or the operator).
+    pub const STOPPED: u32 = 143;
 }
 
 /// What is built: the repository, the expression kind, and the attribute
@@ -93,9 +95,16 @@ pub struct BuildRequest {
     pub attributes: Vec<String>,
     /// Allowed signers (spec.nixos.build.requireSignedBy); empty: not checked.
     pub signers: Vec<String>,
-    /// Names the job's pid file, so a superseded build can be stopped.
+    /// Names the job's pid file, so a superseded build can be stopped:
+    /// `<line>-<rev>-<digest>`, the line being what follows one ref (any
+    /// other rev of it is superseded), all three without '-'.
     pub job: String,
 }
+
+/// What the build script prints first, once it runs and can be found by
+/// its pid file: the operator waits for it before it counts the build as
+/// started.
+pub const STARTED: &str = "nixops-build-started";
 
 /// Where the builder keeps its mirrors, job pid files and GC roots.
 const BASE: &str = "~root/.cache/nixops-operator";
@@ -141,9 +150,22 @@ impl BuildRequest {
         );
         s += "mkdir -p \"$base/git\" \"$base/jobs\" || exit 10\n";
         s += "work=$(mktemp -d \"${TMPDIR:-/tmp}/nixops-build.XXXXXX\") || exit 10\n";
-        s += "echo $$ > \"$base/jobs/$job.pid\"\n";
-        s += "trap 'rm -rf \"$work\" \"$base/jobs/$job.pid\"' EXIT\n";
-        s += "trap 'exit 143' TERM\n";
+        s += JOB_FILES;
+        // One pid file per running script, <job>.<pid>.pid, locked while it
+        // (or anything it started) runs, so a stale file names no one.
+        s += "rest=${job#*-}\nline_jobs=\"$base/jobs/${job%%-*}\"\nme=\"$base/jobs/$job.$$.pid\"\n";
+        s += "exec 9>\"$me\" && flock -n 9 && echo $$ >&9 || exit 10\n";
+        s += &format!("echo {STARTED}\n");
+        // The build goes on if the operator's connection goes (the next
+        // operator finds it): output goes to files, sent at the end if
+        // anyone still listens.
+        s += "trap '' PIPE\nexec 3>&1 4>&2 >\"$work/out\" 2>\"$work/err\"\n";
+        s += "trap 'tail -c 65536 \"$work/err\" >&4; cat \"$work/out\" >&3; rm -rf \"$work\" \"$me\"' EXIT\ntrap 'exit 143' TERM\n";
+        // Builds of other commits of this line, left by an operator that is
+        // gone (a live one stops them itself), stop now; the same build left
+        // so is waited for: its result is this one's.
+        s += "for f in \"$line_jobs\"-*.pid; do case $f in \"$line_jobs-${rest%%-*}-\"*) ;; *) stop \"$f\" ;; esac; done\n";
+        s += "for f in \"$base/jobs/$job\".*.pid; do [ \"$f\" = \"$me\" ] || while alive \"$f\"; do sleep 1; done; done\n";
         s += CREDENTIALS;
         s += "[ -d \"$mirror\" ] || git init -q --bare \"$mirror\" >&2 || exit 10\n";
         s += "git -C \"$mirror\" fetch -q --force --prune \"$url\" '+refs/heads/*:refs/heads/*' '+refs/tags/*:refs/tags/*' >&2 \
@@ -203,12 +225,21 @@ impl BuildRequest {
     }
 }
 
+/// Shell functions on a job's pid file: `alive FILE` (it names a running
+/// build script: the file is locked while the script runs, so a stale
+/// file, whose pid may have been reused, names no one) and `stop FILE` (stops that script's
+/// whole session).
+const JOB_FILES: &str = r#"alive() {
+  [ -s "$1" ] && ! flock -n "$1" true 2>/dev/null || return 1
+  p=$(cat "$1" 2>/dev/null) || return 1
+  case $p in ''|*[!0-9]*) return 1 ;; esac
+}
+stop() { if alive "$1"; then kill -TERM "-$p" 2>/dev/null; fi; return 0; }
+"#;
+
 /// Stops the build running as `job` on the builder, with everything it started.
 pub fn cancel_script(job: &str) -> String {
-    format!(
-        "f={BASE}/jobs/{}.pid; if [ -s \"$f\" ]; then kill -TERM -- -\"$(cat \"$f\")\" 2>/dev/null; fi; true",
-        shell_quote(job)
-    )
+    format!("{JOB_FILES}for f in {BASE}/jobs/{}.*.pid; do stop \"$f\"; done", shell_quote(job))
 }
 
 /// Resolves `reference` (or HEAD) to a commit with `git ls-remote`.
