@@ -181,21 +181,21 @@ EOF
 }
 
 wait_built() {
-  local rev=$1
-  say "waiting for the node to build $rev and the Machine to deploy it"
+  local rev=$1 closure=
+  say "waiting for the node to build $rev"
   for _ in $(seq 1 180); do
-    if [[ $(k -n "$ns" get machine demo -o jsonpath='{.status.build.rev} {.status.build.result}') == "$rev Succeeded" &&
-      $(k -n "$ns" get machine demo -o jsonpath='{.status.closure}') == \
-      $(k -n "$ns" get machine demo -o jsonpath='{.status.build.closure}') ]] &&
-      k -n "$ns" wait --for=condition=Ready machine/demo --timeout=1s >/dev/null 2>&1; then
-      return
+    if [[ $(k -n "$ns" get machine demo -o jsonpath='{.status.build.rev} {.status.build.result}') == "$rev Succeeded" ]]; then
+      closure=$(k -n "$ns" get machine demo -o jsonpath='{.status.build.closure}')
+      break
     fi
     sleep 1
   done
-  k -n "$ns" describe machine demo >&2
-  tail -n 30 "$dir/operator.log" >&2
-  echo "the Machine did not build and deploy $rev" >&2
-  exit 1
+  if [[ -z $closure ]]; then
+    k -n "$ns" describe machine demo >&2
+    echo "the node did not build $rev" >&2
+    exit 1
+  fi
+  wait_deployed "$closure"
 }
 
 case ${1:-up} in
