@@ -139,9 +139,14 @@ impl Repo {
     }
 }
 
-/// A node whose root builds without asking substituters (no network here).
+/// A node whose root builds without asking substituters (no network
+/// here), as root itself: the host's nixbld users are shared by every node
+/// and the host, and a build on any of them starts by killing whatever that
+/// build user runs, which would end the tests' long builds at random.
 fn offline(node: NixNode) -> NixNode {
-    node.exec_ok("mkdir -p /root/.config/nix && echo 'substituters =' > /root/.config/nix/nix.conf");
+    node.exec_ok(
+        "mkdir -p /root/.config/nix && printf 'substituters =\\nbuild-users-group =\\n' > /root/.config/nix/nix.conf",
+    );
     node
 }
 
