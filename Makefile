@@ -1,5 +1,5 @@
 # nixops-operator — see README.md.
-.PHONY: quickstart quickstart-down quickstart-redeploy test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale bench-push
+.PHONY: quickstart quickstart-down quickstart-redeploy quickstart-build test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale bench-push
 
 # Sets up everything the tests need (Debian packages, the Go-built control
 # plane) and runs every test, including those against the real API server.
@@ -35,6 +35,9 @@ quickstart: deps
 MESSAGE ?= hello again
 quickstart-redeploy:
 	@hack/quickstart/quickstart.sh redeploy "$(MESSAGE)"
+
+quickstart-build:
+	@hack/quickstart/quickstart.sh build "$(MESSAGE)"
 
 quickstart-down:
 	@hack/quickstart/quickstart.sh down

@@ -18,6 +18,9 @@ pub mod points {
     pub const DEPLOY_BEFORE_HEALTH_CHECKS: &str = "deploy-before-health-checks";
     /// The health checks passed; the confirmation is about to be sent.
     pub const DEPLOY_BEFORE_CONFIRM: &str = "deploy-before-confirm";
+    /// A build script was started on a builder (its credentials sent);
+    /// the operator has not seen it end.
+    pub const BUILD_AFTER_START: &str = "build-after-start";
     /// The intent to create a cloud resource is recorded; the call is next.
     pub const CREATE_BEFORE_CALL: &str = "create-before-call";
     /// The cloud answered a create; its ID is not recorded yet.

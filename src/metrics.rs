@@ -17,6 +17,7 @@ pub struct Metrics {
     pub pushed_paths: IntCounter,
     pub pushed_bytes: IntCounterVec,
     pub leader: IntGauge,
+    pub builds: IntCounterVec,
 }
 
 impl Metrics {
@@ -70,6 +71,14 @@ impl Metrics {
         registry.register(Box::new(pushed_paths.clone()))?;
         registry.register(Box::new(pushed_bytes.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        let builds = IntCounterVec::new(
+            Opts::new(
+                "nixops_builds_total",
+                "Builds run on builders (one per commit and builder, however many machines it serves), by result.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(builds.clone()))?;
         Ok(Self {
             registry,
             reconciles,
@@ -81,6 +90,7 @@ impl Metrics {
             pushed_paths,
             pushed_bytes,
             leader,
+            builds,
         })
     }
 

@@ -59,7 +59,15 @@ fn quickstart_deploys_redeploys_reruns_and_stops() {
     let again = qs.run(&["redeploy", "hello again"]);
     assert!(again.contains("/run/motd says: hello again"), "{again}");
 
-    // Running it again reuses the control plane and the node.
+    // The build path: the demo system from a local Git repository, built on
+    // the node by the operator; a second commit is built and rolled out.
+    let built = qs.run(&["build", "hello from git"]);
+    assert!(built.contains("/run/motd says: hello from git"), "{built}");
+    let rebuilt = qs.run(&["build", "hello from the next commit"]);
+    assert!(rebuilt.contains("/run/motd says: hello from the next commit"), "{rebuilt}");
+
+    // Running it again reuses the control plane and the node, and goes back
+    // to the pasted closure.
     let rerun = qs.run(&["up"]);
     assert!(rerun.contains("control plane already running") && rerun.contains("node already running"), "{rerun}");
     assert!(rerun.contains("/run/motd says: hello from nixops-operator"), "{rerun}");

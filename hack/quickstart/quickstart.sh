@@ -3,7 +3,13 @@
 # NixOS-like node and the operator, with examples/quickstart/ applied and
 # the demo system deployed. Running `up` again reuses what is running.
 #
-#   quickstart.sh up | down | redeploy MESSAGE
+#   quickstart.sh up | down | redeploy MESSAGE | build MESSAGE
+#
+# `build` shows the other way in: it commits the demo system (as a flake)
+# with MESSAGE to a Git repository under the state directory and points the
+# Machine at that repository instead of a closure; the operator resolves
+# main, builds the commit on the node itself over SSH and deploys it. Run
+# it again with another message: the new commit is built and rolled out.
 #
 # The node is Debian's Nix + sshd in its own mount and pid namespaces, with
 # a private /nix, /run and /root under the state directory, listening on
@@ -117,6 +123,11 @@ apply_examples() {
   k -n "$ns" wait --for=condition=Ready keypair/deployer --timeout=60s >/dev/null
   # Authorise the generated key on the node, as one would on a real host.
   k -n "$ns" get keypair deployer -o jsonpath='{.status.publicKey}' > "$node/authorized_keys"
+  # After `build`, back to a pasted closure: both fields change in one write
+  # (a Machine has exactly one of them), then apply owns the closure again.
+  if [[ -n $(k -n "$ns" get machine demo -o jsonpath='{.spec.nixos.build}' --ignore-not-found) ]]; then
+    k -n "$ns" patch machine demo --type merge -p "{\"spec\":{\"nixos\":{\"closure\":\"$closure\",\"build\":null}}}" >/dev/null
+  fi
   sed -e "s|^    closure: /nix/store/.*|    closure: $closure|" -e "s|^      port: [0-9]*|      port: $port|" \
     "$root/examples/quickstart/machine.yaml" | k -n "$ns" apply -f - >/dev/null
 }
@@ -147,6 +158,46 @@ show() {
   echo "and /run/motd says: $(in_node 'cat /run/motd')"
 }
 
+# Commits the demo system, with message $1, as a flake to $dir/repo.
+commit_demo() {
+  local repo="$dir/repo"
+  if [[ ! -d $repo/.git ]]; then
+    git init -q -b main "$repo"
+    cp "$root/hack/quickstart/demo.nix" "$repo/demo.nix"
+    cat > "$repo/flake.nix" <<'EOF'
+{
+  outputs = { self }: {
+    nixosConfigurations.demo.config.system.build.toplevel =
+      import ./demo.nix { message = builtins.readFile ./message; };
+  };
+}
+EOF
+  fi
+  printf '%s' "$1" > "$repo/message"
+  git -C "$repo" add -A
+  git -C "$repo" -c user.name=quickstart -c user.email=quickstart@localhost -c commit.gpgsign=false \
+    commit -q --allow-empty -m "demo: $1"
+  git -C "$repo" rev-parse HEAD
+}
+
+wait_built() {
+  local rev=$1 closure=
+  say "waiting for the node to build $rev"
+  for _ in $(seq 1 180); do
+    if [[ $(k -n "$ns" get machine demo -o jsonpath='{.status.build.rev} {.status.build.result}') == "$rev Succeeded" ]]; then
+      closure=$(k -n "$ns" get machine demo -o jsonpath='{.status.build.closure}')
+      break
+    fi
+    sleep 1
+  done
+  if [[ -z $closure ]]; then
+    k -n "$ns" describe machine demo >&2
+    echo "the node did not build $rev" >&2
+    exit 1
+  fi
+  wait_deployed "$closure"
+}
+
 case ${1:-up} in
   up)
     start_cluster
@@ -162,6 +213,7 @@ The demo Machine is deployed. Next:
   export KUBECONFIG=$cluster/kubeconfig PATH=$cluster:\$PATH
   kubectl -n $ns describe machine demo        # conditions and events
   make quickstart-redeploy MESSAGE='hello again'   # build a changed system and watch it roll out
+  make quickstart-build MESSAGE='hello from git'   # let the operator build it from a Git commit instead
   kubectl -n $ns get machines -w
   make quickstart-down                        # stop everything and remove $dir
 EOF
@@ -173,6 +225,17 @@ EOF
     wait_deployed "$closure"
     show
     ;;
+  build)
+    message=${2:?usage: quickstart.sh build MESSAGE}
+    rev=$(commit_demo "$message")
+    # The node builds offline: no substituters for its root.
+    in_node 'mkdir -p /root/.config/nix && echo "substituters =" > /root/.config/nix/nix.conf'
+    say "building commit $rev of $dir/repo on the node"
+    k -n "$ns" patch machine demo --type merge -p "{\"spec\":{\"nixos\":{\"closure\":null,
+      \"build\":{\"git\":{\"url\":\"file://$dir/repo\",\"ref\":\"main\"},\"buildOn\":\"Target\"}}}}" >/dev/null
+    wait_built "$rev"
+    show
+    ;;
   down)
     if alive "$dir/operator.pid"; then kill "$(cat "$dir/operator.pid")" 2>/dev/null || true; fi
     # unshare ignores SIGTERM while it waits; SIGKILL makes it kill the node (--kill-child).
@@ -182,7 +245,7 @@ EOF
     say "quickstart stopped"
     ;;
   *)
-    echo "usage: quickstart.sh up | down | redeploy MESSAGE" >&2
+    echo "usage: quickstart.sh up | down | redeploy MESSAGE | build MESSAGE" >&2
     exit 2
     ;;
 esac

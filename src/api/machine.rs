@@ -30,6 +30,7 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, S
     printcolumn(name = "Generation", type_ = "integer", json_path = ".status.generation", priority = 1),
     printcolumn(name = "Provider-ID", type_ = "string", json_path = ".status.providerID", priority = 1),
     printcolumn(name = "Last-Deploy", type_ = "string", json_path = ".status.lastDeploy.result", priority = 1),
+    printcolumn(name = "Rev", type_ = "string", json_path = ".status.build.rev", priority = 1),
     printcolumn(
         name = "Message",
         type_ = "string",
@@ -310,13 +311,24 @@ pub struct JumpHost {
 #[x_kube(validation = Rule::new("self.delivery != 'Substitute' || (has(self.source) && has(self.source.binaryCache))")
     .message("delivery Substitute needs source.binaryCache: the node fetches the closure from that cache itself")
     .field_path(".delivery"))]
+#[x_kube(validation = Rule::new("has(self.closure) != has(self.build)")
+    .message("set exactly one of closure (a prebuilt store path) or build (a Git repository the operator builds)"))]
+#[x_kube(validation = Rule::new("!has(self.build) || (!has(self.source) && self.delivery == 'Push')")
+    .message("build pushes from the builder's store: source and delivery Substitute apply to a prebuilt closure only"))]
 pub struct NixosSpec {
     /// The NixOS system closure to activate: the store path of a built
     /// `config.system.build.toplevel`, e.g. the output of
     /// `nix build .#nixosConfigurations.web-1.config.system.build.toplevel`.
+    /// Empty when `build` is set.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[x_kube(validation = rules::store_path())]
     #[schemars(length(min = 44, max = 256))]
     pub closure: String,
+
+    /// Build the closure from Git instead (NixOps' way): the operator
+    /// resolves the commit, builds it over SSH and deploys the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<super::build::BuildSpec>,
 
     /// Where the closure's store paths come from. Defaults to the operator
     /// host's local Nix store (for development).
@@ -648,6 +660,10 @@ pub struct MachineStatus {
     /// only, never contents.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
+
+    /// The last build of spec.nixos.build: the commit, the closure and how it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<super::build::BuildRecord>,
 }
 
 /// Lifecycle phase of a Machine.

@@ -5,6 +5,7 @@
 //! declared next to the field it checks, in [`rules`], so bad manifests are
 //! rejected at `kubectl apply` time with a message naming the field.
 
+pub mod build;
 pub mod keypair;
 pub mod machine;
 pub mod network;

@@ -59,6 +59,10 @@ pub struct NetworkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshSpec>,
 
+    /// The build host of members whose spec.nixos.build builds on `Builder`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<super::build::NetworkBuild>,
+
     /// `Default` creates, updates and deletes the cloud resource; `Observe`
     /// only reads the existing one named by the `nixops.io/external-name`
     /// annotation and never changes or deletes it. With that annotation and

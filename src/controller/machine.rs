@@ -32,13 +32,13 @@ pub mod conditions {
 }
 
 /// The machine's settings after Network defaults are applied.
-struct Resolved {
-    provider: MachineProviderSpec,
-    ssh: SshSpec,
+pub(super) struct Resolved {
+    pub(super) provider: MachineProviderSpec,
+    pub(super) ssh: SshSpec,
 }
 
 /// Applies the Network's machineDefaults to what the Machine leaves empty.
-fn resolve(machine: &Machine, network: &Network) -> Result<Resolved> {
+pub(super) fn resolve(machine: &Machine, network: &Network) -> Result<Resolved> {
     let defaults = network.spec.machine_defaults.clone().unwrap_or_default();
     let provider = machine.spec.provider.clone().or(defaults.provider).ok_or_else(|| {
         Error::stalled(
@@ -126,7 +126,7 @@ fn check_host_key(presented: &HostKey, pin: Option<&Pin>) -> Result<()> {
 }
 
 /// Logs in to the jump host, whose key must match spec.ssh.jumpHost.hostKey.
-async fn connect_jump_host(
+pub(super) async fn connect_jump_host(
     ctx: &Context,
     ns: &str,
     jump: &JumpHost,
@@ -373,7 +373,19 @@ impl Reconciler for Machine {
             host_key: presented,
             via,
         };
-        let requeue = deploy::reconcile(&self, &network, &ctx, &target, status).await?;
+        // A system built from Git is deployed as a pasted closure, from the builder's store.
+        let built = match self.spec.nixos.as_ref().is_some_and(|n| n.build.is_some()) {
+            true => match super::build::reconcile(&self, &network, &ctx, &target, status).await? {
+                super::build::Outcome::Deploy(built) => Some(built),
+                super::build::Outcome::Wait(after) => return Ok(Some(after)),
+            },
+            false => None,
+        };
+        let (machine, source) = match &built {
+            Some(b) => (&b.machine, Some(b.source.clone())),
+            None => (&*self, None),
+        };
+        let requeue = deploy::reconcile(machine, &network, &ctx, &target, status, source).await?;
         Ok(requeue)
     }
 

@@ -7,6 +7,7 @@
 //! with server-side apply, only when changed), Stalled vs retried errors with
 //! capped exponential backoff, warning events, and metrics.
 
+pub mod build;
 pub mod deploy;
 pub mod keypair;
 pub mod machine;
@@ -164,6 +165,8 @@ pub struct Context {
     pub keypair_users: KeyPairUsers,
     /// Shared by deployments: path records and rollout slots.
     pub deployments: deploy::Deployments,
+    /// Builds of spec.nixos.build running or recently finished.
+    pub builds: build::Builds,
     /// The shared watches' stores: every lookup of other objects reads these.
     pub stores: shared::Stores,
     /// Consecutive failures per object, for backoff.
@@ -202,6 +205,7 @@ impl Context {
             last_notes: Mutex::default(),
             keypair_users,
             deployments,
+            builds: build::Builds::default(),
             stores,
             failures: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),

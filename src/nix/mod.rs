@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod base32;
+pub mod build;
 pub mod cache;
 pub mod keys;
 pub mod local_store;
@@ -12,6 +13,7 @@ pub mod nar;
 pub mod narinfo;
 pub mod path_info;
 pub mod push;
+pub mod remote_store;
 pub mod serve;
 pub mod store_path;
 

@@ -17,6 +17,7 @@ use tokio::sync::{OnceCell, mpsc};
 
 use super::cache::{BinaryCacheSource, CacheError};
 use super::local_store::{LocalStore, LocalStoreError};
+use super::remote_store::RemoteStore;
 use super::serve::{self, ServeConnection, ServeError};
 use super::{PathInfo, StorePath};
 use crate::ssh::{RemoteProcess, Session};
@@ -58,6 +59,8 @@ impl From<crate::ssh::SshError> for PushError {
 pub enum PathSource {
     Local(LocalStore),
     Cache(Arc<BinaryCacheSource>),
+    /// Another machine's store (a builder's), over SSH.
+    Remote(RemoteStore),
 }
 
 impl PathSource {
@@ -66,6 +69,7 @@ impl PathSource {
         Ok(match self {
             Self::Local(store) => store.closure(root).await?,
             Self::Cache(cache) => cache.closure(root).await?,
+            Self::Remote(store) => store.closure(root).await?,
         })
     }
 
@@ -83,6 +87,7 @@ impl PathSource {
         Ok(match self {
             Self::Local(store) => store.nar_into(path, out).await?,
             Self::Cache(cache) => cache.nar_into(path, out).await?,
+            Self::Remote(store) => store.nar_into(path, out).await?,
         })
     }
 }

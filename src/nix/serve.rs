@@ -12,6 +12,8 @@ const SERVE_MAGIC_2: u64 = 0x5452_eecb;
 /// Protocol 2.6, as Nix 2.8's own client sends.
 const CLIENT_VERSION: u64 = 0x206;
 const CMD_QUERY_VALID_PATHS: u64 = 1;
+const CMD_QUERY_PATH_INFOS: u64 = 2;
+const CMD_QUERY_CLOSURE: u64 = 7;
 const CMD_ADD_TO_STORE_NAR: u64 = 9;
 
 /// Errors in a serve conversation.
@@ -229,13 +231,63 @@ impl ServeConnection {
         put_paths(&mut request, paths);
         self.process.send(request).await?;
         self.greeting().await?;
+        self.read_paths().await
+    }
+
+    /// The closure of `paths` in the machine's store (a store that builds
+    /// and serves, such as a builder's).
+    pub async fn query_closure(
+        &mut self,
+        paths: impl ExactSizeIterator<Item = &StorePath>,
+    ) -> Result<BTreeSet<StorePath>, ServeError> {
+        let mut request = Vec::new();
+        put_u64(&mut request, CMD_QUERY_CLOSURE);
+        put_u64(&mut request, 0); // not the outputs of derivations
+        put_paths(&mut request, paths);
+        self.process.send(request).await?;
+        self.greeting().await?;
+        self.read_paths().await
+    }
+
+    /// What the machine's store knows about `paths`; paths it lacks are left out.
+    pub async fn query_path_infos(
+        &mut self,
+        paths: impl ExactSizeIterator<Item = &StorePath>,
+    ) -> Result<Vec<PathInfo>, ServeError> {
+        let mut request = Vec::new();
+        put_u64(&mut request, CMD_QUERY_PATH_INFOS);
+        put_paths(&mut request, paths);
+        self.process.send(request).await?;
+        self.greeting().await?;
+        let mut infos = Vec::new();
+        loop {
+            let path = self.read_string().await?;
+            if path.is_empty() {
+                return Ok(infos);
+            }
+            let path = StorePath::parse(&path).map_err(|e| ServeError::Protocol(e.to_string()))?;
+            let deriver = Some(self.read_string().await?).filter(|d| !d.is_empty());
+            let references = self.read_paths().await?;
+            let _download_size = self.read_u64().await?;
+            let nar_size = self.read_u64().await?;
+            // Protocol 2.4 and later (this client speaks 2.6).
+            let nar_hash = self.read_string().await?;
+            let _content_address = self.read_string().await?;
+            for _ in 0..self.read_u64().await? {
+                self.read_string().await?;
+            }
+            infos.push(PathInfo { path, references, deriver, nar_hash, nar_size });
+        }
+    }
+
+    async fn read_paths(&mut self) -> Result<BTreeSet<StorePath>, ServeError> {
         let count = self.read_u64().await?;
-        let mut valid = BTreeSet::new();
+        let mut paths = BTreeSet::new();
         for _ in 0..count {
             let path = self.read_string().await?;
-            valid.insert(StorePath::parse(&path).map_err(|e| ServeError::Protocol(e.to_string()))?);
+            paths.insert(StorePath::parse(&path).map_err(|e| ServeError::Protocol(e.to_string()))?);
         }
-        Ok(valid)
+        Ok(paths)
     }
 
     /// Sends one AddToStoreNar record (see [`add_to_store_nar`]) without

@@ -209,6 +209,8 @@ struct Run<'a> {
     /// How soon the Network's membership wants another look (mesh peers
     /// without a handshake yet).
     membership_recheck: Mutex<Option<Duration>>,
+    /// Where the closure comes from when the spec does not say (a builder's store).
+    source: Option<PathSource>,
 }
 
 /// Brings the machine to `spec.nixos`: returns with `status` describing the
@@ -220,6 +222,7 @@ pub async fn reconcile(
     ctx: &Context,
     target: &Target,
     status: &mut MachineStatus,
+    source: Option<PathSource>,
 ) -> Result<Option<Duration>> {
     let Some(nixos) = &machine.spec.nixos else { return Ok(None) };
     let ns = machine.namespace().unwrap_or_default();
@@ -232,6 +235,7 @@ pub async fn reconcile(
         target,
         generation: machine.metadata.generation,
         membership_recheck: Mutex::default(),
+        source,
     };
     let requeue = run.reconcile(status).await?;
     let recheck = *run.membership_recheck.lock().unwrap_or_else(|e| e.into_inner());
@@ -935,6 +939,9 @@ impl Run<'_> {
     }
 
     async fn path_source(&self) -> Result<PathSource> {
+        if let Some(source) = &self.source {
+            return Ok(source.clone());
+        }
         let source = self.nixos.source.clone().unwrap_or_default();
         if let Some(cache) = &source.binary_cache {
             let s3 = if cache.url.starts_with("s3://") {
@@ -1065,20 +1072,20 @@ async fn release(survey: Option<Result<Surveyed>>) {
 /// Whether a Machine's last deployment of its current closure failed.
 pub fn deploy_failed(machine: &Machine) -> bool {
     let Some(nixos) = &machine.spec.nixos else { return false };
-    let desired = Desired {
-        closure: &nixos.closure,
-        action: nixos.action,
-        drift: nixos.drift,
-        generation: machine.metadata.generation,
-    };
+    let Some(closure) = super::build::desired_closure(machine) else { return false };
+    let desired =
+        Desired { closure, action: nixos.action, drift: nixos.drift, generation: machine.metadata.generation };
     plan::failed_at_this_generation(&desired, machine.status.as_ref().and_then(|s| s.last_deploy.as_ref())).is_some()
 }
 
 /// Whether a Machine runs its desired closure.
 pub fn is_up_to_date(machine: &Machine) -> bool {
-    let Some(nixos) = &machine.spec.nixos else { return true };
+    if machine.spec.nixos.is_none() {
+        return true;
+    }
     machine.status.as_ref().is_some_and(|s| {
-        s.closure.as_deref() == Some(nixos.closure.as_str())
+        s.closure.is_some()
+            && s.closure.as_deref() == super::build::desired_closure(machine)
             && s.last_deploy.as_ref().is_some_and(|l| l.result.as_deref() == Some(deploy_result::SUCCEEDED))
     })
 }
