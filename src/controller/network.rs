@@ -86,6 +86,32 @@ impl Reconciler for Network {
             status.subnets = resources.subnets;
             status.internet_gateway_id = resources.internet_gateway_id;
             status.security_group_id = resources.security_group_id;
+        } else if let Some(libvirt) = self.spec.provider.as_ref().and_then(|p| p.libvirt.as_ref()) {
+            let provider = ctx.providers.network("libvirt")?;
+            let target = CloudTarget { owner: owner.clone(), network: (*self).clone() };
+            let known = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
+            let name = if self.spec.management_policy == ManagementPolicy::Observe {
+                provider.find(&target, known.as_deref()).await?.ok_or_else(|| {
+                    Error::stalled(
+                        "NetworkNotFound",
+                        "spec.managementPolicy Observe: the hypervisor has no libvirt network with this Network's UID as its UUID",
+                    )
+                })?
+            } else {
+                let resources = provision(&self, &ctx, &*provider, &target, known.as_deref()).await?;
+                if known.as_deref() != Some(resources.vpc_id.as_str()) {
+                    ctx.event(
+                        &*self,
+                        EventType::Normal,
+                        "Provisioned",
+                        format!("libvirt network {} ({}) on {}", resources.vpc_id, libvirt.cidr, libvirt.uri),
+                    )
+                    .await;
+                }
+                resources.vpc_id
+            };
+            status.provider = Some("libvirt".into());
+            status.vpc_id = Some(name);
         } else {
             status.provider = None;
         }
@@ -151,11 +177,11 @@ impl Reconciler for Network {
         }
         if self.spec.deletion_policy == DeletionPolicy::Delete
             && self.spec.management_policy != ManagementPolicy::Observe
-            && let Some(_) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref())
+            && let Some(kind) = self.spec.provider.as_ref().and_then(|p| p.kind())
             && !self.annotations().contains_key(CLOUD_DELETED_ANNOTATION)
         {
             let owner = Owner::of(&*self);
-            let provider = ctx.providers.network("ec2")?;
+            let provider = ctx.providers.network(kind)?;
             let target = CloudTarget { owner, network: (*self).clone() };
             // The VPC found last, if the annotation was not written yet: a
             // lookup by tag that lags would leave it behind.
