@@ -137,14 +137,14 @@ id=$(sed -n 's/^instance-id: *//p' /run/seed/meta-data)
 [ -n "$id" ] && [ "$id" = "$(cat /var/lib/nixops-seed/instance-id 2>/dev/null)" ] && exit 0
 host=$(sed -n 's/^local-hostname: *//p' /run/seed/meta-data)
 [ -n "$host" ] && echo "$host" >/etc/hostname
-config=$(sed 1d /run/seed/user-data)
+# user-data is "#cloud-config" and one line of JSON (which is YAML too).
+config() { sed 1d /run/seed/user-data | jq -r "$1"; }
 umask 077
-echo "$config" | jq -r '.ssh_authorized_keys[]?' >/root/.ssh/authorized_keys
-private=$(echo "$config" | jq -r '.ssh_keys.ed25519_private // empty')
-if [ -n "$private" ]; then
+config '.ssh_authorized_keys[]?' >/root/.ssh/authorized_keys
+if [ -n "$(config '.ssh_keys.ed25519_private // empty')" ]; then
   rm -f /etc/ssh/ssh_host_*
-  echo "$private" >/etc/ssh/ssh_host_ed25519_key
-  echo "$config" | jq -r '.ssh_keys.ed25519_public // empty' >/etc/ssh/ssh_host_ed25519_key.pub
+  config '.ssh_keys.ed25519_private' >/etc/ssh/ssh_host_ed25519_key
+  config '.ssh_keys.ed25519_public' >/etc/ssh/ssh_host_ed25519_key.pub
 fi
 echo "$id" >/var/lib/nixops-seed/instance-id
 sync

@@ -21,7 +21,7 @@ dir=${1:?usage: start.sh DIR --watch-pid PID}
 watch_pid=${3:?--watch-pid needs a PID}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
-mkdir -p "$dir"/{run,lib,log,cache,etc,sock,pool}
+mkdir -p "$dir"/{run,lib,log/qemu,cache,etc,sock,pool}
 # Mount points for the namespace's own directories.
 mkdir -p /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt /etc/libvirt
 

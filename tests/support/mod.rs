@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod libvirt;
 pub mod node;
 
 use std::path::{Path, PathBuf};
