@@ -39,3 +39,4 @@ fi
 "$root/hack/toxiproxy/build.sh" >/dev/null
 "$root/hack/helm/build.sh" >/dev/null
 "$root/hack/kube-score/build.sh" >/dev/null
+"$root/hack/libvirt/install.sh" >/dev/null

@@ -12,7 +12,7 @@ use std::time::Instant;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use nixops_operator::api::machine::MachinePhase;
-use nixops_operator::api::{Machine, Network};
+use nixops_operator::api::{Machine, Network, Volume};
 use serde_json::json;
 use support::fleet::{Fleet, nonce, system};
 use support::libvirt::{Hypervisor, ONE_AT_A_TIME, VM_TIMEOUT, hypervisor, ssh};
@@ -29,11 +29,24 @@ async fn start_fleet(prefix: &str, hv: &Hypervisor, subnet: u8) -> Fleet {
 }
 
 async fn create_machine(fleet: &Fleet, hv: &Hypervisor, name: &str, nixos: Option<&str>) {
+    create_machine_with(fleet, hv, name, nixos, json!({})).await
+}
+
+async fn create_machine_with(
+    fleet: &Fleet,
+    hv: &Hypervisor,
+    name: &str,
+    nixos: Option<&str>,
+    extra: serde_json::Value,
+) {
     let mut spec = json!({
         "networkRef": {"name": "net"},
         "provider": hv.machine_provider(),
         "ssh": {"keyPairRef": {"name": "deployer"}},
     });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
     if let Some(closure) = nixos {
         spec["nixos"] = json!({"closure": closure});
     }
@@ -106,7 +119,9 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
     let applied = Instant::now();
     create_machine(&fleet, hv, "web", Some(&closure)).await;
     support::wait_for(&fleet.machines, "web", VM_TIMEOUT, "Ready with the system deployed", |m| {
-        m.status.as_ref().is_some_and(|s| s.closure.as_deref() == Some(closure.as_str()) && support::is_ready(&s.conditions))
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.closure.as_deref() == Some(closure.as_str()) && support::is_ready(&s.conditions))
     })
     .await;
     let machine = fleet.machines.get("web").await.unwrap();
@@ -175,6 +190,78 @@ async fn killed_between_define_and_status_write_leaves_one_domain() {
     assert!(metadata.contains(status.host_key.as_deref().unwrap()), "{metadata}");
 
     delete_all(&fleet, &["db"]).await;
+    assert_eq!(owned_by(&hv.domains(), &fleet.ns), Vec::<String>::new());
+    assert_eq!(owned_by(&hv.volumes(), &fleet.ns), Vec::<String>::new());
+}
+
+/// The guest's view of the disk whose serial is `serial`: "<dev> <512-byte sectors>".
+const FIND_DISK: &str =
+    "for d in /sys/block/vd*; do [ \"$(cat $d/serial 2>/dev/null)\" = data ] && echo ${d##*/} $(cat $d/size); done";
+
+#[tokio::test]
+async fn volume_is_a_block_device_of_its_size_grows_in_place_and_survives_a_power_cycle() {
+    let _vm = ONE_AT_A_TIME.lock().await;
+    let hv = hypervisor();
+    let fleet = start_fleet("lv-vol", hv, 3).await;
+    let volumes: Api<Volume> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    let volume: Volume = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Volume", "metadata": {"name": "data"},
+        "spec": {"networkRef": {"name": "net"}, "provider": {"libvirt": {"sizeGiB": 1}}}
+    }))
+    .unwrap();
+    volumes.create(&PostParams::default(), &volume).await.unwrap();
+    let volumes_spec = json!({"volumes": [{"volumeRef": {"name": "data"}, "device": "/dev/vdb"}]});
+    create_machine_with(&fleet, hv, "db", None, volumes_spec).await;
+    wait_phase(&fleet, "db", MachinePhase::Running).await;
+    let attached = |size: i32| {
+        move |v: &Volume| {
+            v.status.as_ref().is_some_and(|s| {
+                support::is_ready(&s.conditions)
+                    && s.size_gib == Some(size)
+                    && s.attached_to.as_ref().is_some_and(|a| a.machine == "db" && a.device == "/dev/vdb")
+            })
+        }
+    };
+    support::wait_for(&volumes, "data", VM_TIMEOUT, "attached to db, 1 GiB", attached(1)).await;
+    let machine = fleet.machines.get("db").await.unwrap();
+    // Hot-plugged into the running guest: a 1 GiB disk with serial "data".
+    let found = exec(&fleet, &machine, FIND_DISK).await;
+    let (dev, sectors) = found.split_once(' ').unwrap_or_else(|| panic!("no disk with serial data: {found:?}"));
+    assert_eq!(sectors, (1u64 << 30 >> 9).to_string(), "{found}");
+    exec(
+        &fleet,
+        &machine,
+        &format!("echo kept-on-volume | dd of=/dev/{dev} bs=512 count=1 conv=sync,fsync 2>/dev/null"),
+    )
+    .await;
+
+    // Grown in place while attached: the guest sees 2 GiB at once.
+    let patch = json!({"spec": {"provider": {"libvirt": {"sizeGiB": 2}}}});
+    volumes.patch("data", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    support::wait_for(&volumes, "data", VM_TIMEOUT, "grown to 2 GiB", attached(2)).await;
+    let found = exec(&fleet, &machine, FIND_DISK).await;
+    assert!(found.ends_with(&format!(" {}", 2u64 << 30 >> 9)), "{found}");
+
+    // Powered off and on again: the disk is part of the domain, data intact.
+    for running in [false, true] {
+        let patch = json!({"spec": {"running": running}});
+        fleet.machines.patch("db", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+        let phase = if running { MachinePhase::Running } else { MachinePhase::Stopped };
+        wait_phase(&fleet, "db", phase).await;
+    }
+    let machine = fleet.machines.get("db").await.unwrap();
+    let found = exec(&fleet, &machine, FIND_DISK).await;
+    let (dev, sectors) = found.split_once(' ').unwrap_or_else(|| panic!("disk gone after the power cycle: {found:?}"));
+    assert_eq!(sectors, (2u64 << 30 >> 9).to_string());
+    let head = exec(&fleet, &machine, &format!("head -c 14 /dev/{dev}")).await;
+    assert_eq!(head, "kept-on-volume");
+
+    // Deleting the Machine, the Volume and the Network leaves nothing.
+    fleet.machines.delete("db", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&fleet.machines, "db", VM_TIMEOUT).await;
+    volumes.delete("data", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&volumes, "data", VM_TIMEOUT).await;
+    delete_all(&fleet, &[]).await;
     assert_eq!(owned_by(&hv.domains(), &fleet.ns), Vec::<String>::new());
     assert_eq!(owned_by(&hv.volumes(), &fleet.ns), Vec::<String>::new());
 }

@@ -91,8 +91,10 @@ subprocess.run(["ip", "addr", "add", f"{ns_ip}/30", "dev", veth], check=True)
 subprocess.run(["ip", "link", "set", veth, "up"], check=True)
 subprocess.run(["ip", "route", "add", "default", "via", host_ip], check=True)
 log = open(f"{d}/daemons.log", "ab")
-subprocess.Popen(["virtlogd"], stdout=log, stderr=log)
-subprocess.Popen(["libvirtd", "--config", f"{d}/etc/libvirtd.conf"], stdout=log, stderr=log)
+# Their own pid files: the host's /run is shared with other hypervisors.
+subprocess.Popen(["virtlogd", "--pid-file", f"{d}/virtlogd.pid"], stdout=log, stderr=log)
+subprocess.Popen(["libvirtd", "--config", f"{d}/etc/libvirtd.conf", "--pid-file", f"{d}/libvirtd.pid"],
+                 stdout=log, stderr=log)
 # pid 1 of the namespace: reap every orphan (QEMU is daemonized), or
 # libvirt would wait for zombies to die.
 while True:

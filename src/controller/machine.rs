@@ -305,7 +305,8 @@ impl Reconciler for Machine {
             None => None,
         };
         // Parsed before probing: the probe asks for a key of the pinned type.
-        let pin = host_key_pin(resolved.ssh.host_key.as_deref(), instance.host_key.as_deref(), status.host_key.as_deref())?;
+        let pin =
+            host_key_pin(resolved.ssh.host_key.as_deref(), instance.host_key.as_deref(), status.host_key.as_deref())?;
         let probe = ssh::probe_host_key(
             &instance.ssh_host,
             instance.ssh_port,

@@ -412,7 +412,13 @@ impl Providers {
 
     /// The provider for a Volume's `spec.provider`.
     pub fn volume(&self, spec: &crate::api::volume::VolumeProvider) -> Result<Arc<dyn VolumeProvider>, ProviderError> {
-        let kind = if spec.ec2.is_some() { "ec2" } else { "" };
+        let kind = if spec.ec2.is_some() {
+            "ec2"
+        } else if spec.libvirt.is_some() {
+            "libvirt"
+        } else {
+            ""
+        };
         lookup(&self.volumes, "spec.provider", kind)
     }
 

@@ -42,11 +42,8 @@ pub fn hypervisor() -> &'static Hypervisor {
             .expect("run hack/libvirt/image.sh");
         assert!(image.status.success(), "hack/libvirt/image.sh failed; run hack/libvirt/install.sh first");
         let image = PathBuf::from(String::from_utf8_lossy(&image.stdout).trim());
-        let dir = tempfile::Builder::new()
-            .prefix("nixops-libvirt-")
-            .tempdir()
-            .expect("create hypervisor directory")
-            .keep(); // the watchdog removes it when this process exits
+        let dir =
+            tempfile::Builder::new().prefix("nixops-libvirt-").tempdir().expect("create hypervisor directory").keep(); // the watchdog removes it when this process exits
         let started = std::time::Instant::now();
         let out = Command::new(super::repo_root().join("hack/libvirt/start.sh"))
             .arg(&dir)
@@ -94,7 +91,11 @@ impl Hypervisor {
 
     /// The volumes of pool "default".
     pub fn volumes(&self) -> Vec<String> {
-        self.virsh(&["vol-list", "default"]).lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect()
+        self.virsh(&["vol-list", "default"])
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// `virsh domstate` of the domain whose UUID is `uid`.

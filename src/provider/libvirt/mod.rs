@@ -11,6 +11,7 @@
 //! `virt` crate (libvirt's own client library) on blocking threads.
 
 pub mod seed;
+pub mod volume;
 pub mod xml;
 
 use std::sync::Arc;
@@ -48,7 +49,8 @@ const LEASE_WAIT: Duration = Duration::from_secs(20);
 pub fn register(providers: &mut Providers, metrics: Metrics) {
     let libvirt = Arc::new(Libvirt { metrics });
     providers.add_machine_provider(libvirt.clone());
-    providers.networks.insert("libvirt", libvirt);
+    providers.networks.insert("libvirt", libvirt.clone());
+    providers.volumes.insert("libvirt", libvirt);
 }
 
 /// Provider for `provider.libvirt` of Machines, Networks and Volumes.
@@ -164,10 +166,8 @@ struct MachinePlace {
 
 impl MachinePlace {
     fn of(target: &MachineTarget) -> Result<Self, ProviderError> {
-        let network = target
-            .network
-            .as_ref()
-            .ok_or_else(|| ProviderError::Refused("the Network is not resolved yet".into()))?;
+        let network =
+            target.network.as_ref().ok_or_else(|| ProviderError::Refused("the Network is not resolved yet".into()))?;
         let spec = target
             .provider
             .libvirt
@@ -331,9 +331,10 @@ fn define_machine(
     .map_err(ProviderError::Transient)?;
     let seed_name = place.seed();
     delete_volume(&pool, &seed_name)?;
-    let seed_xml =
-        xml::volume_xml(&seed_name, seed::SEED_BYTES, "raw", None).map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
-    let seed_vol = StorageVol::create_xml(&pool, &seed_xml, 0).map_err(failed(format!("creating seed volume {seed_name}")))?;
+    let seed_xml = xml::volume_xml(&seed_name, seed::SEED_BYTES, "raw", None)
+        .map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
+    let seed_vol =
+        StorageVol::create_xml(&pool, &seed_xml, 0).map_err(failed(format!("creating seed volume {seed_name}")))?;
     upload(hv, &seed_vol, &seed_bytes, "the seed")?;
 
     let kernel = place.spec.direct_kernel_boot.clone();
@@ -404,8 +405,9 @@ impl MachineProvider for Libvirt {
         let running = target.running;
         self.call("start", move || {
             let hv = Hypervisor::open(&place.network.uri)?;
-            let domain = lookup_domain(&hv, &uid)?
-                .ok_or_else(|| ProviderError::Transient(format!("domain {} vanished after its define", place.domain)))?;
+            let domain = lookup_domain(&hv, &uid)?.ok_or_else(|| {
+                ProviderError::Transient(format!("domain {} vanished after its define", place.domain))
+            })?;
             if running {
                 start(&domain, &place.domain)?;
                 return wait_for_lease(&domain);
@@ -443,7 +445,9 @@ impl MachineProvider for Libvirt {
                         std::thread::sleep(Duration::from_millis(500));
                     }
                     if state_of(&domain)? != InstanceState::Stopped {
-                        domain.destroy().map_err(failed(format!("stopping domain {} (spec.running: false)", place.domain)))?;
+                        domain
+                            .destroy()
+                            .map_err(failed(format!("stopping domain {} (spec.running: false)", place.domain)))?;
                     }
                     instance_of(&domain)
                 }
@@ -467,7 +471,9 @@ impl MachineProvider for Libvirt {
                     }
                 }
                 match domain.undefine() {
-                    Err(e) if !is_not_found(&e) => return Err(failed(format!("undefining domain {}", place.domain))(e)),
+                    Err(e) if !is_not_found(&e) => {
+                        return Err(failed(format!("undefining domain {}", place.domain))(e));
+                    }
                     _ => {}
                 }
             }
@@ -534,7 +540,8 @@ impl NetworkProvider for Libvirt {
     ) -> Result<String, ProviderError> {
         let spec = network_spec(&target.network)?;
         let name = network_name(&target.network);
-        let cidr = Cidr::parse(&spec.cidr, "spec.provider.libvirt.cidr").map_err(|e| ProviderError::permanent("InvalidCIDR", e))?;
+        let cidr = Cidr::parse(&spec.cidr, "spec.provider.libvirt.cidr")
+            .map_err(|e| ProviderError::permanent("InvalidCIDR", e))?;
         let network_xml = xml::network_xml(&name, &target.owner.uid, spec.mode, &cidr, spec.dhcp_range.as_ref())
             .map_err(|e| ProviderError::permanent("InvalidDhcpRange", e))?;
         self.call("create-network", move || {
@@ -580,7 +587,8 @@ mod tests {
 
     #[test]
     fn names_carry_namespace_name_and_uid() {
-        let owner = Owner { namespace: "prod".into(), name: "web-1".into(), uid: "0123abcd-ef01-4000-8000-00000000".into() };
+        let owner =
+            Owner { namespace: "prod".into(), name: "web-1".into(), uid: "0123abcd-ef01-4000-8000-00000000".into() };
         assert_eq!(object_name(&owner), "prod-web-1-0123abcd");
     }
 
@@ -602,7 +610,12 @@ mod tests {
         let spec = DomainSpec {
             name: "t-dom".into(),
             uuid: uid.into(),
-            owner: DomainOwner { namespace: "ns".into(), name: "m".into(), uid: uid.into(), host_key: "ssh-ed25519 AAAA".into() },
+            owner: DomainOwner {
+                namespace: "ns".into(),
+                name: "m".into(),
+                uid: uid.into(),
+                host_key: "ssh-ed25519 AAAA".into(),
+            },
             domain_type: ResolvedDomainType::resolve(crate::api::machine::LibvirtDomainType::Auto, || hv.offers_kvm()),
             vcpus: 1,
             memory_mib: 128,
@@ -624,7 +637,8 @@ mod tests {
         assert_eq!(instance.state, InstanceState::Stopped);
         // A second define with the same UUID redefines, never duplicates.
         Domain::define_xml(&hv.0, &xml).unwrap();
-        let count = hv.0.list_all_domains(0).unwrap().into_iter().filter(|d| d.get_uuid_string().unwrap() == uid).count();
+        let count =
+            hv.0.list_all_domains(0).unwrap().into_iter().filter(|d| d.get_uuid_string().unwrap() == uid).count();
         assert_eq!(count, 1);
         vol.delete(0).unwrap();
         assert!(lookup_volume(&pool, "t.img").unwrap().is_none());

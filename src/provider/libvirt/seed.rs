@@ -29,8 +29,7 @@ pub fn generate_host_key(comment: &str) -> Result<HostKeyPair, String> {
     private.set_comment(comment);
     let private_openssh =
         private.to_openssh(LineEnding::LF).map_err(|e| format!("cannot encode the host key: {e}"))?.to_string();
-    let public_openssh =
-        private.public_key().to_openssh().map_err(|e| format!("cannot encode the host key: {e}"))?;
+    let public_openssh = private.public_key().to_openssh().map_err(|e| format!("cannot encode the host key: {e}"))?;
     Ok(HostKeyPair { private_openssh, public_openssh })
 }
 

@@ -326,17 +326,17 @@ pub fn domain_xml(spec: &DomainSpec) -> Result<String, String> {
         devices: DevicesXml {
             disk: vec![
                 DiskXml::volume(&spec.pool, &spec.root_volume, "qcow2", "vda", None),
-                DiskXml { readonly: Some(()), ..DiskXml::volume(&spec.pool, &spec.seed_volume, "raw", SEED_DEVICE, None) },
+                DiskXml {
+                    readonly: Some(()),
+                    ..DiskXml::volume(&spec.pool, &spec.seed_volume, "raw", SEED_DEVICE, None)
+                },
             ],
             interface: vec![InterfaceXml {
                 kind: "network",
                 source: NetworkSourceXml { network: spec.network.clone() },
                 model: Typed::new("virtio"),
             }],
-            serial: SerialXml {
-                kind: "pty",
-                log: spec.console_log.clone().map(|file| LogXml { file, append: "on" }),
-            },
+            serial: SerialXml { kind: "pty", log: spec.console_log.clone().map(|file| LogXml { file, append: "on" }) },
             console: Typed::new("pty"),
             rng: RngXml { model: "virtio", backend: RngBackendXml { model: "random", device: "/dev/urandom" } },
         },
