@@ -69,17 +69,8 @@ impl Reconciler for Network {
                 })?;
                 NetworkResources { vpc_id: found, ..Default::default() }
             } else {
-                let resources = provision(&self, &ctx, &*provider, &target, known.as_deref()).await?;
-                if known.as_deref() != Some(resources.vpc_id.as_str()) {
-                    ctx.event(
-                        &*self,
-                        EventType::Normal,
-                        "Provisioned",
-                        format!("VPC {} in {}", resources.vpc_id, ec2.region),
-                    )
-                    .await;
-                }
-                resources
+                let announce = |r: &NetworkResources| format!("VPC {} in {}", r.vpc_id, ec2.region);
+                provision_announced(&self, &ctx, &*provider, &target, known.as_deref(), announce).await?
             };
             status.provider = Some("ec2".into());
             status.vpc_id = Some(resources.vpc_id);
@@ -98,17 +89,10 @@ impl Reconciler for Network {
                     )
                 })?
             } else {
-                let resources = provision(&self, &ctx, &*provider, &target, known.as_deref()).await?;
-                if known.as_deref() != Some(resources.vpc_id.as_str()) {
-                    ctx.event(
-                        &*self,
-                        EventType::Normal,
-                        "Provisioned",
-                        format!("libvirt network {} ({}) on {}", resources.vpc_id, libvirt.cidr, libvirt.uri),
-                    )
-                    .await;
-                }
-                resources.vpc_id
+                let announce = |r: &NetworkResources| {
+                    format!("libvirt network {} ({}) on {}", r.vpc_id, libvirt.cidr, libvirt.uri)
+                };
+                provision_announced(&self, &ctx, &*provider, &target, known.as_deref(), announce).await?.vpc_id
             };
             status.provider = Some("libvirt".into());
             status.vpc_id = Some(name);
@@ -265,6 +249,23 @@ async fn release_credentials(client: &Client, network: &Network, name: &str) -> 
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other.map(drop).map_err(Into::into),
     }
+}
+
+/// [`provision`], with a `Provisioned` event saying `announce` when the
+/// network is new (its ID differs from the one recorded).
+async fn provision_announced(
+    network: &Network,
+    ctx: &Context,
+    provider: &dyn NetworkProvider,
+    target: &CloudTarget,
+    known: Option<&str>,
+    announce: impl Fn(&NetworkResources) -> String,
+) -> Result<NetworkResources> {
+    let resources = provision(network, ctx, provider, target, known).await?;
+    if known != Some(resources.vpc_id.as_str()) {
+        ctx.event(network, EventType::Normal, "Provisioned", announce(&resources)).await;
+    }
+    Ok(resources)
 }
 
 /// Finds or creates the Network's physical network one part at a time, in

@@ -319,8 +319,8 @@ fn define_machine(
     }
     // The seed is read at first boot only: until the domain is defined
     // (it is not yet, or this create would not run) a new one is safe.
-    let host_key = seed::generate_host_key(&format!("{}/{}", owner.namespace, owner.name))
-        .map_err(|e| ProviderError::Transient(e))?;
+    let host_key =
+        seed::generate_host_key(&format!("{}/{}", owner.namespace, owner.name)).map_err(ProviderError::Transient)?;
     let seed_bytes = seed::SeedContent {
         instance_id: &owner.uid,
         hostname: &owner.name,
