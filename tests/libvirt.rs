@@ -265,3 +265,28 @@ async fn volume_is_a_block_device_of_its_size_grows_in_place_and_survives_a_powe
     assert_eq!(owned_by(&hv.domains(), &fleet.ns), Vec::<String>::new());
     assert_eq!(owned_by(&hv.volumes(), &fleet.ns), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn an_orphaned_volume_stays_in_the_pool() {
+    let hv = hypervisor();
+    let fleet = start_fleet("lv-orphan", hv, 4).await;
+    let volumes: Api<Volume> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    let volume: Volume = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Volume", "metadata": {"name": "keep"},
+        "spec": {"networkRef": {"name": "net"}, "provider": {"libvirt": {"sizeGiB": 1, "format": "raw"}},
+                 "deletionPolicy": "Orphan"}
+    }))
+    .unwrap();
+    volumes.create(&PostParams::default(), &volume).await.unwrap();
+    support::wait_for(&volumes, "keep", VM_TIMEOUT, "Ready", |v| {
+        v.status.as_ref().is_some_and(|s| support::is_ready(&s.conditions) && s.size_gib == Some(1))
+    })
+    .await;
+    let name = volumes.get("keep").await.unwrap().status.unwrap().volume_id.unwrap();
+    assert!(name.ends_with(".img") && hv.volumes().contains(&name), "{name} in {:?}", hv.volumes());
+    volumes.delete("keep", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&volumes, "keep", VM_TIMEOUT).await;
+    delete_all(&fleet, &[]).await;
+    assert!(hv.volumes().contains(&name), "the orphaned volume {name} was deleted: {:?}", hv.volumes());
+    hv.virsh(&["vol-delete", &name, "--pool", "default"]);
+}

@@ -48,7 +48,8 @@ initrd=$work/initrd
 mkdir -p "$initrd/bin" "$initrd/modules"
 cp /bin/busybox "$initrd/bin/busybox"
 : >"$initrd/modules/order"
-for mod in virtio_pci virtio_blk virtio_net ext4 vfat isofs nls_cp437 nls_ascii nls_utf8; do
+# button and evdev: the ACPI power button as an input device for acpid.
+for mod in virtio_pci virtio_blk virtio_net ext4 vfat isofs nls_cp437 nls_ascii nls_utf8 button evdev; do
   modprobe -d "$work/kernel" -S "$kver" --show-depends "$mod" | sed -n 's/^insmod \([^ ]*\).*/\1/p' |
     while read -r ko; do
       name=$(basename "$ko")
@@ -103,6 +104,7 @@ cat >"$r/etc/inittab" <<'EOF'
 ::sysinit:/usr/lib/nixops-image/boot
 ::respawn:/usr/sbin/sshd -D -e
 ::respawn:/bin/busybox udhcpc -f -i eth0 -s /usr/lib/nixops-image/udhcpc
+::respawn:/bin/busybox acpid -f -c /etc/acpi -l /dev/null
 ::ctrlaltdel:/bin/busybox reboot
 ::shutdown:/bin/busybox sync
 ::shutdown:/bin/busybox umount -a -r
@@ -163,7 +165,10 @@ case $1 in
 esac
 exit 0
 EOF
-chmod +x "$r"/usr/lib/nixops-image/*
+# libvirt's shutdown presses the ACPI power button: power off cleanly.
+mkdir -p "$r/etc/acpi/PWRF"
+printf '#!/bin/sh\nexec /bin/busybox poweroff\n' >"$r/etc/acpi/PWRF/00000080"
+chmod +x "$r"/usr/lib/nixops-image/* "$r/etc/acpi/PWRF/00000080"
 EOS
 chmod +x "$customize"
 mmdebstrap --quiet --variant=essential \

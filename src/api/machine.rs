@@ -204,18 +204,20 @@ pub struct Ec2Instance {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LibvirtMachine {
-    /// Virtual CPUs.
+    /// Virtual CPUs. Applied when the domain is defined: a change reaches
+    /// an existing machine only when it is created anew.
     #[serde(default = "default_vcpus")]
     #[schemars(range(min = 1, max = 64))]
     pub vcpus: i32,
 
-    /// Memory in MiB.
+    /// Memory in MiB. Applied when the domain is defined, like vcpus.
     #[serde(rename = "memoryMiB", default = "default_memory_mib")]
     #[schemars(range(min = 128, max = 1048576))]
     pub memory_mib: i32,
 
-    /// Size of the root disk in GiB (the overlay's virtual size). It cannot
-    /// shrink; an image that grows its root file system at boot uses the rest.
+    /// Size of the root disk in GiB (the overlay's virtual size), applied
+    /// when the disk is created. It cannot shrink; an image that grows its
+    /// root file system at boot uses the rest.
     #[serde(rename = "diskSizeGiB", default = "default_disk_size_gib")]
     #[schemars(range(min = 1, max = 16384))]
     #[x_kube(validation = Rule::new("self >= oldSelf").message("the root disk cannot shrink; set a size at least the current one"))]
