@@ -85,7 +85,9 @@ impl Reconciler for Network {
                 provider.find(&target, known.as_deref()).await?.ok_or_else(|| {
                     Error::stalled(
                         "NetworkNotFound",
-                        "spec.managementPolicy Observe: the hypervisor has no libvirt network with this Network's UID as its UUID",
+                        format!(
+                            "spec.managementPolicy Observe: the hypervisor has no libvirt network named by the {EXTERNAL_NAME_ANNOTATION} annotation (or, without it, with this Network's UID as its UUID)"
+                        ),
                     )
                 })?
             } else {

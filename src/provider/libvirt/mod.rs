@@ -501,12 +501,23 @@ impl NetworkProvider for Libvirt {
         "libvirt"
     }
 
-    async fn find(&self, target: &CloudTarget, _known: Option<&str>) -> Result<Option<String>, ProviderError> {
+    /// The network named `known` (the external-name annotation, for
+    /// managementPolicy Observe), else the one whose UUID is the owner's UID.
+    async fn find(&self, target: &CloudTarget, known: Option<&str>) -> Result<Option<String>, ProviderError> {
         let spec = network_spec(&target.network)?;
         let uid = target.owner.uid.clone();
+        let known = known.map(str::to_owned);
         self.call("find-network", move || {
             let hv = Hypervisor::open(&spec.uri)?;
-            lookup_network(&hv, &uid)?.map(|n| n.get_name().map_err(failed("reading the network's name"))).transpose()
+            let found = match &known {
+                Some(name) => match virt::network::Network::lookup_by_name(&hv.0, name) {
+                    Ok(net) => Some(net),
+                    Err(e) if is_not_found(&e) => None,
+                    Err(e) => return Err(failed(format!("looking up network {name}"))(e)),
+                },
+                None => lookup_network(&hv, &uid)?,
+            };
+            found.map(|n| n.get_name().map_err(failed("reading the network's name"))).transpose()
         })
         .await
     }
