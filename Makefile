@@ -28,8 +28,10 @@ dev-cluster: deps
 
 # A local control plane, a NixOS-like node and the operator, with
 # examples/quickstart/ deployed; run it again to reuse what is running.
+# PROVIDER=libvirt: the machine is a QEMU VM on a private libvirtd instead.
+PROVIDER ?= node
 quickstart: deps
-	@hack/quickstart/quickstart.sh up
+	@QUICKSTART_PROVIDER=$(PROVIDER) hack/quickstart/quickstart.sh up
 
 # Builds the demo system with another message and deploys it.
 MESSAGE ?= hello again

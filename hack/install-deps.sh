@@ -40,3 +40,4 @@ fi
 "$root/hack/helm/build.sh" >/dev/null
 "$root/hack/kube-score/build.sh" >/dev/null
 "$root/hack/wireguard/build.sh" >/dev/null
+"$root/hack/libvirt/install.sh" >/dev/null

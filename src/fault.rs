@@ -30,6 +30,9 @@ pub mod points {
     /// `bucket`, `vpc`, `subnet`, `internet-gateway`, `security-group`,
     /// `key-pair`, so a test kills the operator after exactly that create.
     pub const CREATE_AFTER_CALL: &str = "create-after-call";
+    /// A libvirt machine's domain is defined (root disk overlay and seed
+    /// exist) but not started, and its ID is not recorded yet.
+    pub const LIBVIRT_AFTER_DEFINE: &str = "libvirt-after-define";
     /// A Network's cloud resources are deleted and its credentials Secret
     /// released; its own finalizer is not removed yet.
     pub const NETWORK_AFTER_CREDENTIALS_RELEASED: &str = "network-after-credentials-released";

@@ -16,9 +16,15 @@
 # 127.0.0.2:2222 (as examples/quickstart/machine.yaml says). Needs root (for
 # the namespaces) and what hack/install-deps.sh installs.
 #
+# With QUICKSTART_PROVIDER=libvirt (`make quickstart PROVIDER=libvirt`) the
+# machine is a real QEMU VM instead: libvirtd and virtlogd in their own
+# namespaces (hack/libvirt/start.sh), the Debian image hack/libvirt/image.sh
+# builds, a routed libvirt network, and the operator provisioning the VM.
+#
 # Environment: QUICKSTART_DIR (state, default .quickstart), QUICKSTART_PORT
-# (the node's SSH port, default 2222), NIXOPS_OPERATOR_BIN (an operator
-# binary to use instead of building one).
+# (the node's SSH port, default 2222), QUICKSTART_PROVIDER (node or libvirt,
+# default node), NIXOPS_OPERATOR_BIN (an operator binary to use instead of
+# building one).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 dir=${QUICKSTART_DIR:-$root/.quickstart}
@@ -29,6 +35,10 @@ mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 cluster="$dir/cluster"
 node="$dir/node"
+hv="$dir/hypervisor"
+# The provider the running quickstart was started with wins.
+provider=$(cat "$dir/provider" 2>/dev/null || echo "${QUICKSTART_PROVIDER:-node}")
+case $provider in node | libvirt) ;; *) echo "QUICKSTART_PROVIDER must be node or libvirt" >&2; exit 2 ;; esac
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -111,6 +121,73 @@ start_operator() {
   echo $! > "$dir/operator.pid"
 }
 
+# libvirtd and virtlogd for the libvirt quickstart, kept until `down`
+# (a holder process stands for the quickstart's life in start.sh's watchdog).
+start_hypervisor() {
+  if alive "$dir/hypervisor-holder.pid"; then
+    say "libvirtd already running"
+    return
+  fi
+  say "building the VM image (Debian packages, on first use) and starting libvirtd"
+  "$root/hack/libvirt/image.sh" >"$dir/image-dir"
+  setsid sleep infinity </dev/null >/dev/null 2>&1 &
+  echo $! >"$dir/hypervisor-holder.pid"
+  rm -rf "$hv"
+  "$root/hack/libvirt/start.sh" "$hv" --watch-pid "$(cat "$dir/hypervisor-holder.pid")" >"$dir/hypervisor.env"
+  # shellcheck disable=SC1091
+  . "$dir/hypervisor.env"
+  virsh -q -c "$URI" pool-define-as default dir --target "$POOL_DIR" >/dev/null
+  virsh -q -c "$URI" pool-start default >/dev/null
+}
+
+apply_libvirt() {
+  local closure=$1 image
+  # shellcheck disable=SC1091
+  . "$dir/hypervisor.env"
+  image=$(cat "$dir/image-dir")
+  say "applying a libvirt Network and a Machine (a QEMU VM) with the demo closure $closure"
+  k -n "$ns" apply -f "$root/examples/quickstart/keypair.yaml" >/dev/null
+  k -n "$ns" wait --for=condition=Ready keypair/deployer --timeout=60s >/dev/null
+  k -n "$ns" apply -f - >/dev/null <<MANIFESTS
+apiVersion: nixops.io/v1alpha1
+kind: Network
+metadata: {name: quickstart}
+spec:
+  provider:
+    libvirt: {uri: "$URI", mode: route, cidr: "${CIDR%.0.0/16}.1.0/24", storagePool: default}
+---
+apiVersion: nixops.io/v1alpha1
+kind: Machine
+metadata: {name: demo}
+spec:
+  networkRef: {name: quickstart}
+  provider:
+    libvirt:
+      vcpus: 1
+      memoryMiB: 256
+      diskSizeGiB: 4
+      baseImage: $image/base.qcow2
+      directKernelBoot: {kernel: $image/vmlinuz, initrd: $image/initrd.img, cmdline: "$(cat "$image/cmdline")"}
+      domainType: qemu
+  ssh: {keyPairRef: {name: deployer}}
+  nixos: {closure: $closure, action: switch}
+MANIFESTS
+}
+
+# Runs a command in the VM over SSH, pinning the host key the Machine's status records.
+in_vm() {
+  local tmp address
+  tmp=$(mktemp -d)
+  k -n "$ns" get secret "$(k -n "$ns" get keypair deployer -o jsonpath='{.spec.secretRef.name}')" \
+    -o jsonpath='{.data.ssh-privatekey}' | base64 -d >"$tmp/id"
+  chmod 600 "$tmp/id"
+  address=$(k -n "$ns" get machine demo -o jsonpath='{.status.addresses[0].address}')
+  echo "$address $(k -n "$ns" get machine demo -o jsonpath='{.status.hostKey}')" >"$tmp/known_hosts"
+  ssh -i "$tmp/id" -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$tmp/known_hosts" \
+    "root@$address" "$1"
+  rm -rf "$tmp"
+}
+
 build_demo() {
   nix-build --no-out-link --option substituters '' "$root/hack/quickstart/demo.nix" \
     --argstr message "$1" 2>"$dir/nix-build.log" | tail -n1
@@ -154,6 +231,11 @@ show() {
   echo
   k -n "$ns" get machines -o wide
   echo
+  if [[ $provider == libvirt ]]; then
+    echo "In the VM, /run/current-system -> $(in_vm 'readlink /run/current-system')"
+    echo "and /run/motd says: $(in_vm 'cat /run/motd')"
+    return
+  fi
   echo "On the node, /run/current-system -> $(in_node 'readlink /run/current-system')"
   echo "and /run/motd says: $(in_node 'cat /run/motd')"
 }
@@ -200,11 +282,12 @@ wait_built() {
 
 case ${1:-up} in
   up)
+    echo "$provider" >"$dir/provider"
     start_cluster
-    start_node
+    if [[ $provider == libvirt ]]; then start_hypervisor; else start_node; fi
     start_operator
     closure=$(build_demo "hello from nixops-operator")
-    apply_examples "$closure"
+    if [[ $provider == libvirt ]]; then apply_libvirt "$closure"; else apply_examples "$closure"; fi
     wait_deployed "$closure"
     show
     cat <<EOF
@@ -240,6 +323,8 @@ EOF
     if alive "$dir/operator.pid"; then kill "$(cat "$dir/operator.pid")" 2>/dev/null || true; fi
     # unshare ignores SIGTERM while it waits; SIGKILL makes it kill the node (--kill-child).
     if alive "$node/unshare.pid"; then kill -KILL "$(cat "$node/unshare.pid")" 2>/dev/null || true; fi
+    # The hypervisor's watchdog stops libvirtd and every VM once its holder is gone.
+    if alive "$dir/hypervisor-holder.pid"; then kill "$(cat "$dir/hypervisor-holder.pid")" 2>/dev/null || true; fi
     [[ -d $cluster ]] && "$root/hack/controlplane/stop.sh" "$cluster"
     rm -rf "$dir"
     say "quickstart stopped"

@@ -104,10 +104,10 @@ fn default_true() -> bool {
 /// Where a machine runs. Exactly one block is set.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.existing), has(self.ec2)].filter(x, x).size() == 1")
-    .message("exactly one provider block must be set: existing or ec2"))]
-#[x_kube(validation = Rule::new("has(self.existing) == has(oldSelf.existing) && has(self.ec2) == has(oldSelf.ec2)")
-    .message("the provider kind is immutable: a machine cannot move between existing and ec2; create a new Machine instead"))]
+#[x_kube(validation = Rule::new("[has(self.existing), has(self.ec2), has(self.libvirt)].filter(x, x).size() == 1")
+    .message("exactly one provider block must be set: existing, ec2 or libvirt"))]
+#[x_kube(validation = Rule::new("has(self.existing) == has(oldSelf.existing) && has(self.ec2) == has(oldSelf.ec2) && has(self.libvirt) == has(oldSelf.libvirt)")
+    .message("the provider kind is immutable: a machine cannot move between existing, ec2 and libvirt; create a new Machine instead"))]
 pub struct MachineProvider {
     /// A host that already runs NixOS and is reachable over SSH (NixOps
     /// `targetHost`). The operator deploys to it but never creates or deletes it.
@@ -117,15 +117,21 @@ pub struct MachineProvider {
     /// An Amazon EC2 instance in the Network's VPC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ec2: Option<Ec2Instance>,
+
+    /// A libvirt (QEMU) virtual machine on the hypervisor of the Network's
+    /// `provider.libvirt`, NixOps's libvirtd backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtMachine>,
 }
 
 impl MachineProvider {
     /// The name of the provider block that is set, as shown in `status.provider`.
     pub fn kind(&self) -> Option<&'static str> {
-        match (&self.existing, &self.ec2) {
-            (Some(_), _) => Some("existing"),
-            (None, Some(_)) => Some("ec2"),
-            (None, None) => None,
+        match (&self.existing, &self.ec2, &self.libvirt) {
+            (Some(_), _, _) => Some("existing"),
+            (None, Some(_), _) => Some("ec2"),
+            (None, None, Some(_)) => Some("libvirt"),
+            (None, None, None) => None,
         }
     }
 }
@@ -189,6 +195,99 @@ pub struct Ec2Instance {
     #[serde(default, skip_serializing_if = "Tags::is_empty")]
     #[schemars(length(max = 40))]
     pub tags: Tags,
+}
+
+/// A libvirt virtual machine. Its root disk is a qcow2 overlay in the
+/// Network's storage pool backed by `baseImage`, so many machines share one
+/// image. At first boot a NoCloud seed (a `cidata` disk) gives the machine
+/// the login key of `spec.ssh.keyPairRef` and an SSH host key the operator
+/// generated, which the operator pins before its first connection.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LibvirtMachine {
+    /// Virtual CPUs. Applied when the domain is defined: a change reaches
+    /// an existing machine only when it is created anew.
+    #[serde(default = "default_vcpus")]
+    #[schemars(range(min = 1, max = 64))]
+    pub vcpus: i32,
+
+    /// Memory in MiB. Applied when the domain is defined, like vcpus.
+    #[serde(rename = "memoryMiB", default = "default_memory_mib")]
+    #[schemars(range(min = 128, max = 1048576))]
+    pub memory_mib: i32,
+
+    /// Size of the root disk in GiB (the overlay's virtual size), applied
+    /// when the disk is created. It cannot shrink; an image that grows its
+    /// root file system at boot uses the rest.
+    #[serde(rename = "diskSizeGiB", default = "default_disk_size_gib")]
+    #[schemars(range(min = 1, max = 16384))]
+    #[x_kube(validation = Rule::new("self >= oldSelf").message("the root disk cannot shrink; set a size at least the current one"))]
+    pub disk_size_gib: i32,
+
+    /// The qcow2 image the root disk is an overlay of: an absolute path on
+    /// the hypervisor. Immutable: NixOS is updated by deploying a new
+    /// closure, not by changing the image.
+    #[x_kube(validation = rules::absolute_path())]
+    #[x_kube(validation = rules::immutable("the base image"))]
+    #[schemars(length(min = 2, max = 4096))]
+    pub base_image: String,
+
+    /// Boot this kernel directly (QEMU's -kernel) instead of the image's
+    /// boot loader, for images without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_kernel_boot: Option<DirectKernelBoot>,
+
+    /// `qemu` emulates the CPU (TCG; works everywhere, slowly), `kvm` uses
+    /// hardware virtualisation, `auto` uses kvm where the hypervisor's
+    /// libvirt reports it and qemu elsewhere.
+    #[serde(default)]
+    pub domain_type: LibvirtDomainType,
+}
+
+fn default_vcpus() -> i32 {
+    1
+}
+
+fn default_memory_mib() -> i32 {
+    512
+}
+
+fn default_disk_size_gib() -> i32 {
+    8
+}
+
+/// A kernel, initrd and command line booted directly, all on the hypervisor.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectKernelBoot {
+    /// Absolute path of the kernel image on the hypervisor.
+    #[x_kube(validation = rules::absolute_path())]
+    #[schemars(length(min = 2, max = 4096))]
+    pub kernel: String,
+
+    /// Absolute path of the initrd on the hypervisor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::absolute_path())]
+    #[schemars(length(min = 2, max = 4096))]
+    pub initrd: Option<String>,
+
+    /// Kernel command line, e.g. `console=ttyS0 root=/dev/vda`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub cmdline: Option<String>,
+}
+
+/// How libvirt runs a machine's CPU.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LibvirtDomainType {
+    /// kvm where the hypervisor's libvirt offers it, else qemu.
+    #[default]
+    Auto,
+    /// Hardware virtualisation.
+    Kvm,
+    /// CPU emulation (TCG).
+    Qemu,
 }
 
 /// Root volume of an EC2 instance.

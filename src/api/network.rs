@@ -36,6 +36,9 @@ use super::{Condition, DeletionPolicy, LocalObjectReference, ManagementPolicy, T
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.?provider.?libvirt.hasValue() == oldSelf.?provider.?libvirt.hasValue()")
+    .message("the provider kind is immutable: a Network keeps the hypervisor it was created with (removing provider.libvirt would leave its libvirt network behind); create a new Network instead")
+    .field_path(".provider"))]
 #[x_kube(validation = Rule::new("self.?provider.?ec2.hasValue() == oldSelf.?provider.?ec2.hasValue()")
     .message("the provider kind is immutable: a Network keeps the cloud it was created with (removing provider.ec2 would leave its VPC behind), and a Network of existing hosts cannot gain one; create a new Network instead")
     .field_path(".provider"))]
@@ -79,10 +82,108 @@ pub struct NetworkSpec {
 /// The cloud behind a Network. At most one block is set.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.ec2) && has(self.libvirt))")
+    .message("at most one provider block may be set: ec2 or libvirt"))]
 pub struct NetworkProvider {
     /// An AWS account and region, with a VPC the operator creates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ec2: Option<Ec2Network>,
+
+    /// A libvirt hypervisor, with a libvirt network the operator creates
+    /// (NixOps's `libvirtd-network`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtNetwork>,
+}
+
+/// A libvirt hypervisor and the virtual network its machines share.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LibvirtNetwork {
+    /// The libvirt connection URI of the hypervisor, e.g. `qemu:///system`
+    /// (libvirtd on the operator's host). Immutable.
+    #[serde(default = "default_libvirt_uri")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://')")
+        .message("must be a libvirt URI such as qemu:///system or qemu+ssh://root@host/system"))]
+    #[x_kube(validation = rules::immutable("the hypervisor URI"))]
+    #[schemars(length(min = 1, max = 2048))]
+    pub uri: String,
+
+    /// How the network reaches the outside: `nat` (libvirt's default: the
+    /// host masquerades), `route` (routed, no NAT: the host must route the
+    /// CIDR to the hypervisor), `open` (routed, libvirt adds no firewall
+    /// rules) or `isolated` (machines reach only each other and the host).
+    /// Immutable.
+    #[serde(default)]
+    #[x_kube(validation = rules::immutable("the forward mode"))]
+    pub mode: LibvirtForwardMode,
+
+    /// The network's IPv4 range, e.g. 192.168.100.0/24; the hypervisor
+    /// takes its first address. Immutable.
+    #[x_kube(validation = rules::ipv4_cidr())]
+    #[x_kube(validation = Rule::new("cidr(self).prefixLength() >= 8 && cidr(self).prefixLength() <= 28")
+        .message("the prefix length must be between /8 and /28, e.g. 192.168.100.0/24"))]
+    #[x_kube(validation = rules::immutable("the CIDR"))]
+    #[schemars(length(min = 9, max = 18))]
+    pub cidr: String,
+
+    /// The addresses DHCP hands out; by default from the tenth address of
+    /// the CIDR to the last but one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_range: Option<DhcpRange>,
+
+    /// The storage pool (it must exist) holding machines' root disk
+    /// overlays, their seeds and libvirt Volumes.
+    #[serde(default = "default_storage_pool")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_pool: String,
+}
+
+fn default_libvirt_uri() -> String {
+    "qemu:///system".into()
+}
+
+fn default_storage_pool() -> String {
+    "default".into()
+}
+
+/// A libvirt network's forward mode.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LibvirtForwardMode {
+    /// NAT to the host's network.
+    #[default]
+    Nat,
+    /// Routed, without NAT.
+    Route,
+    /// Routed, without firewall rules from libvirt.
+    Open,
+    /// No forwarding: machines reach each other and the host only.
+    Isolated,
+}
+
+/// A range of IPv4 addresses, both ends included.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DhcpRange {
+    /// First address handed out.
+    #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4").message("must be an IPv4 address"))]
+    #[schemars(length(min = 7, max = 15))]
+    pub start: String,
+    /// Last address handed out.
+    #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4").message("must be an IPv4 address"))]
+    #[schemars(length(min = 7, max = 15))]
+    pub end: String,
+}
+
+impl NetworkProvider {
+    /// The name of the provider block that is set (`ec2`, `libvirt`).
+    pub fn kind(&self) -> Option<&'static str> {
+        match (&self.ec2, &self.libvirt) {
+            (Some(_), _) => Some("ec2"),
+            (None, Some(_)) => Some("libvirt"),
+            (None, None) => None,
+        }
+    }
 }
 
 /// An AWS VPC with subnets, internet gateway and security group.

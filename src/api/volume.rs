@@ -56,13 +56,58 @@ pub struct VolumeSpec {
 /// Where a volume lives.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.ec2)").message("exactly one provider block must be set: ec2"))]
-#[x_kube(validation = Rule::new("has(self.ec2) == has(oldSelf.ec2)")
+#[x_kube(validation = Rule::new("[has(self.ec2), has(self.libvirt)].filter(x, x).size() == 1")
+    .message("exactly one provider block must be set: ec2 or libvirt"))]
+#[x_kube(validation = Rule::new("has(self.ec2) == has(oldSelf.ec2) && has(self.libvirt) == has(oldSelf.libvirt)")
     .message("the provider kind is immutable; create a new Volume instead"))]
 pub struct VolumeProvider {
     /// An EBS volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ec2: Option<EbsVolume>,
+
+    /// A volume in the storage pool of the Network's libvirt hypervisor,
+    /// attached as a virtio disk (name the device /dev/vdb … /dev/vdy in
+    /// Machine.spec.volumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtVolume>,
+}
+
+/// A libvirt storage volume.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LibvirtVolume {
+    /// Size in GiB. It can grow (in place, also while attached) but not shrink.
+    #[serde(rename = "sizeGiB")]
+    #[schemars(range(min = 1, max = 65536))]
+    #[x_kube(validation = Rule::new("self >= oldSelf")
+        .message("volumes can grow but not shrink; to shrink, create a new Volume and copy the data"))]
+    pub size_gib: i32,
+
+    /// On-disk format. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = rules::immutable("the format"))]
+    pub format: LibvirtVolumeFormat,
+}
+
+/// Format of a libvirt volume.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LibvirtVolumeFormat {
+    /// qcow2: sparse, grows as written.
+    #[default]
+    Qcow2,
+    /// A raw image.
+    Raw,
+}
+
+impl LibvirtVolumeFormat {
+    /// libvirt's name of the format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "qcow2",
+            Self::Raw => "raw",
+        }
+    }
 }
 
 /// An EBS volume.

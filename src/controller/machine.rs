@@ -98,13 +98,15 @@ struct Pin {
     source: &'static str,
 }
 
-/// The pinned host key: spec.ssh.hostKey, else the one recorded at first
-/// contact; None before first contact.
-fn host_key_pin(spec_pin: Option<&str>, recorded: Option<&str>) -> Result<Option<Pin>> {
-    let (pin, source) = match (spec_pin, recorded) {
-        (Some(pin), _) => (pin, "spec.ssh.hostKey"),
-        (None, Some(rec)) => (rec, "status.hostKey (recorded at first contact)"),
-        (None, None) => return Ok(None),
+/// The pinned host key: spec.ssh.hostKey, else the one the provider
+/// installed (libvirt's seed), else the one recorded at first contact;
+/// None before first contact.
+fn host_key_pin(spec_pin: Option<&str>, injected: Option<&str>, recorded: Option<&str>) -> Result<Option<Pin>> {
+    let (pin, source) = match (spec_pin, injected, recorded) {
+        (Some(pin), _, _) => (pin, "spec.ssh.hostKey"),
+        (None, Some(key), _) => (key, "the host key the provider installed at first boot"),
+        (None, None, Some(rec)) => (rec, "status.hostKey (recorded at first contact)"),
+        (None, None, None) => return Ok(None),
     };
     let key = HostKey::parse(pin, source).map_err(|e| Error::stalled("InvalidHostKey", e.to_string()))?;
     Ok(Some(Pin { key, source }))
@@ -192,6 +194,7 @@ impl Reconciler for Machine {
             };
         }
         let mut key_name = None;
+        let mut authorized_key = None;
         let mut login_key = None;
         if let Some(key_ref) = &resolved.ssh.key_pair_ref {
             let keypair =
@@ -217,6 +220,7 @@ impl Reconciler for Machine {
                 ));
             }
             key_name = status.cloud_key_name;
+            authorized_key = status.public_key;
             if self.spec.nixos.is_some() || resolved.ssh.jump_host.is_some() {
                 login_key = Some(super::keypair::private_key(&ctx, &ns, &keypair).await?);
             }
@@ -231,6 +235,7 @@ impl Reconciler for Machine {
             external_id: self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned(),
             network: Some(network.clone()),
             key_name,
+            authorized_key,
         };
         let mut instance = match provider.observe(&target).await? {
             Some(current) if self.spec.management_policy == ManagementPolicy::Observe => current,
@@ -300,7 +305,8 @@ impl Reconciler for Machine {
             None => None,
         };
         // Parsed before probing: the probe asks for a key of the pinned type.
-        let pin = host_key_pin(resolved.ssh.host_key.as_deref(), status.host_key.as_deref())?;
+        let pin =
+            host_key_pin(resolved.ssh.host_key.as_deref(), instance.host_key.as_deref(), status.host_key.as_deref())?;
         let probe = ssh::probe_host_key(
             &instance.ssh_host,
             instance.ssh_port,
@@ -324,8 +330,9 @@ impl Reconciler for Machine {
             }
         };
         check_host_key(&presented, pin.as_ref())?;
-        // Trust on first use is news; a key the spec pins is only confirmed.
-        if status.host_key.is_none() && resolved.ssh.host_key.is_none() {
+        // Trust on first use is news; a key the spec pins or the provider
+        // installed is only confirmed.
+        if status.host_key.is_none() && resolved.ssh.host_key.is_none() && instance.host_key.is_none() {
             ctx.event(
                 &*self,
                 EventType::Normal,
@@ -422,6 +429,7 @@ impl Reconciler for Machine {
             external_id: self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned(),
             network,
             key_name: None,
+            authorized_key: None,
         };
         ctx.keypair_users.lock().unwrap_or_else(|e| e.into_inner()).remove(&super::object_key(&*self));
         provider.delete(&target).await?;
@@ -519,7 +527,20 @@ mod tests {
     const B: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
 
     fn check(presented: &HostKey, spec_pin: Option<&str>, recorded: Option<&str>) -> Result<()> {
-        check_host_key(presented, host_key_pin(spec_pin, recorded)?.as_ref())
+        check_host_key(presented, host_key_pin(spec_pin, None, recorded)?.as_ref())
+    }
+
+    #[test]
+    fn an_injected_host_key_is_enforced_from_the_first_connection() {
+        let a = HostKey::parse(A, "a").unwrap();
+        let pin = |spec, injected, recorded| host_key_pin(spec, injected, recorded).unwrap();
+        assert!(check_host_key(&a, pin(None, Some(A), None).as_ref()).is_ok());
+        let Err(Error::Stalled { message, .. }) = check_host_key(&a, pin(None, Some(B), None).as_ref()) else {
+            panic!("a host presenting another key than the injected one must stall")
+        };
+        assert!(message.contains("the provider installed at first boot"), "{message}");
+        // The spec's pin still wins over the injected key.
+        assert!(check_host_key(&a, pin(Some(A), Some(B), None).as_ref()).is_ok());
     }
 
     #[test]

@@ -193,7 +193,8 @@ impl Context {
         let recorder = Recorder::new(client.clone(), reporter.clone());
         let deployments = deploy::Deployments::new(RECORD_CACHE_BYTES, settings.ssh_keep);
         let aws = AwsAccounts::new(client.clone(), metrics.clone());
-        let providers = Providers::builtin(aws.clone());
+        let mut providers = Providers::builtin(aws.clone());
+        crate::provider::libvirt::register(&mut providers, metrics.clone());
         Self {
             client,
             recorder,

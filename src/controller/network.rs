@@ -69,23 +69,35 @@ impl Reconciler for Network {
                 })?;
                 NetworkResources { vpc_id: found, ..Default::default() }
             } else {
-                let resources = provision(&self, &ctx, &*provider, &target, known.as_deref()).await?;
-                if known.as_deref() != Some(resources.vpc_id.as_str()) {
-                    ctx.event(
-                        &*self,
-                        EventType::Normal,
-                        "Provisioned",
-                        format!("VPC {} in {}", resources.vpc_id, ec2.region),
-                    )
-                    .await;
-                }
-                resources
+                let announce = |r: &NetworkResources| format!("VPC {} in {}", r.vpc_id, ec2.region);
+                provision_announced(&self, &ctx, &*provider, &target, known.as_deref(), announce).await?
             };
             status.provider = Some("ec2".into());
             status.vpc_id = Some(resources.vpc_id);
             status.subnets = resources.subnets;
             status.internet_gateway_id = resources.internet_gateway_id;
             status.security_group_id = resources.security_group_id;
+        } else if let Some(libvirt) = self.spec.provider.as_ref().and_then(|p| p.libvirt.as_ref()) {
+            let provider = ctx.providers.network("libvirt")?;
+            let target = CloudTarget { owner: owner.clone(), network: (*self).clone() };
+            let known = self.annotations().get(EXTERNAL_NAME_ANNOTATION).cloned();
+            let name = if self.spec.management_policy == ManagementPolicy::Observe {
+                provider.find(&target, known.as_deref()).await?.ok_or_else(|| {
+                    Error::stalled(
+                        "NetworkNotFound",
+                        format!(
+                            "spec.managementPolicy Observe: the hypervisor has no libvirt network named by the {EXTERNAL_NAME_ANNOTATION} annotation (or, without it, with this Network's UID as its UUID)"
+                        ),
+                    )
+                })?
+            } else {
+                let announce = |r: &NetworkResources| {
+                    format!("libvirt network {} ({}) on {}", r.vpc_id, libvirt.cidr, libvirt.uri)
+                };
+                provision_announced(&self, &ctx, &*provider, &target, known.as_deref(), announce).await?.vpc_id
+            };
+            status.provider = Some("libvirt".into());
+            status.vpc_id = Some(name);
         } else {
             status.provider = None;
         }
@@ -171,11 +183,11 @@ impl Reconciler for Network {
         }
         if self.spec.deletion_policy == DeletionPolicy::Delete
             && self.spec.management_policy != ManagementPolicy::Observe
-            && let Some(_) = self.spec.provider.as_ref().and_then(|p| p.ec2.as_ref())
+            && let Some(kind) = self.spec.provider.as_ref().and_then(|p| p.kind())
             && !self.annotations().contains_key(CLOUD_DELETED_ANNOTATION)
         {
             let owner = Owner::of(&*self);
-            let provider = ctx.providers.network("ec2")?;
+            let provider = ctx.providers.network(kind)?;
             let target = CloudTarget { owner, network: (*self).clone() };
             // The VPC found last, if the annotation was not written yet: a
             // lookup by tag that lags would leave it behind.
@@ -259,6 +271,23 @@ async fn release_credentials(client: &Client, network: &Network, name: &str) -> 
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other.map(drop).map_err(Into::into),
     }
+}
+
+/// [`provision`], with a `Provisioned` event saying `announce` when the
+/// network is new (its ID differs from the one recorded).
+async fn provision_announced(
+    network: &Network,
+    ctx: &Context,
+    provider: &dyn NetworkProvider,
+    target: &CloudTarget,
+    known: Option<&str>,
+    announce: impl Fn(&NetworkResources) -> String,
+) -> Result<NetworkResources> {
+    let resources = provision(network, ctx, provider, target, known).await?;
+    if known != Some(resources.vpc_id.as_str()) {
+        ctx.event(network, EventType::Normal, "Provisioned", announce(&resources)).await;
+    }
+    Ok(resources)
 }
 
 /// Finds or creates the Network's physical network one part at a time, in

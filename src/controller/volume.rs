@@ -160,7 +160,12 @@ impl Reconciler for Volume {
         // Grow, or change type / IOPS / throughput.
         if provider.needs_update(spec, &volume) {
             provider.update(&target, &volume.id, spec).await?;
-            let size = spec.ec2.as_ref().and_then(|e| e.size_gib).unwrap_or(volume.size_gib);
+            let size = spec
+                .ec2
+                .as_ref()
+                .and_then(|e| e.size_gib)
+                .or(spec.libvirt.as_ref().map(|l| l.size_gib))
+                .unwrap_or(volume.size_gib);
             ctx.event(&*self, EventType::Normal, "Modified", format!("modified volume {} ({size} GiB)", volume.id))
                 .await;
             volume = provider.find(&target, Some(&volume.id)).await?.unwrap_or(volume);

@@ -30,6 +30,7 @@ impl ExistingHosts {
             ssh_host: host.host.clone(),
             ssh_port: port,
             state: InstanceState::Running,
+            host_key: None,
         })
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod aws;
 pub mod existing;
+pub mod libvirt;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -91,6 +92,9 @@ pub struct MachineTarget {
     pub network: Option<crate::api::Network>,
     /// Cloud key pair new instances accept.
     pub key_name: Option<String>,
+    /// The login public key (OpenSSH format) of spec.ssh.keyPairRef, for
+    /// providers that install it themselves (libvirt's seed).
+    pub authorized_key: Option<String>,
 }
 
 /// A machine as its provider sees it.
@@ -103,6 +107,10 @@ pub struct Instance {
     pub ssh_host: String,
     pub ssh_port: u16,
     pub state: InstanceState,
+    /// The SSH host key the provider installed on the machine (libvirt
+    /// injects one it generated at first boot), pinned from the first
+    /// connection; None where the provider cannot know it.
+    pub host_key: Option<String>,
 }
 
 impl Instance {
@@ -404,7 +412,13 @@ impl Providers {
 
     /// The provider for a Volume's `spec.provider`.
     pub fn volume(&self, spec: &crate::api::volume::VolumeProvider) -> Result<Arc<dyn VolumeProvider>, ProviderError> {
-        let kind = if spec.ec2.is_some() { "ec2" } else { "" };
+        let kind = if spec.ec2.is_some() {
+            "ec2"
+        } else if spec.libvirt.is_some() {
+            "libvirt"
+        } else {
+            ""
+        };
         lookup(&self.volumes, "spec.provider", kind)
     }
 
@@ -430,7 +444,7 @@ impl Providers {
     /// The provider for `spec`, or a Stalled-worthy error naming the field.
     pub fn machine(&self, spec: &MachineProviderSpec) -> Result<Arc<dyn MachineProvider>, ProviderError> {
         let kind = spec.kind().ok_or_else(|| {
-            ProviderError::permanent("NoProvider", "spec.provider sets no provider block; set existing or ec2")
+            ProviderError::permanent("NoProvider", "spec.provider sets no provider block; set existing, ec2 or libvirt")
         })?;
         lookup(&self.machines, "spec.provider", kind)
     }

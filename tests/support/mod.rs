@@ -9,6 +9,7 @@
 
 pub mod fleet;
 pub mod netns;
+pub mod libvirt;
 pub mod node;
 
 use std::path::{Path, PathBuf};

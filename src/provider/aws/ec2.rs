@@ -67,6 +67,7 @@ fn instance(i: &aws_sdk_ec2::types::Instance, ssh_port: u16) -> Instance {
         ssh_port,
         addresses,
         state: state(i.state().and_then(|s| s.name())),
+        host_key: None,
     }
 }
 

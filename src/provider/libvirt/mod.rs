@@ -1,0 +1,657 @@
+//! libvirt (QEMU): NixOps's libvirtd backend. A Network's `provider.libvirt`
+//! names a hypervisor (its connection URI and storage pool) and owns a
+//! libvirt network; a Machine's is a domain on it, booted from a qcow2
+//! overlay of a shared base image, with a NoCloud seed that installs the
+//! login key and a host key the operator generated.
+//!
+//! Every libvirt object is identified by its owner: a domain's and a
+//! network's UUID is the owning object's UID, so after a crash the lookup by
+//! UUID finds what was defined and a second define could only redefine the
+//! same one. Volumes are named after their domain. Calls go through the
+//! `virt` crate (libvirt's own client library) on blocking threads.
+
+pub mod seed;
+pub mod volume;
+pub mod xml;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+use virt::stream::Stream;
+
+use super::{
+    CloudTarget, Instance, InstanceState, MachineProvider, MachineTarget, NetworkPart, NetworkProvider,
+    NetworkResources, NetworkState, Owner, ProviderError, Providers,
+};
+use crate::api::machine::{LibvirtMachine, MachineAddress};
+use crate::api::network::LibvirtNetwork;
+use crate::metrics::Metrics;
+use xml::{Cidr, DomainOwner, DomainSpec, ResolvedDomainType};
+
+/// Port sshd listens on in the image; spec.ssh.port overrides it.
+const SSH_PORT: u16 = 22;
+
+/// How long a stop waits for the guest to power off after the ACPI
+/// shutdown request before it pulls the plug.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// How long a reconcile waits for a started domain's DHCP lease before it
+/// returns and tries again later.
+const LEASE_WAIT: Duration = Duration::from_secs(20);
+
+/// The providers of this module, registered for `provider.libvirt` blocks.
+pub fn register(providers: &mut Providers, metrics: Metrics) {
+    let libvirt = Arc::new(Libvirt { metrics });
+    providers.add_machine_provider(libvirt.clone());
+    providers.networks.insert("libvirt", libvirt.clone());
+    providers.volumes.insert("libvirt", libvirt);
+}
+
+/// Provider for `provider.libvirt` of Machines, Networks and Volumes.
+pub struct Libvirt {
+    metrics: Metrics,
+}
+
+impl Libvirt {
+    /// Runs `work` (blocking libvirt calls) on a blocking thread, counted in
+    /// `nixops_provider_calls_total` as `operation`.
+    async fn call<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        work: impl FnOnce() -> Result<T, ProviderError> + Send + 'static,
+    ) -> Result<T, ProviderError> {
+        let result = tokio::task::spawn_blocking(work)
+            .await
+            .unwrap_or_else(|e| Err(ProviderError::Transient(format!("libvirt call {operation} failed: {e}"))));
+        self.metrics.provider_call("libvirt", operation, result.is_ok());
+        result
+    }
+}
+
+/// A connection to a hypervisor, closed when dropped.
+struct Hypervisor(Connect);
+
+impl Hypervisor {
+    fn open(uri: &str) -> Result<Self, ProviderError> {
+        // libvirt prints every error to stderr by default; they are returned.
+        static QUIET: std::sync::Once = std::sync::Once::new();
+        QUIET.call_once(virt::error::clear_error_callback);
+        Connect::open(Some(uri)).map(Self).map_err(|e| {
+            ProviderError::Transient(format!(
+                "cannot connect to libvirt at {uri} (the Network's spec.provider.libvirt.uri): {}",
+                e.message()
+            ))
+        })
+    }
+
+    fn pool(&self, name: &str) -> Result<StoragePool, ProviderError> {
+        let pool = StoragePool::lookup_by_name(&self.0, name).map_err(|e| match e.code() {
+            ErrorNumber::NoStoragePool => ProviderError::permanent(
+                "StoragePoolNotFound",
+                format!(
+                    "storage pool {name} (the Network's spec.provider.libvirt.storagePool) does not exist on the hypervisor; create it (virsh pool-define-as) or name another"
+                ),
+            ),
+            _ => failed(format!("looking up storage pool {name}"))(e),
+        })?;
+        if !pool.is_active().map_err(failed(format!("checking storage pool {name}")))? {
+            pool.create(0).map_err(failed(format!("starting storage pool {name}")))?;
+        }
+        Ok(pool)
+    }
+
+    /// Whether libvirt on the hypervisor offers kvm domains.
+    fn offers_kvm(&self) -> bool {
+        self.0.get_capabilities().is_ok_and(|caps| caps.contains("<domain type='kvm'"))
+    }
+}
+
+impl Drop for Hypervisor {
+    fn drop(&mut self) {
+        let _ = self.0.close();
+    }
+}
+
+/// A libvirt error, for a provider error saying what was being done.
+fn failed(doing: impl std::fmt::Display) -> impl FnOnce(virt::error::Error) -> ProviderError {
+    move |e| match e.code() {
+        ErrorNumber::XmlError | ErrorNumber::XmlDetail | ErrorNumber::InvalidArg => {
+            ProviderError::permanent("LibvirtRejected", format!("libvirt refused {doing}: {}", e.message()))
+        }
+        _ => ProviderError::Transient(format!("libvirt: {doing}: {}", e.message())),
+    }
+}
+
+fn is_not_found(e: &virt::error::Error) -> bool {
+    matches!(e.code(), ErrorNumber::NoDomain | ErrorNumber::NoNetwork | ErrorNumber::NoStorageVolume)
+}
+
+/// The object's own `provider.libvirt` of a Network.
+fn network_spec(network: &crate::api::Network) -> Result<LibvirtNetwork, ProviderError> {
+    network.spec.provider.as_ref().and_then(|p| p.libvirt.clone()).ok_or_else(|| {
+        ProviderError::permanent(
+            "NoLibvirtNetwork",
+            format!(
+                "Network {} has no spec.provider.libvirt; a libvirt machine or volume needs a Network with a libvirt hypervisor",
+                kube::ResourceExt::name_any(network)
+            ),
+        )
+    })
+}
+
+/// A name unique on the hypervisor and readable in `virsh list`.
+fn object_name(owner: &Owner) -> String {
+    let short: String = owner.uid.chars().filter(|c| *c != '-').take(8).collect();
+    format!("{}-{}-{short}", owner.namespace, owner.name)
+}
+
+/// The libvirt network of a Network.
+pub fn network_name(network: &crate::api::Network) -> String {
+    object_name(&Owner::of(network))
+}
+
+/// The hypervisor a Machine's Network names, and the machine's spec.
+struct MachinePlace {
+    network: LibvirtNetwork,
+    network_name: String,
+    spec: LibvirtMachine,
+    domain: String,
+}
+
+impl MachinePlace {
+    fn of(target: &MachineTarget) -> Result<Self, ProviderError> {
+        let network =
+            target.network.as_ref().ok_or_else(|| ProviderError::Refused("the Network is not resolved yet".into()))?;
+        let spec = target
+            .provider
+            .libvirt
+            .clone()
+            .ok_or_else(|| ProviderError::permanent("NoProvider", "spec.provider.libvirt is not set"))?;
+        Ok(Self {
+            network: network_spec(network)?,
+            network_name: network_name(network),
+            spec,
+            domain: object_name(&target.owner),
+        })
+    }
+
+    fn overlay(&self) -> String {
+        format!("{}.qcow2", self.domain)
+    }
+
+    fn seed(&self) -> String {
+        format!("{}-seed.img", self.domain)
+    }
+}
+
+fn state_of(domain: &Domain) -> Result<InstanceState, ProviderError> {
+    let (state, _) = domain.get_state().map_err(failed("reading the domain's state"))?;
+    Ok(match state {
+        virt::sys::VIR_DOMAIN_SHUTDOWN => InstanceState::Stopping,
+        virt::sys::VIR_DOMAIN_SHUTOFF | virt::sys::VIR_DOMAIN_CRASHED => InstanceState::Stopped,
+        virt::sys::VIR_DOMAIN_NOSTATE => InstanceState::Pending,
+        _ => InstanceState::Running,
+    })
+}
+
+/// The domain as the provider reports it: state, leased addresses, and the
+/// host key its seed installed (from the domain's metadata).
+fn instance_of(domain: &Domain) -> Result<Instance, ProviderError> {
+    let uuid = domain.get_uuid_string().map_err(failed("reading the domain's UUID"))?;
+    let state = state_of(domain)?;
+    let owner = domain
+        .get_metadata(virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(xml::METADATA_NS), 0)
+        .ok()
+        .and_then(|text| xml::parse_owner(&text).ok());
+    let mut addresses = Vec::new();
+    if state == InstanceState::Running {
+        // No lease yet is no address yet, not an error.
+        let interfaces =
+            domain.interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0).unwrap_or_default();
+        for interface in interfaces {
+            for addr in interface.addrs {
+                if addr.typed == virt::sys::VIR_IP_ADDR_TYPE_IPV4 as i64 {
+                    addresses.push(MachineAddress { address_type: "InternalIP".into(), address: addr.addr });
+                }
+            }
+        }
+    }
+    Ok(Instance {
+        provider_id: Some(format!("libvirt:///{uuid}")),
+        ssh_host: addresses.first().map(|a| a.address.clone()).unwrap_or_default(),
+        ssh_port: SSH_PORT,
+        addresses,
+        state,
+        host_key: owner.map(|o| o.host_key).filter(|k| !k.is_empty()),
+    })
+}
+
+fn lookup_domain(hv: &Hypervisor, uid: &str) -> Result<Option<Domain>, ProviderError> {
+    match Domain::lookup_by_uuid_string(&hv.0, uid) {
+        Ok(domain) => Ok(Some(domain)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(failed("looking up the domain")(e)),
+    }
+}
+
+fn lookup_volume(pool: &StoragePool, name: &str) -> Result<Option<StorageVol>, ProviderError> {
+    match StorageVol::lookup_by_name(pool, name) {
+        Ok(vol) => Ok(Some(vol)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(failed(format!("looking up volume {name}"))(e)),
+    }
+}
+
+fn delete_volume(pool: &StoragePool, name: &str) -> Result<(), ProviderError> {
+    if let Some(vol) = lookup_volume(pool, name)? {
+        match vol.delete(0) {
+            Err(e) if !is_not_found(&e) => return Err(failed(format!("deleting volume {name}"))(e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` into volume `vol` from offset 0.
+fn upload(hv: &Hypervisor, vol: &StorageVol, bytes: &[u8], what: &str) -> Result<(), ProviderError> {
+    let stream = Stream::new(&hv.0, 0).map_err(failed(format!("opening a stream for {what}")))?;
+    vol.upload(&stream, 0, bytes.len() as u64, 0).map_err(failed(format!("uploading {what}")))?;
+    let mut sent = 0;
+    while sent < bytes.len() {
+        sent += stream.send(&bytes[sent..]).map_err(failed(format!("uploading {what}")))?;
+    }
+    stream.finish().map_err(failed(format!("finishing the upload of {what}")))
+}
+
+/// Starts a defined domain and waits a while for its DHCP lease.
+fn start(domain: &Domain, name: &str) -> Result<(), ProviderError> {
+    match domain.create() {
+        Ok(_) => Ok(()),
+        // Started by someone (or something) else in the meantime.
+        Err(e) if e.code() == ErrorNumber::OperationInvalid && domain.is_active().unwrap_or(false) => Ok(()),
+        Err(e) => Err(failed(format!("starting domain {name} (spec.running: true)"))(e)),
+    }
+}
+
+/// Waits up to [`LEASE_WAIT`] for a running domain's first leased address.
+fn wait_for_lease(domain: &Domain) -> Result<Instance, ProviderError> {
+    let deadline = Instant::now() + LEASE_WAIT;
+    loop {
+        let instance = instance_of(domain)?;
+        if instance.state != InstanceState::Running || !instance.addresses.is_empty() || Instant::now() > deadline {
+            return Ok(instance);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Creates what a machine's domain needs and defines it (not started):
+/// the root disk overlay (kept if it exists: it may hold data), a new seed
+/// with a new host key, and the domain.
+fn define_machine(
+    hv: &Hypervisor,
+    place: &MachinePlace,
+    owner: &Owner,
+    authorized_key: Option<String>,
+) -> Result<Domain, ProviderError> {
+    let pool = hv.pool(&place.network.storage_pool)?;
+    let overlay = place.overlay();
+    if lookup_volume(&pool, &overlay)?.is_none() {
+        let capacity = u64::try_from(place.spec.disk_size_gib).unwrap_or(1) << 30;
+        let volume = xml::volume_xml(&overlay, capacity, "qcow2", Some(&place.spec.base_image))
+            .map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
+        StorageVol::create_xml(&pool, &volume, 0).map_err(|e| {
+            ProviderError::permanent(
+                "BaseImageUnusable",
+                format!(
+                    "cannot create the root disk from spec.provider.libvirt.baseImage {}: {}; it must be a qcow2 image on the hypervisor",
+                    place.spec.base_image,
+                    e.message()
+                ),
+            )
+        })?;
+    }
+    // The seed is read at first boot only: until the domain is defined
+    // (it is not yet, or this create would not run) a new one is safe.
+    let host_key =
+        seed::generate_host_key(&format!("{}/{}", owner.namespace, owner.name)).map_err(ProviderError::Transient)?;
+    let seed_bytes = seed::SeedContent {
+        instance_id: &owner.uid,
+        hostname: &owner.name,
+        authorized_keys: authorized_key.into_iter().collect(),
+        host_key: &host_key,
+    }
+    .image()
+    .map_err(ProviderError::Transient)?;
+    let seed_name = place.seed();
+    delete_volume(&pool, &seed_name)?;
+    let seed_xml = xml::volume_xml(&seed_name, seed::SEED_BYTES, "raw", None)
+        .map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
+    let seed_vol =
+        StorageVol::create_xml(&pool, &seed_xml, 0).map_err(failed(format!("creating seed volume {seed_name}")))?;
+    upload(hv, &seed_vol, &seed_bytes, "the seed")?;
+
+    let kernel = place.spec.direct_kernel_boot.clone();
+    let spec = DomainSpec {
+        name: place.domain.clone(),
+        uuid: owner.uid.clone(),
+        owner: DomainOwner {
+            namespace: owner.namespace.clone(),
+            name: owner.name.clone(),
+            uid: owner.uid.clone(),
+            host_key: host_key.public_openssh.clone(),
+        },
+        domain_type: ResolvedDomainType::resolve(place.spec.domain_type, || hv.offers_kvm()),
+        vcpus: u32::try_from(place.spec.vcpus).unwrap_or(1),
+        memory_mib: u64::try_from(place.spec.memory_mib).unwrap_or(512),
+        kernel: kernel.as_ref().map(|k| k.kernel.clone()),
+        initrd: kernel.as_ref().and_then(|k| k.initrd.clone()),
+        cmdline: kernel.as_ref().and_then(|k| k.cmdline.clone()),
+        pool: place.network.storage_pool.clone(),
+        root_volume: overlay,
+        seed_volume: seed_name,
+        network: place.network_name.clone(),
+        console_log: Some(format!("/var/log/libvirt/qemu/{}-console.log", place.domain)),
+    };
+    let domain_xml = xml::domain_xml(&spec).map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
+    Domain::define_xml(&hv.0, &domain_xml).map_err(failed(format!("defining domain {}", place.domain)))
+}
+
+#[async_trait]
+impl MachineProvider for Libvirt {
+    fn name(&self) -> &'static str {
+        "libvirt"
+    }
+
+    async fn observe(&self, target: &MachineTarget) -> Result<Option<Instance>, ProviderError> {
+        let place = MachinePlace::of(target)?;
+        let uid = target.owner.uid.clone();
+        self.call("observe", move || {
+            let hv = Hypervisor::open(&place.network.uri)?;
+            lookup_domain(&hv, &uid)?.map(|d| instance_of(&d)).transpose()
+        })
+        .await
+    }
+
+    fn check_create(&self, target: &MachineTarget) -> Result<(), ProviderError> {
+        MachinePlace::of(target)?;
+        let ready = target.network.as_ref().and_then(|n| n.status.as_ref()).is_some_and(|s| {
+            crate::controller::status::is_true(&s.conditions, crate::api::condition::READY) && s.vpc_id.is_some()
+        });
+        if !ready {
+            return Err(ProviderError::Refused("waiting for the Network's libvirt network to be created".into()));
+        }
+        Ok(())
+    }
+
+    async fn create(&self, target: &MachineTarget) -> Result<Instance, ProviderError> {
+        let place = Arc::new(MachinePlace::of(target)?);
+        let owner = target.owner.clone();
+        let key = target.authorized_key.clone();
+        let defining = place.clone();
+        let uid = owner.uid.clone();
+        self.call("define", move || {
+            let hv = Hypervisor::open(&defining.network.uri)?;
+            define_machine(&hv, &defining, &owner, key).map(drop)
+        })
+        .await?;
+        crate::fault::point(crate::fault::points::LIBVIRT_AFTER_DEFINE, None).await;
+        let running = target.running;
+        self.call("start", move || {
+            let hv = Hypervisor::open(&place.network.uri)?;
+            let domain = lookup_domain(&hv, &uid)?.ok_or_else(|| {
+                ProviderError::Transient(format!("domain {} vanished after its define", place.domain))
+            })?;
+            if running {
+                start(&domain, &place.domain)?;
+                return wait_for_lease(&domain);
+            }
+            instance_of(&domain)
+        })
+        .await
+    }
+
+    async fn update(&self, target: &MachineTarget, current: Instance) -> Result<Instance, ProviderError> {
+        let place = MachinePlace::of(target)?;
+        let uid = target.owner.uid.clone();
+        let running = target.running;
+        if running && current.state == InstanceState::Running && !current.addresses.is_empty() {
+            return Ok(current);
+        }
+        if !running && current.state == InstanceState::Stopped {
+            return Ok(current);
+        }
+        self.call("update", move || {
+            let hv = Hypervisor::open(&place.network.uri)?;
+            let Some(domain) = lookup_domain(&hv, &uid)? else { return Ok(current) };
+            match (running, state_of(&domain)?) {
+                (true, InstanceState::Stopped) => {
+                    start(&domain, &place.domain)?;
+                    wait_for_lease(&domain)
+                }
+                (true, _) => wait_for_lease(&domain),
+                (false, InstanceState::Stopped) => instance_of(&domain),
+                (false, _) => {
+                    // ACPI first, so the guest shuts down cleanly; then the plug.
+                    let _ = domain.shutdown();
+                    let deadline = Instant::now() + SHUTDOWN_GRACE;
+                    while state_of(&domain)? != InstanceState::Stopped && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    if state_of(&domain)? != InstanceState::Stopped {
+                        domain
+                            .destroy()
+                            .map_err(failed(format!("stopping domain {} (spec.running: false)", place.domain)))?;
+                    }
+                    instance_of(&domain)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn delete(&self, target: &MachineTarget) -> Result<(), ProviderError> {
+        let place = MachinePlace::of(target)?;
+        let uid = target.owner.uid.clone();
+        self.call("delete", move || {
+            let hv = Hypervisor::open(&place.network.uri)?;
+            if let Some(domain) = lookup_domain(&hv, &uid)? {
+                if domain.is_active().map_err(failed("checking the domain"))? {
+                    match domain.destroy() {
+                        Err(e) if !is_not_found(&e) && e.code() != ErrorNumber::OperationInvalid => {
+                            return Err(failed(format!("stopping domain {}", place.domain))(e));
+                        }
+                        _ => {}
+                    }
+                }
+                match domain.undefine() {
+                    Err(e) if !is_not_found(&e) => {
+                        return Err(failed(format!("undefining domain {}", place.domain))(e));
+                    }
+                    _ => {}
+                }
+            }
+            // Also when the domain is gone already: a crash may have come
+            // between the undefine and these.
+            let pool = hv.pool(&place.network.storage_pool)?;
+            delete_volume(&pool, &place.overlay())?;
+            delete_volume(&pool, &place.seed())
+        })
+        .await
+    }
+}
+
+fn lookup_network(hv: &Hypervisor, uid: &str) -> Result<Option<virt::network::Network>, ProviderError> {
+    match virt::network::Network::lookup_by_uuid_string(&hv.0, uid) {
+        Ok(net) => Ok(Some(net)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(failed("looking up the libvirt network")(e)),
+    }
+}
+
+#[async_trait]
+impl NetworkProvider for Libvirt {
+    fn name(&self) -> &'static str {
+        "libvirt"
+    }
+
+    /// The network named `known` (the external-name annotation, for
+    /// managementPolicy Observe), else the one whose UUID is the owner's UID.
+    async fn find(&self, target: &CloudTarget, known: Option<&str>) -> Result<Option<String>, ProviderError> {
+        let spec = network_spec(&target.network)?;
+        let uid = target.owner.uid.clone();
+        let known = known.map(str::to_owned);
+        self.call("find-network", move || {
+            let hv = Hypervisor::open(&spec.uri)?;
+            let found = match &known {
+                Some(name) => match virt::network::Network::lookup_by_name(&hv.0, name) {
+                    Ok(net) => Some(net),
+                    Err(e) if is_not_found(&e) => None,
+                    Err(e) => return Err(failed(format!("looking up network {name}"))(e)),
+                },
+                None => lookup_network(&hv, &uid)?,
+            };
+            found.map(|n| n.get_name().map_err(failed("reading the network's name"))).transpose()
+        })
+        .await
+    }
+
+    async fn ensure(&self, target: &CloudTarget, _known: Option<&str>) -> Result<NetworkState, ProviderError> {
+        let spec = network_spec(&target.network)?;
+        let uid = target.owner.uid.clone();
+        self.call("ensure-network", move || {
+            let hv = Hypervisor::open(&spec.uri)?;
+            let Some(net) = lookup_network(&hv, &uid)? else {
+                return Ok(NetworkState { missing: Some(NetworkPart::Vpc), ..Default::default() });
+            };
+            let name = net.get_name().map_err(failed("reading the network's name"))?;
+            if !net.is_active().map_err(failed(format!("checking network {name}")))? {
+                net.create().map_err(failed(format!("starting network {name}")))?;
+            }
+            Ok(NetworkState {
+                resources: NetworkResources { vpc_id: name, ..Default::default() },
+                found: vec![NetworkPart::Vpc],
+                missing: None,
+            })
+        })
+        .await
+    }
+
+    async fn create(
+        &self,
+        target: &CloudTarget,
+        _part: &NetworkPart,
+        _found: &NetworkResources,
+    ) -> Result<String, ProviderError> {
+        let spec = network_spec(&target.network)?;
+        let name = network_name(&target.network);
+        let cidr = Cidr::parse(&spec.cidr, "spec.provider.libvirt.cidr")
+            .map_err(|e| ProviderError::permanent("InvalidCIDR", e))?;
+        let network_xml = xml::network_xml(&name, &target.owner.uid, spec.mode, &cidr, spec.dhcp_range.as_ref())
+            .map_err(|e| ProviderError::permanent("InvalidDhcpRange", e))?;
+        self.call("create-network", move || {
+            let hv = Hypervisor::open(&spec.uri)?;
+            let net = virt::network::Network::define_xml(&hv.0, &network_xml)
+                .map_err(failed(format!("defining network {name}")))?;
+            net.create().map_err(|e| {
+                ProviderError::permanent(
+                    "NetworkNotStarted",
+                    format!(
+                        "libvirt defined network {name} but cannot start it ({}); check that spec.provider.libvirt.cidr does not overlap a network the hypervisor has",
+                        e.message()
+                    ),
+                )
+            })?;
+            let _ = net.set_autostart(true);
+            Ok(name)
+        })
+        .await
+    }
+
+    async fn delete(&self, target: &CloudTarget, _known: Option<&str>) -> Result<(), ProviderError> {
+        let spec = network_spec(&target.network)?;
+        let uid = target.owner.uid.clone();
+        self.call("delete-network", move || {
+            let hv = Hypervisor::open(&spec.uri)?;
+            let Some(net) = lookup_network(&hv, &uid)? else { return Ok(()) };
+            if net.is_active().map_err(failed("checking the network"))? {
+                net.destroy().map_err(failed("stopping the network"))?;
+            }
+            match net.undefine() {
+                Err(e) if !is_not_found(&e) => Err(failed("undefining the network")(e)),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_namespace_name_and_uid() {
+        let owner =
+            Owner { namespace: "prod".into(), name: "web-1".into(), uid: "0123abcd-ef01-4000-8000-00000000".into() };
+        assert_eq!(object_name(&owner), "prod-web-1-0123abcd");
+    }
+
+    /// libvirt's own test driver accepts what the serializer writes: the
+    /// network, volumes and domain define, and the domain is found again by
+    /// the owner's UID.
+    #[test]
+    fn test_driver_accepts_network_volume_and_domain_xml() {
+        let hv = Hypervisor::open("test:///default").unwrap();
+        let uid = "6f1c2a7e-4b7d-4c1e-9a51-1d2e3f405061";
+        let cidr = Cidr::parse("10.77.1.0/24", "cidr").unwrap();
+        let net_xml =
+            xml::network_xml("t-net", "6f1c2a7e-0000-4c1e-9a51-1d2e3f405061", Default::default(), &cidr, None).unwrap();
+        let net = virt::network::Network::define_xml(&hv.0, &net_xml).unwrap();
+        net.create().unwrap();
+        let pool = hv.pool("default-pool").unwrap();
+        let vol_xml = xml::volume_xml("t.img", 1 << 20, "raw", None).unwrap();
+        let vol = StorageVol::create_xml(&pool, &vol_xml, 0).unwrap();
+        let spec = DomainSpec {
+            name: "t-dom".into(),
+            uuid: uid.into(),
+            owner: DomainOwner {
+                namespace: "ns".into(),
+                name: "m".into(),
+                uid: uid.into(),
+                host_key: "ssh-ed25519 AAAA".into(),
+            },
+            domain_type: ResolvedDomainType::resolve(crate::api::machine::LibvirtDomainType::Auto, || hv.offers_kvm()),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            pool: "default-pool".into(),
+            root_volume: "t.img".into(),
+            seed_volume: "t.img".into(),
+            network: "t-net".into(),
+            console_log: None,
+        };
+        let xml = xml::domain_xml(&spec).unwrap();
+        Domain::define_xml(&hv.0, &xml).unwrap();
+        let found = lookup_domain(&hv, uid).unwrap().expect("domain found by the owner's UID");
+        let instance = instance_of(&found).unwrap();
+        assert_eq!(instance.provider_id.as_deref(), Some(format!("libvirt:///{uid}").as_str()));
+        assert_eq!(instance.host_key.as_deref(), Some("ssh-ed25519 AAAA"));
+        assert_eq!(instance.state, InstanceState::Stopped);
+        // A second define with the same UUID redefines, never duplicates.
+        Domain::define_xml(&hv.0, &xml).unwrap();
+        let count =
+            hv.0.list_all_domains(0).unwrap().into_iter().filter(|d| d.get_uuid_string().unwrap() == uid).count();
+        assert_eq!(count, 1);
+        vol.delete(0).unwrap();
+        assert!(lookup_volume(&pool, "t.img").unwrap().is_none());
+    }
+}

@@ -1,0 +1,158 @@
+//! Test support: a real hypervisor for the libvirt provider. libvirtd and
+//! virtlogd from Debian's packages, started once per test binary by
+//! hack/libvirt/start.sh in namespaces of their own (mount, pid, network)
+//! and stopped with the test process however it ends; QEMU VMs (TCG) boot
+//! the image hack/libvirt/image.sh builds from Debian packages.
+//!
+//! The hypervisor's network namespace is routed from the host through a
+//! veth pair: libvirt networks inside its /16 (mode `route`) reach the
+//! operator, which SSHes to the VMs as it would on a workstation.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::json;
+
+/// TCG VMs are slow, more so on a shared machine: generous deadlines.
+pub const VM_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A running libvirtd and the test image.
+pub struct Hypervisor {
+    /// The libvirt URI (qemu:///system through this hypervisor's socket).
+    pub uri: String,
+    /// Second octet of the routed 10.X.0.0/16.
+    pub octet: u8,
+    /// The directory of the test image (base.qcow2, vmlinuz, initrd.img, cmdline).
+    pub image: PathBuf,
+}
+
+/// VMs take much of this machine's CPU: one test boots VMs at a time.
+pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The hypervisor of this test binary, started on first use, with a storage
+/// pool "default" in its directory.
+pub fn hypervisor() -> &'static Hypervisor {
+    static HYPERVISOR: OnceLock<Hypervisor> = OnceLock::new();
+    HYPERVISOR.get_or_init(|| {
+        let image = Command::new(super::repo_root().join("hack/libvirt/image.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run hack/libvirt/image.sh");
+        assert!(image.status.success(), "hack/libvirt/image.sh failed; run hack/libvirt/install.sh first");
+        let image = PathBuf::from(String::from_utf8_lossy(&image.stdout).trim());
+        let dir =
+            tempfile::Builder::new().prefix("nixops-libvirt-").tempdir().expect("create hypervisor directory").keep(); // the watchdog removes it when this process exits
+        let started = std::time::Instant::now();
+        let out = Command::new(super::repo_root().join("hack/libvirt/start.sh"))
+            .arg(&dir)
+            .arg("--watch-pid")
+            .arg(std::process::id().to_string())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run hack/libvirt/start.sh");
+        assert!(out.status.success(), "hack/libvirt/start.sh failed; see its output above");
+        let vars: std::collections::HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect();
+        let cidr = &vars["CIDR"];
+        let octet = cidr.split('.').nth(1).and_then(|o| o.parse().ok()).expect("CIDR 10.X.0.0/16");
+        let hv = Hypervisor { uri: vars["URI"].clone(), octet, image };
+        hv.virsh(&["pool-define-as", "default", "dir", "--target", &vars["POOL_DIR"]]);
+        hv.virsh(&["pool-start", "default"]);
+        eprintln!("libvirtd started in {:?} ({})", started.elapsed(), hv.uri);
+        hv
+    })
+}
+
+impl Hypervisor {
+    /// Runs virsh against this hypervisor; panics on failure.
+    pub fn virsh(&self, args: &[&str]) -> String {
+        let out = Command::new("virsh").arg("-q").arg("-c").arg(&self.uri).args(args).output().expect("run virsh");
+        assert!(out.status.success(), "virsh {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn names(&self, args: &[&str]) -> Vec<String> {
+        self.virsh(args).lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()
+    }
+
+    /// `virsh list --all`: every domain, running or not.
+    pub fn domains(&self) -> Vec<String> {
+        self.names(&["list", "--all", "--name"])
+    }
+
+    /// `virsh net-list --all`.
+    pub fn networks(&self) -> Vec<String> {
+        self.names(&["net-list", "--all", "--name"])
+    }
+
+    /// The volumes of pool "default".
+    pub fn volumes(&self) -> Vec<String> {
+        self.virsh(&["vol-list", "default"])
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `virsh domstate` of the domain whose UUID is `uid`.
+    pub fn domain_state(&self, uid: &str) -> String {
+        self.virsh(&["domstate", uid]).trim().to_owned()
+    }
+
+    /// A Network's `spec.provider`: a routed libvirt network 10.X.`subnet`.0/24.
+    pub fn network_provider(&self, subnet: u8) -> serde_json::Value {
+        json!({"libvirt": {
+            "uri": self.uri,
+            "mode": "route",
+            "cidr": format!("10.{}.{subnet}.0/24", self.octet),
+            "storagePool": "default",
+        }})
+    }
+
+    /// A Machine's `spec.provider`: a small TCG VM of the test image.
+    pub fn machine_provider(&self) -> serde_json::Value {
+        let cmdline = std::fs::read_to_string(self.image.join("cmdline")).expect("image cmdline");
+        json!({"libvirt": {
+            "vcpus": 1,
+            "memoryMiB": 256,
+            "diskSizeGiB": 4,
+            "baseImage": self.image.join("base.qcow2"),
+            "directKernelBoot": {
+                "kernel": self.image.join("vmlinuz"),
+                "initrd": self.image.join("initrd.img"),
+                "cmdline": cmdline.trim(),
+            },
+            "domainType": "qemu",
+        }})
+    }
+
+    /// RSS of every QEMU process of this hypervisor, in KiB.
+    pub fn qemu_rss_kib(&self) -> Vec<u64> {
+        let out = Command::new("ps").args(["-C", "qemu-system-x86_64", "-o", "rss="]).output().expect("ps");
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+    }
+}
+
+/// SSH to a VM as root with `private_key`, accepting only `host_key` (the
+/// key the Machine's status pins): a VM that presented another one fails.
+pub fn ssh(address: &str, private_key: &str, host_key: &str, command: &str) -> std::process::Output {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("ssh dir");
+    let key = dir.path().join("id");
+    std::fs::write(&key, private_key).expect("write key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+    let known = dir.path().join("known_hosts");
+    std::fs::write(&known, format!("{address} {host_key}\n")).expect("write known_hosts");
+    Command::new("ssh")
+        .args(["-i", &key.to_string_lossy()])
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
+        .args(["-o", &format!("UserKnownHostsFile={}", known.display())])
+        .arg(format!("root@{address}"))
+        .arg(command)
+        .output()
+        .expect("run ssh")
+}
