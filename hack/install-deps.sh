@@ -39,3 +39,4 @@ fi
 "$root/hack/toxiproxy/build.sh" >/dev/null
 "$root/hack/helm/build.sh" >/dev/null
 "$root/hack/kube-score/build.sh" >/dev/null
+"$root/hack/image/install.sh" >/dev/null

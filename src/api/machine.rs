@@ -648,6 +648,16 @@ pub struct MachineStatus {
     /// only, never contents.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
+
+    /// The last check asked for with the `nixops.io/check` annotation
+    /// (`kubectl nixops check`), or made after a reboot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<CheckRecord>,
+
+    /// The last reboot asked for with the `nixops.io/reboot` annotation
+    /// (`kubectl nixops reboot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reboot: Option<RebootRecord>,
 }
 
 /// Lifecycle phase of a Machine.
@@ -721,4 +731,88 @@ pub mod deploy_result {
     pub const SUCCEEDED: &str = "Succeeded";
     pub const FAILED: &str = "Failed";
     pub const ROLLED_BACK: &str = "RolledBack";
+}
+
+/// Annotation asking the operator to check the machine now (NixOps
+/// `check`); its value names the request, and status.lastCheck.request
+/// acknowledges it.
+pub const CHECK_ANNOTATION: &str = "nixops.io/check";
+/// Annotation asking the operator to reboot the machine (NixOps `reboot`);
+/// its value names the request, and status.lastReboot.request acknowledges it.
+pub const REBOOT_ANNOTATION: &str = "nixops.io/reboot";
+
+/// What a check found on the machine.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckRecord {
+    /// The value of the annotation this check answers.
+    pub request: String,
+    /// When the machine was probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<Time>,
+    /// Healthy, or Degraded with the message saying what is wrong.
+    pub result: CheckResult,
+    /// What is wrong, for a result other than Healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The system /run/current-system points to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_closure: Option<String>,
+    /// Whether that is spec.nixos.closure (true when nothing is deployed).
+    #[serde(default)]
+    pub in_sync: bool,
+    /// systemd units in the failed state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_units: Vec<String>,
+    /// Load averages over 1, 5 and 15 minutes, as in /proc/loadavg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<String>,
+    /// Free bytes on the file system holding /nix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix_free_bytes: Option<i64>,
+    /// Size in bytes of the file system holding /nix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix_size_bytes: Option<i64>,
+}
+
+/// How a check ended.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+pub enum CheckResult {
+    /// The desired system is active, no unit failed.
+    #[default]
+    Healthy,
+    /// Another system is active, or units failed, or the check could not run.
+    Degraded,
+}
+
+/// A reboot the operator made.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebootRecord {
+    /// The value of the annotation this reboot answers.
+    pub request: String,
+    /// When the reboot was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the machine was back (or the reboot failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// Rebooting, Succeeded or Failed.
+    pub result: RebootResult,
+    /// What happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where a reboot is.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+pub enum RebootResult {
+    /// Asked for; the machine is not back yet.
+    #[default]
+    Rebooting,
+    /// The machine came back with the same host key.
+    Succeeded,
+    /// It did not come back in time, came back with another host key, or
+    /// refused to reboot; the message says which.
+    Failed,
 }

@@ -10,6 +10,7 @@
 pub mod deploy;
 pub mod keypair;
 pub mod machine;
+pub mod machine_actions;
 pub mod network;
 pub mod s3bucket;
 pub mod shared;

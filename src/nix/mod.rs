@@ -5,6 +5,7 @@
 pub mod activation;
 pub mod base32;
 pub mod cache;
+pub mod check;
 pub mod keys;
 pub mod local_store;
 pub mod nar;
