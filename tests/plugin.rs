@@ -229,7 +229,11 @@ async fn reboot_brings_up_the_boot_default_with_the_same_host_key() {
     // A process running on the machine before the reboot.
     let sleeper = format!("sleep 3600.{}", u64::from_str_radix(&n, 16).unwrap());
     node.exec_ok(&format!("setsid {sleeper} </dev/null >/dev/null 2>&1 &"));
-    assert!(running(&sleeper));
+    let started = std::time::Instant::now();
+    while !running(&sleeper) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{sleeper} did not start in the node");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     let out = plugin(&fleet.ns, &["reboot", "web-1", "--wait", "--timeout", "120"]);
     assert!(out.status.success(), "{}", text(&out));

@@ -77,7 +77,10 @@ reboots=0
 trap 'reboots=$((reboots + 1))' USR1
 boot
 nix-store --init
-cat >/dev/null &
+# The lifeline is this init's stdin; an asynchronous command's stdin would
+# be /dev/null, so it reads a copy.
+exec 3<&0
+cat <&3 >/dev/null &
 lifeline=$!
 while :; do
   /usr/sbin/sshd -D -e -f "$dir/sshd_config" &
@@ -87,11 +90,11 @@ while :; do
   [ "$seen" != "$reboots" ] || break
   echo "node: rebooting"
   # kill -1 from the init of a pid namespace reaches only that namespace.
-  [ "$$" = 1 ] && kill -s KILL -1 || true
+  [ "$$" = 1 ] && kill -s KILL -- -1 || true
   wait || true
   umount -l /run
   boot
-  cat >/dev/null &
+  cat <&3 >/dev/null &
   lifeline=$!
 done
 "#;
