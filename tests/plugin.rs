@@ -111,6 +111,46 @@ async fn ssh_and_scp_log_in_with_the_pinned_key_and_a_wrong_pin_is_refused_namin
 }
 
 #[tokio::test]
+async fn ssh_goes_through_the_jump_host_whose_key_is_pinned_too() {
+    let fleet = Fleet::start("plugin-jump", json!({})).await;
+    let bastion = fleet.node();
+    let node = fleet.node();
+    let v1 = system("web-1", &nonce(), &[("motd", "behind a bastion")], Activation::Ok);
+    let jump = json!({"host": bastion.host, "port": bastion.port, "hostKey": bastion.host_key()});
+    let ssh = json!({"ssh": {"keyPairRef": {"name": "deployer"}, "jumpHost": jump}});
+    fleet.create("web-1", &node, json!({"closure": v1}), ssh).await;
+    fleet.wait_running("web-1", &v1).await;
+    // Paused, the operator logs in nowhere: every login from now on is the plugin's.
+    let pause = json!({"metadata": {"annotations": {"nixops.io/paused": "true"}}});
+    fleet.machines.patch("web-1", &PatchParams::default(), &Patch::Merge(&pause)).await.unwrap();
+    support::wait_for(&fleet.machines, "web-1", support::fleet::TIMEOUT, "Paused", |m| {
+        m.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Paused" && c.status == "True"))
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let (bastion_before, node_before) = (logins(&bastion), logins(&node));
+
+    let out = plugin(&fleet.ns, &["ssh", "web-1", "--", "echo through; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(stdout(&out).trim(), "through");
+    // The host key check and OpenSSH's ProxyJump each logged in to the
+    // bastion; only OpenSSH logged in to the machine, through it.
+    assert_eq!(logins(&bastion) - bastion_before, 2, "{}", bastion.sshd_log());
+    assert_eq!(logins(&node) - node_before, 1, "{}", node.sshd_log());
+
+    // A bastion with another key: nothing is sent through it.
+    let other = fleet.node();
+    let wrong = json!({"spec": {"ssh": {"jumpHost": {"hostKey": other.host_key()}}}});
+    fleet.machines.patch("web-1", &PatchParams::default(), &Patch::Merge(&wrong)).await.unwrap();
+    let out = plugin(&fleet.ns, &["ssh", "web-1", "--", "true"]);
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let presented = HostKey::parse(&bastion.host_key(), "bastion").unwrap().fingerprint();
+    assert!(err.contains("jump host") && err.contains(&presented), "{err}");
+    assert_eq!(logins(&bastion) - bastion_before, 2, "no login to a bastion with another key");
+}
+
+#[tokio::test]
 async fn generations_after_three_deploys_and_a_rollback_to_the_first() {
     let fleet = Fleet::start("plugin-gen", json!({})).await;
     let node = fleet.node();
