@@ -113,7 +113,8 @@ async fn the_offline_image_runs_the_operator() {
         .find_map(|l| l.trim().strip_prefix("certificate-authority: "))
         .expect("the kubeconfig names its CA file");
     let ca = base64::engine::general_purpose::STANDARD.encode(std::fs::read(ca_file).unwrap());
-    let inside = kubeconfig.replace(&format!("certificate-authority: {ca_file}"), &format!("certificate-authority-data: {ca}"));
+    let inside =
+        kubeconfig.replace(&format!("certificate-authority: {ca_file}"), &format!("certificate-authority-data: {ca}"));
     let metrics = format!("127.0.0.1:{}", support::free_port());
     let operator = Container::new(
         &layout,

@@ -84,7 +84,8 @@ async fn ssh_and_scp_log_in_with_the_pinned_key_and_a_wrong_pin_is_refused_namin
     assert!(row.contains("existing") && row.contains("127.0.0.1") && row.contains("True"), "{row}");
     assert!(row.contains("nixos-system-web-1") && row.contains("Succeeded"), "{row}");
     let out = plugin(&fleet.ns, &["info", "net", "-o", "json"]);
-    let infos: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let infos: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
     assert_eq!(infos[0]["name"], "web-1");
     assert_eq!(infos[0]["closure"], v1.as_str());
     assert_eq!(infos[0]["generation"], 1);
@@ -245,7 +246,8 @@ async fn check_asks_the_operator_and_prints_its_answer() {
 /// node shares the host's /proc mount).
 fn running(cmdline: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
-        std::fs::read(p.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim() == cmdline)
+        std::fs::read(p.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim() == cmdline)
     })
 }
 

@@ -219,10 +219,7 @@ impl Reconciler for Machine {
                 ));
             }
             key_name = status.cloud_key_name;
-            if self.spec.nixos.is_some()
-                || resolved.ssh.jump_host.is_some()
-                || actions_pending
-            {
+            if self.spec.nixos.is_some() || resolved.ssh.jump_host.is_some() || actions_pending {
                 login_key = Some(super::keypair::private_key(&ctx, &ns, &keypair).await?);
             }
         }

@@ -270,7 +270,8 @@ mod tests {
     fn a_request_is_carried_out_once_and_a_reboot_under_way_is_settled() {
         let (m, s) = machine(serde_json::json!({}), serde_json::json!({}));
         assert!(!pending(&m, &s).any());
-        let (m, s) = machine(serde_json::json!({CHECK_ANNOTATION: "1", REBOOT_ANNOTATION: "r1"}), serde_json::json!({}));
+        let (m, s) =
+            machine(serde_json::json!({CHECK_ANNOTATION: "1", REBOOT_ANNOTATION: "r1"}), serde_json::json!({}));
         assert_eq!(
             pending(&m, &s),
             Requests { check: Some("1".into()), reboot: Some("r1".into()), settle_reboot: false }

@@ -96,7 +96,9 @@ pub async fn route(kube: &Kube, machine: &Machine) -> Result<Route> {
             ))
         })?;
     let key_ref = resolved.ssh.key_pair_ref.as_ref().ok_or_else(|| {
-        PluginError::Usage(format!("Machine {name} has no spec.ssh.keyPairRef (nor its Network a default): no key to log in with"))
+        PluginError::Usage(format!(
+            "Machine {name} has no spec.ssh.keyPairRef (nor its Network a default): no key to log in with"
+        ))
     })?;
     let key = keypair_key(kube, &ns, &key_ref.name, "spec.ssh.keyPairRef.name").await?;
     let user = resolved.ssh.user.clone().unwrap_or_else(|| "root".into());
@@ -115,7 +117,8 @@ async fn jump_login(
     ssh: &SshSpec,
     machine_key: &PrivateKey,
 ) -> Result<Login> {
-    let pin = HostKey::parse(&jump.host_key, "spec.ssh.jumpHost.hostKey").map_err(|e| PluginError::Refused(e.to_string()))?;
+    let pin =
+        HostKey::parse(&jump.host_key, "spec.ssh.jumpHost.hostKey").map_err(|e| PluginError::Refused(e.to_string()))?;
     let key = match &jump.key_pair_ref {
         Some(r) => keypair_key(kube, ns, &r.name, "spec.ssh.jumpHost.keyPairRef.name").await?,
         None => machine_key.clone(),
@@ -415,13 +418,20 @@ mod tests {
             provider: serde_json::from_value(provider).unwrap(),
             ssh: serde_json::from_value(ssh).unwrap(),
         };
-        let status: MachineStatus =
-            serde_json::from_value(serde_json::json!({"addresses": [{"type": "ExternalIP", "address": "198.51.100.7"}]}))
-                .unwrap();
+        let status: MachineStatus = serde_json::from_value(
+            serde_json::json!({"addresses": [{"type": "ExternalIP", "address": "198.51.100.7"}]}),
+        )
+        .unwrap();
         let existing = serde_json::json!({"existing": {"host": "203.0.113.5", "port": 2200}});
         let ec2 = serde_json::json!({"ec2": {"instanceType": "t3.small", "ami": "ami-01234567", "subnet": "a"}});
-        assert_eq!(ssh_endpoint(&resolved(existing.clone(), serde_json::json!({})), None), Some(("203.0.113.5".into(), 2200)));
-        assert_eq!(ssh_endpoint(&resolved(ec2.clone(), serde_json::json!({})), Some(&status)), Some(("198.51.100.7".into(), 22)));
+        assert_eq!(
+            ssh_endpoint(&resolved(existing.clone(), serde_json::json!({})), None),
+            Some(("203.0.113.5".into(), 2200))
+        );
+        assert_eq!(
+            ssh_endpoint(&resolved(ec2.clone(), serde_json::json!({})), Some(&status)),
+            Some(("198.51.100.7".into(), 22))
+        );
         assert_eq!(ssh_endpoint(&resolved(ec2.clone(), serde_json::json!({})), None), None);
         let over = serde_json::json!({"host": "nat.example.org", "port": 2022});
         assert_eq!(ssh_endpoint(&resolved(ec2, over), Some(&status)), Some(("nat.example.org".into(), 2022)));

@@ -96,7 +96,11 @@ pub fn choose(generations: &[Generation], choice: Choice) -> Result<&Generation,
             .find(|g| g.number == n)
             .ok_or_else(|| format!("the machine has no generation {n} (it has {})", numbers())),
         Choice::Previous => {
-            let current = generations.iter().find(|g| g.current).map(|g| g.number).ok_or("the machine has no current generation")?;
+            let current = generations
+                .iter()
+                .find(|g| g.current)
+                .map(|g| g.number)
+                .ok_or("the machine has no current generation")?;
             generations
                 .iter()
                 .filter(|g| g.number < current)
@@ -127,7 +131,8 @@ pub fn gitops_manager(machine: &Machine) -> Option<String> {
     }
     let labels = machine.labels();
     let annotations = machine.annotations();
-    if annotations.contains_key("argocd.argoproj.io/tracking-id") || labels.contains_key("argocd.argoproj.io/instance") {
+    if annotations.contains_key("argocd.argoproj.io/tracking-id") || labels.contains_key("argocd.argoproj.io/instance")
+    {
         return Some("Argo CD (tracking annotation)".into());
     }
     for label in ["kustomize.toolkit.fluxcd.io/name", "helm.toolkit.fluxcd.io/name"] {
@@ -291,6 +296,8 @@ mod tests {
         let labelled = machine(serde_json::json!({"labels": {"kustomize.toolkit.fluxcd.io/name": "apps"}}));
         assert!(gitops_manager(&labelled).unwrap().starts_with("Flux"));
         let change = manifest_change(&labelled, "/nix/store/a", "managed by Flux");
-        assert!(change.contains("-    closure: /nix/store/00000000000000000000000000000000-nixos-system-b\n+    closure: /nix/store/a\n"));
+        assert!(change.contains(
+            "-    closure: /nix/store/00000000000000000000000000000000-nixos-system-b\n+    closure: /nix/store/a\n"
+        ));
     }
 }

@@ -75,7 +75,17 @@ pub fn render(machines: &[MachineInfo], all_namespaces: bool, wide: bool, colour
     if all_namespaces {
         headers.push("NAMESPACE");
     }
-    headers.extend(["NETWORK", "MACHINE", "PROVIDER", "ADDRESS", "READY", "CLOSURE", "GEN", "LAST DEPLOY", "CONDITIONS"]);
+    headers.extend([
+        "NETWORK",
+        "MACHINE",
+        "PROVIDER",
+        "ADDRESS",
+        "READY",
+        "CLOSURE",
+        "GEN",
+        "LAST DEPLOY",
+        "CONDITIONS",
+    ]);
     if wide {
         headers.extend(["PROVIDER-ID", "DESIRED", "HOST KEY"]);
     }
@@ -109,7 +119,8 @@ pub fn render(machines: &[MachineInfo], all_namespaces: bool, wide: bool, colour
             let conditions = if m.conditions.is_empty() {
                 Cell::toned("ok", Tone::Good)
             } else {
-                let tone = if m.conditions.iter().any(|c| c.starts_with("Stalled=True")) { Tone::Bad } else { Tone::Busy };
+                let tone =
+                    if m.conditions.iter().any(|c| c.starts_with("Stalled=True")) { Tone::Bad } else { Tone::Busy };
                 let text = m.conditions.join("; ");
                 let text = if wide || text.chars().count() <= 80 {
                     text
@@ -196,7 +207,7 @@ mod tests {
         assert_eq!(info.ready, Some(false));
         assert_eq!(info.conditions, ["Ready=False: health check failed", "Stalled=True: health check failed"]);
         let now = Timestamp::from_second(1_000_000 + 60).unwrap();
-        let text = render(&[info.clone()], false, false, false, now);
+        let text = render(std::slice::from_ref(&info), false, false, false, now);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("NETWORK   MACHINE   PROVIDER"), "{text}");
         assert!(lines[1].contains("web-1") && lines[1].contains("1111111-nixos-system-a"), "{text}");

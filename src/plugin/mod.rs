@@ -268,7 +268,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Scp { recursive, paths } => connect::scp(&kube, recursive, &paths).await,
         Command::ListGenerations { machine } => generations::list(&kube, &machine, format).await.map(|()| 0),
         Command::Rollback { machine, to, previous, force, wait, timeout } => {
-            let to = if previous { generations::Choice::Previous } else { generations::Choice::Number(to.unwrap_or(0)) };
+            let to =
+                if previous { generations::Choice::Previous } else { generations::Choice::Number(to.unwrap_or(0)) };
             generations::rollback(&kube, &machine, to, force, wait.then_some(Duration::from_secs(timeout)))
                 .await
                 .map(|()| 0)
@@ -313,7 +314,8 @@ mod tests {
 
     #[test]
     fn krew_style_flags_go_before_or_after_the_command() {
-        let cli = Cli::try_parse_from(["kubectl-nixops", "-n", "prod", "info", "-o", "wide", "--context", "c"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["kubectl-nixops", "-n", "prod", "info", "-o", "wide", "--context", "c"]).unwrap();
         assert_eq!(cli.global.namespace.as_deref(), Some("prod"));
         assert_eq!(cli.global.output, Some(Format::Wide));
         assert_eq!(cli.global.context.as_deref(), Some("c"));

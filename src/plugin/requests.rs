@@ -106,7 +106,9 @@ pub async fn check(kube: &Kube, machines: Vec<Machine>, timeout: Duration, forma
         })
         .await?;
         match answered {
-            Ok(check) => answers.push(CheckAnswer { namespace: machine.namespace().unwrap_or_default(), machine: name, check }),
+            Ok(check) => {
+                answers.push(CheckAnswer { namespace: machine.namespace().unwrap_or_default(), machine: name, check })
+            }
             Err(latest) => missing.push(format!("{name}: {}", waiting_for(&latest))),
         }
     }
@@ -114,7 +116,11 @@ pub async fn check(kube: &Kube, machines: Vec<Machine>, timeout: Duration, forma
         print!("{}", render_checks(&answers, output::colour_enabled()));
     }
     if !missing.is_empty() {
-        return Err(PluginError::Timeout(format!("no answer within {} s from {}", timeout.as_secs(), missing.join("; "))));
+        return Err(PluginError::Timeout(format!(
+            "no answer within {} s from {}",
+            timeout.as_secs(),
+            missing.join("; ")
+        )));
     }
     let degraded: Vec<&str> =
         answers.iter().filter(|a| a.check.result != CheckResult::Healthy).map(|a| a.machine.as_str()).collect();
@@ -157,10 +163,10 @@ pub async fn reboot(
     let (machines, group) = match (machine, network) {
         (Some(name), _) => (vec![kube.machine(name).await?], 1),
         (None, Some(network)) => {
-            let spec = Api::<Network>::namespaced(kube.client.clone(), &kube.namespace)
-                .get_opt(network)
-                .await?
-                .ok_or_else(|| PluginError::Usage(format!("Network {network} not found in namespace {}", kube.namespace)))?;
+            let spec =
+                Api::<Network>::namespaced(kube.client.clone(), &kube.namespace).get_opt(network).await?.ok_or_else(
+                    || PluginError::Usage(format!("Network {network} not found in namespace {}", kube.namespace)),
+                )?;
             let max = spec.spec.rollout.as_ref().map_or(1, |r| r.max_unavailable.max(1) as usize);
             let Kube { client, namespace, .. } = kube;
             let scoped = Kube { client: client.clone(), namespace: namespace.clone(), all_namespaces: false };
@@ -188,7 +194,11 @@ pub async fn reboot(
             })
             .await?;
             let (record, check) = answered.map_err(|latest| {
-                PluginError::Timeout(format!("{name} not back within {} s: {}", timeout.as_secs(), waiting_for(&latest)))
+                PluginError::Timeout(format!(
+                    "{name} not back within {} s: {}",
+                    timeout.as_secs(),
+                    waiting_for(&latest)
+                ))
             })?;
             let message = record.message.unwrap_or_default();
             if record.result != RebootResult::Succeeded {
@@ -257,7 +267,10 @@ pub fn progress(machine: &Machine) -> Progress {
     if deploy_failed(machine) {
         Progress::Failed
     } else if is_up_to_date(machine)
-        && machine.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        && machine
+            .status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
     {
         Progress::Done
     } else {
@@ -296,7 +309,9 @@ pub fn progress_line(machine: &Machine, name_width: usize) -> String {
     };
     let note = match progress(machine) {
         Progress::Failed => format!(": {}", record.message.unwrap_or_default()),
-        Progress::Done => format!(" {}", machine.status.as_ref().and_then(|s| s.closure_short.clone()).unwrap_or_default()),
+        Progress::Done => {
+            format!(" {}", machine.status.as_ref().and_then(|s| s.closure_short.clone()).unwrap_or_default())
+        }
         Progress::Waiting => String::new(),
     };
     format!("{name:name_width$}  {state:<10}{bar}{note}")
@@ -373,21 +388,36 @@ mod tests {
 
     #[test]
     fn a_deploy_is_followed_to_its_end_for_the_current_spec() {
-        let pushing = machine(2, serde_json::json!({"observedGeneration": 2, "lastDeploy": {
-            "closure": A, "result": "Pushing", "pathsCopied": 1, "pathsTotal": 4, "bytesCopied": 512, "bytesTotal": 1024, "specGeneration": 2}}));
+        let pushing = machine(
+            2,
+            serde_json::json!({"observedGeneration": 2, "lastDeploy": {
+            "closure": A, "result": "Pushing", "pathsCopied": 1, "pathsTotal": 4, "bytesCopied": 512, "bytesTotal": 1024, "specGeneration": 2}}),
+        );
         assert_eq!(progress(&pushing), Progress::Waiting);
         let line = progress_line(&pushing, 6);
         assert!(line.contains("Pushing") && line.contains("[##########          ] 1/4 paths"), "{line}");
-        let stale = machine(3, serde_json::json!({"observedGeneration": 2, "closure": A, "conditions": ready(),
-            "lastDeploy": {"closure": A, "result": "Succeeded", "specGeneration": 2}}));
+        let stale = machine(
+            3,
+            serde_json::json!({"observedGeneration": 2, "closure": A, "conditions": ready(),
+            "lastDeploy": {"closure": A, "result": "Succeeded", "specGeneration": 2}}),
+        );
         assert_eq!(progress(&stale), Progress::Waiting, "status of an older spec");
-        let done = machine(2, serde_json::json!({"observedGeneration": 2, "closure": A, "conditions": ready(),
-            "lastDeploy": {"closure": A, "result": "Succeeded", "specGeneration": 2}}));
+        let done = machine(
+            2,
+            serde_json::json!({"observedGeneration": 2, "closure": A, "conditions": ready(),
+            "lastDeploy": {"closure": A, "result": "Succeeded", "specGeneration": 2}}),
+        );
         assert_eq!(progress(&done), Progress::Done);
-        let failed = machine(2, serde_json::json!({"observedGeneration": 2,
-            "lastDeploy": {"closure": A, "result": "RolledBack", "message": "health check failed", "specGeneration": 2}}));
+        let failed = machine(
+            2,
+            serde_json::json!({"observedGeneration": 2,
+            "lastDeploy": {"closure": A, "result": "RolledBack", "message": "health check failed", "specGeneration": 2}}),
+        );
         assert_eq!(progress(&failed), Progress::Failed);
-        assert!(progress_line(&failed, 0).contains("RolledBack") && progress_line(&failed, 0).ends_with(": health check failed"));
+        assert!(
+            progress_line(&failed, 0).contains("RolledBack")
+                && progress_line(&failed, 0).ends_with(": health check failed")
+        );
     }
 
     #[test]
