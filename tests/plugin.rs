@@ -295,6 +295,52 @@ async fn reboot_brings_up_the_boot_default_with_the_same_host_key() {
     // And the machine keeps working with the operator afterwards.
     let out = plugin(&fleet.ns, &["ssh", "web-1", "--", "readlink /run/current-system"]);
     assert_eq!(stdout(&out).trim(), v2, "{}", text(&out));
+
+    // A switch that asks for a reboot (exit status 100): RebootRequired
+    // until the reboot it asks for.
+    let v3 = system("web-1", &n, &[("kernel", "6.12")], Activation::RebootRequired);
+    let patch = json!({"spec": {"nixos": {"closure": v3, "action": "switch"}}});
+    fleet.machines.patch("web-1", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let m = fleet.wait_running("web-1", &v3).await;
+    let required = |m: &nixops_operator::api::Machine| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "RebootRequired" && c.status == "True"))
+    };
+    assert!(required(&m), "{:?}", m.status);
+    let out = plugin(&fleet.ns, &["reboot", "web-1", "--wait", "--timeout", "120"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = fleet.machines.get("web-1").await.unwrap();
+    assert!(!required(&m), "the reboot it asked for clears it: {:?}", m.status);
+    assert_eq!(node.sshd_log().matches("node: rebooting").count(), 2);
+}
+
+#[tokio::test]
+async fn reboot_of_a_network_goes_max_unavailable_machines_at_a_time() {
+    let fleet = Fleet::start("plugin-reboots", json!({"rollout": {"maxUnavailable": 1}})).await;
+    let n = nonce();
+    let nodes = [fleet.node(), fleet.node()];
+    let v1 = system("member", &n, &[("motd", "fleet")], Activation::Ok);
+    for (i, node) in nodes.iter().enumerate() {
+        fleet.create(&format!("m{i}"), node, json!({"closure": v1}), json!({})).await;
+    }
+    for i in 0..nodes.len() {
+        fleet.wait_running(&format!("m{i}"), &v1).await;
+    }
+    let out = plugin(&fleet.ns, &["reboot", "--network", "net", "--timeout", "120"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for node in &nodes {
+        assert_eq!(node.sshd_log().matches("node: rebooting").count(), 1, "{}", node.sshd_log());
+    }
+    let mut reboots = Vec::new();
+    for i in 0..nodes.len() {
+        let m = fleet.machines.get(&format!("m{i}")).await.unwrap();
+        let reboot = m.status.unwrap().last_reboot.expect("lastReboot");
+        assert_eq!(reboot.result, RebootResult::Succeeded);
+        reboots.push((reboot.started_at.unwrap().0, reboot.finished_at.unwrap().0));
+    }
+    // maxUnavailable 1: the second began after the first was back.
+    assert!(reboots[0].1 <= reboots[1].0, "{reboots:?}");
 }
 
 /// The krew manifest names the binary this crate builds, at its version.

@@ -18,6 +18,8 @@ use kube::api::Api;
 use kube::runtime::events::EventType;
 
 use super::deploy::Target;
+use super::deploy::conditions::REBOOT_REQUIRED;
+use super::status::Conditions;
 use super::{Context, Result, write_status};
 use crate::api::Machine;
 use crate::api::machine::{
@@ -231,6 +233,8 @@ impl Action<'_> {
                     let message = format!("back after {} s with the same host key", took.as_secs());
                     record.message = Some(message.clone());
                     status.last_reboot = Some(record);
+                    // What a deployment said needed a reboot has had it.
+                    Conditions::new(&mut status.conditions, self.machine.metadata.generation).remove(REBOOT_REQUIRED);
                     self.event(EventType::Normal, "Rebooted", message).await;
                     return;
                 }
