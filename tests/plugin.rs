@@ -358,3 +358,27 @@ fn the_krew_manifest_matches_the_crate() {
     let out = Command::new(env!("CARGO_BIN_EXE_kubectl-nixops")).arg("--version").output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("kubectl-nixops {}", env!("CARGO_PKG_VERSION")));
 }
+
+#[tokio::test]
+async fn deploy_dry_activate_copies_and_asks_the_closure_and_changes_nothing() {
+    let fleet = Fleet::start("plugin-dry", json!({})).await;
+    let node = fleet.node();
+    let n = nonce();
+    let v1 = system("web-1", &n, &[("nginx", "1.0")], Activation::Ok);
+    fleet.create("web-1", &node, json!({"closure": v1}), json!({})).await;
+    fleet.wait_running("web-1", &v1).await;
+    let v2 = system("web-1", &n, &[("nginx", "2.0")], Activation::Ok);
+    assert!(!node.has_path(&v2));
+
+    let out = plugin(&fleet.ns, &["deploy", "web-1", "--closure", &v2, "--dry-activate", "--timeout", "90"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout(&out).contains(&format!("would activate {v2}")), "{}", text(&out));
+    assert!(node.has_path(&v2), "the closure was copied");
+    assert_eq!(node.activations().last(), Some(&format!("dry-activate {v2}")));
+    assert_eq!(node.current_system().as_deref(), Some(v1.as_str()), "nothing activated");
+    let m = fleet.machines.get("web-1").await.unwrap();
+    assert_eq!(m.spec.nixos.unwrap().closure, v1, "the spec is left alone");
+    let record = m.status.unwrap().last_dry_activation.expect("status.lastDryActivation");
+    assert!(record.succeeded && record.closure == v2);
+    assert!(fleet.event_reasons().await.iter().any(|r| r == "DryActivated"));
+}

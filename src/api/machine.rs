@@ -658,6 +658,11 @@ pub struct MachineStatus {
     /// (`kubectl nixops reboot`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reboot: Option<RebootRecord>,
+
+    /// The last dry activation asked for with the `nixops.io/dry-activate`
+    /// annotation (`kubectl nixops deploy --dry-activate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dry_activation: Option<DryActivationRecord>,
 }
 
 /// Lifecycle phase of a Machine.
@@ -740,6 +745,31 @@ pub const CHECK_ANNOTATION: &str = "nixops.io/check";
 /// Annotation asking the operator to reboot the machine (NixOps `reboot`);
 /// its value names the request, and status.lastReboot.request acknowledges it.
 pub const REBOOT_ANNOTATION: &str = "nixops.io/reboot";
+
+/// Annotation asking the operator for a dry activation of the closure in
+/// `nixops.io/dry-activate-closure` (default spec.nixos.closure); its value
+/// names the request, and status.lastDryActivation.request acknowledges it.
+pub const DRY_ACTIVATE_ANNOTATION: &str = "nixops.io/dry-activate";
+/// The closure a dry activation is asked for.
+pub const DRY_ACTIVATE_CLOSURE_ANNOTATION: &str = "nixops.io/dry-activate-closure";
+
+/// What `switch-to-configuration dry-activate` said a closure would change.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DryActivationRecord {
+    /// The value of the annotation this answers.
+    pub request: String,
+    /// The closure copied to the machine and dry-activated.
+    pub closure: String,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// Whether it ran to the end with exit status 0.
+    pub succeeded: bool,
+    /// The end of what it printed: the units it would start, stop, restart.
+    #[serde(default)]
+    pub output: String,
+}
 
 /// What a check found on the machine.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]

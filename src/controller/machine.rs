@@ -376,7 +376,7 @@ impl Reconciler for Machine {
             via,
         };
         let requeue = deploy::reconcile(&self, &network, &ctx, &target, status).await?;
-        super::machine_actions::carry_out(&self, &ctx, &target, status).await?;
+        super::machine_actions::carry_out(&self, &network, &ctx, &target, status).await?;
         Ok(requeue)
     }
 

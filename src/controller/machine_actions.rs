@@ -20,11 +20,12 @@ use kube::runtime::events::EventType;
 use super::deploy::Target;
 use super::deploy::conditions::REBOOT_REQUIRED;
 use super::status::Conditions;
-use super::{Context, Result, write_status};
-use crate::api::Machine;
+use super::{Context, Error, Result, write_status};
 use crate::api::machine::{
-    CHECK_ANNOTATION, CheckRecord, CheckResult, MachineStatus, REBOOT_ANNOTATION, RebootRecord, RebootResult,
+    CHECK_ANNOTATION, CheckRecord, CheckResult, DRY_ACTIVATE_ANNOTATION, DRY_ACTIVATE_CLOSURE_ANNOTATION,
+    DryActivationRecord, MachineStatus, REBOOT_ANNOTATION, RebootRecord, RebootResult,
 };
+use crate::api::{Machine, Network};
 use crate::nix::check;
 use crate::ssh::{Session, SshError};
 
@@ -41,11 +42,13 @@ pub struct Requests {
     /// A reboot to start, or (`settle`) one started and not yet settled.
     pub reboot: Option<String>,
     pub settle_reboot: bool,
+    /// A dry activation to make.
+    pub dry_activate: Option<String>,
 }
 
 impl Requests {
     pub fn any(&self) -> bool {
-        self.check.is_some() || self.reboot.is_some()
+        self.check.is_some() || self.reboot.is_some() || self.dry_activate.is_some()
     }
 }
 
@@ -53,7 +56,9 @@ impl Requests {
 pub fn pending(machine: &Machine, status: &MachineStatus) -> Requests {
     let annotation = |name: &str| machine.annotations().get(name).filter(|v| !v.is_empty()).cloned();
     let check = annotation(CHECK_ANNOTATION).filter(|r| status.last_check.as_ref().is_none_or(|c| &c.request != r));
-    let mut requests = Requests { check, ..Requests::default() };
+    let dry_activate = annotation(DRY_ACTIVATE_ANNOTATION)
+        .filter(|r| status.last_dry_activation.as_ref().is_none_or(|d| &d.request != r));
+    let mut requests = Requests { check, dry_activate, ..Requests::default() };
     if let Some(request) = annotation(REBOOT_ANNOTATION) {
         match &status.last_reboot {
             Some(last) if last.request == request && last.result == RebootResult::Rebooting => {
@@ -68,7 +73,13 @@ pub fn pending(machine: &Machine, status: &MachineStatus) -> Requests {
 }
 
 /// Carries out what `machine`'s annotations ask for, recording it in `status`.
-pub async fn carry_out(machine: &Machine, ctx: &Context, target: &Target, status: &mut MachineStatus) -> Result<()> {
+pub async fn carry_out(
+    machine: &Machine,
+    network: &Network,
+    ctx: &Context,
+    target: &Target,
+    status: &mut MachineStatus,
+) -> Result<()> {
     let requests = pending(machine, status);
     if !requests.any() {
         return Ok(());
@@ -81,6 +92,9 @@ pub async fn carry_out(machine: &Machine, ctx: &Context, target: &Target, status
         if status.last_reboot.as_ref().is_some_and(|r| r.result == RebootResult::Rebooting) {
             action.settle_reboot(request, status).await;
         }
+    }
+    if let Some(request) = &requests.dry_activate {
+        action.dry_activate(network, request, status).await?;
     }
     if let Some(request) = &requests.check {
         let session = action.connect(ctx.settings.ssh_timeout).await;
@@ -111,6 +125,37 @@ impl Action<'_> {
 
     async fn event(&self, type_: EventType, reason: &str, message: String) {
         self.ctx.event(self.machine, type_, reason, message).await;
+    }
+
+    /// Copies the closure asked for and dry-activates it; a failure that
+    /// needs a person (an untrusted closure, say) is the answer, trouble
+    /// reaching the machine is retried.
+    async fn dry_activate(&self, network: &Network, request: &str, status: &mut MachineStatus) -> Result<()> {
+        let annotations = self.machine.annotations();
+        let closure = annotations
+            .get(DRY_ACTIVATE_CLOSURE_ANNOTATION)
+            .cloned()
+            .or_else(|| self.machine.spec.nixos.as_ref().map(|n| n.closure.clone()))
+            .unwrap_or_default();
+        let session = self.connect(self.ctx.settings.ssh_timeout).await.map_err(super::deploy::ssh_error)?;
+        let ran = super::deploy::dry_activate(self.machine, network, self.ctx, self.target, &session, &closure).await;
+        session.close().await;
+        let (succeeded, output) = match ran {
+            Ok(ran) => ran,
+            Err(Error::Stalled { message, .. }) => (false, message),
+            Err(other) => return Err(other),
+        };
+        let (type_, reason) =
+            if succeeded { (EventType::Normal, "DryActivated") } else { (EventType::Warning, "DryActivationFailed") };
+        self.event(type_, reason, format!("dry activation of {closure}")).await;
+        status.last_dry_activation = Some(DryActivationRecord {
+            request: request.to_owned(),
+            closure,
+            finished_at: Some(Time(Timestamp::now())),
+            succeeded,
+            output,
+        });
+        Ok(())
     }
 
     /// Probes the machine and records what it found as the answer to `request`.
@@ -278,7 +323,7 @@ mod tests {
             machine(serde_json::json!({CHECK_ANNOTATION: "1", REBOOT_ANNOTATION: "r1"}), serde_json::json!({}));
         assert_eq!(
             pending(&m, &s),
-            Requests { check: Some("1".into()), reboot: Some("r1".into()), settle_reboot: false }
+            Requests { check: Some("1".into()), reboot: Some("r1".into()), ..Requests::default() }
         );
         let answered = serde_json::json!({
             "lastCheck": {"request": "1", "result": "Healthy"},
@@ -289,10 +334,16 @@ mod tests {
         let (m, s) = machine(serde_json::json!({CHECK_ANNOTATION: "2", REBOOT_ANNOTATION: "r2"}), answered);
         assert_eq!(
             pending(&m, &s),
-            Requests { check: Some("2".into()), reboot: Some("r2".into()), settle_reboot: false }
+            Requests { check: Some("2".into()), reboot: Some("r2".into()), ..Requests::default() }
         );
         let rebooting = serde_json::json!({"lastReboot": {"request": "r1", "result": "Rebooting"}});
         let (m, s) = machine(serde_json::json!({REBOOT_ANNOTATION: "r1"}), rebooting);
-        assert_eq!(pending(&m, &s), Requests { check: None, reboot: Some("r1".into()), settle_reboot: true });
+        let settle = Requests { reboot: Some("r1".into()), settle_reboot: true, ..Requests::default() };
+        assert_eq!(pending(&m, &s), settle);
+        let (m, s) = machine(
+            serde_json::json!({DRY_ACTIVATE_ANNOTATION: "d1"}),
+            serde_json::json!({"lastDryActivation": {"request": "d0", "closure": "/nix/store/x", "succeeded": true}}),
+        );
+        assert_eq!(pending(&m, &s).dry_activate.as_deref(), Some("d1"));
     }
 }

@@ -154,6 +154,11 @@ pub enum Command {
         /// Wait until every machine runs its closure or failed.
         #[arg(long)]
         wait: bool,
+        /// Only show what activating the closure (--closure, else the
+        /// Machine's) would change: the operator copies it to the machine
+        /// and runs switch-to-configuration dry-activate; nothing else changes.
+        #[arg(long, requires = "machine", conflicts_with = "wait")]
+        dry_activate: bool,
         /// How long to wait, in seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
@@ -287,7 +292,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 .await
                 .map(|()| 0)
         }
-        Command::Deploy { machine, network, closure, force, wait, timeout } => {
+        Command::Deploy { machine: Some(machine), closure, dry_activate: true, timeout, .. } => {
+            requests::dry_activate(&kube, &machine, closure.as_deref(), Duration::from_secs(timeout)).await.map(|()| 0)
+        }
+        Command::Deploy { machine, network, closure, force, wait, timeout, .. } => {
             let deploy = requests::Deploy {
                 machine: machine.as_deref(),
                 network: network.as_deref(),

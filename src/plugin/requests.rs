@@ -16,7 +16,8 @@ use serde::Serialize;
 use super::output::{self, Cell, Tone};
 use super::{Format, Kube, PluginError, Result, generations, request_id};
 use crate::api::machine::{
-    CHECK_ANNOTATION, CheckRecord, CheckResult, DeployRecord, REBOOT_ANNOTATION, RebootResult, deploy_result,
+    CHECK_ANNOTATION, CheckRecord, CheckResult, DRY_ACTIVATE_ANNOTATION, DRY_ACTIVATE_CLOSURE_ANNOTATION, DeployRecord,
+    REBOOT_ANNOTATION, RebootResult, deploy_result,
 };
 use crate::api::{Machine, Network};
 use crate::controller::deploy::{deploy_failed, is_up_to_date};
@@ -210,6 +211,43 @@ pub async fn reboot(
                 print!("{}", render_checks(std::slice::from_ref(&answer), output::colour_enabled()));
             }
         }
+    }
+    Ok(())
+}
+
+/// `kubectl nixops deploy MACHINE [--closure P] --dry-activate`: asks the
+/// operator for a dry activation, prints what it said; fails when it failed.
+pub async fn dry_activate(kube: &Kube, name: &str, closure: Option<&str>, timeout: Duration) -> Result<()> {
+    let machine = kube.machine(name).await?;
+    let closure =
+        match closure {
+            Some(c) => c.to_owned(),
+            None => machine.spec.nixos.as_ref().map(|n| n.closure.clone()).ok_or_else(|| {
+                PluginError::Usage(format!("Machine {name} has no spec.nixos.closure: give --closure"))
+            })?,
+        };
+    let request = request_id();
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        DRY_ACTIVATE_ANNOTATION: request, DRY_ACTIVATE_CLOSURE_ANNOTATION: closure,
+    }}});
+    let params = PatchParams { field_manager: Some("kubectl-nixops".into()), ..PatchParams::default() };
+    api_of(kube, &machine).patch(name, &params, &Patch::Merge(&patch)).await?;
+    let deadline = Instant::now() + timeout;
+    let answer = wait_until(&api_of(kube, &machine), name, deadline, |m| {
+        m.status.as_ref()?.last_dry_activation.clone().filter(|d| d.request == request)
+    })
+    .await?
+    .map_err(|latest| {
+        PluginError::Timeout(format!(
+            "{name}: no dry activation within {} s: {}",
+            timeout.as_secs(),
+            waiting_for(&latest)
+        ))
+    })?;
+    println!("{name}: switch-to-configuration dry-activate of {}:", answer.closure);
+    println!("{}", answer.output);
+    if !answer.succeeded {
+        return Err(PluginError::Failed(format!("{name}: the dry activation failed")));
     }
     Ok(())
 }

@@ -518,6 +518,7 @@ impl TestSystem {
              /bin/mkdir -p {dir}\n\
              echo \"$action $toplevel\" >> {ACTIVATIONS}\n\
              case $action in switch|test) /bin/ln -sfn \"$toplevel\" /run/current-system ;; esac\n\
+             case $action in dry-activate) echo \"would activate $toplevel\" ;; esac\n\
              if [ -e {AUTHORIZED_KEYS}.off ]; then /bin/mv {AUTHORIZED_KEYS}.off {AUTHORIZED_KEYS}; fi\n\
              {ending}\n",
             name = self.name,
