@@ -281,6 +281,7 @@ async fn reboot_brings_up_the_boot_default_with_the_same_host_key() {
     assert!(out.status.success(), "{}", text(&out));
     let printed = stdout(&out);
     assert!(printed.contains("web-1: rebooted, back after") && printed.contains("Healthy"), "{printed}");
+    eprintln!("{printed}");
     assert_eq!(node.sshd_log().matches("node: rebooting").count(), 1, "exactly one reboot");
     assert!(!running(&sleeper), "every process of the machine ended with the reboot");
     assert_eq!(node.current_system().as_deref(), Some(v2.as_str()), "the boot default runs after the reboot");
