@@ -18,6 +18,12 @@ pub mod points {
     pub const DEPLOY_BEFORE_HEALTH_CHECKS: &str = "deploy-before-health-checks";
     /// The health checks passed; the confirmation is about to be sent.
     pub const DEPLOY_BEFORE_CONFIRM: &str = "deploy-before-confirm";
+    /// A reboot is recorded as under way (status.lastReboot Rebooting, the
+    /// marker on the machine); systemctl reboot is not asked for yet.
+    pub const REBOOT_BEFORE_REQUEST: &str = "reboot-before-request";
+    /// systemctl reboot was asked for; the operator has not seen the
+    /// machine come back.
+    pub const REBOOT_AFTER_REQUEST: &str = "reboot-after-request";
     /// The intent to create a cloud resource is recorded; the call is next.
     pub const CREATE_BEFORE_CALL: &str = "create-before-call";
     /// The cloud answered a create; its ID is not recorded yet.

@@ -26,7 +26,8 @@ use crate::api::machine::{
     DryActivationRecord, MachineStatus, REBOOT_ANNOTATION, RebootRecord, RebootResult,
 };
 use crate::api::{Machine, Network};
-use crate::nix::check;
+use crate::fault;
+use crate::nix::check::{self, RebootProgress};
 use crate::ssh::{Session, SshError};
 
 /// How long a rebooting machine has to come back with its host key.
@@ -230,16 +231,14 @@ impl Action<'_> {
         status.last_reboot = Some(record.clone());
         let api: Api<Machine> = Api::namespaced(self.ctx.client.clone(), &self.machine.namespace().unwrap_or_default());
         write_status(&api, self.machine, status.clone(), self.ctx).await?;
-        // The connection may die with the machine before an answer comes.
-        let asked = session.exec(&check::reboot_script()).await;
+        fault::point(fault::points::REBOOT_BEFORE_REQUEST, Some(&session)).await;
+        let asked = ask_reboot(&session).await;
         session.close().await;
-        if let Ok(out) = &asked
-            && out.status != Some(0)
-        {
-            let why = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-            self.reboot_failed(status, record, format!("systemctl reboot failed: {why}")).await;
+        if let Err(why) = asked {
+            self.reboot_failed(status, record, why).await;
             return Ok(());
         }
+        fault::point(fault::points::REBOOT_AFTER_REQUEST, None).await;
         self.event(EventType::Normal, "Rebooting", format!("rebooting (request {request})")).await;
         Ok(())
     }
@@ -268,8 +267,20 @@ impl Action<'_> {
                 }
             };
             let done = session.exec(&check::reboot_done_script(request)).await;
-            match done {
-                Ok(out) if String::from_utf8_lossy(&out.stdout).trim() == "rebooted" => {
+            let progress =
+                done.as_ref().ok().and_then(|out| check::parse_reboot_done(&String::from_utf8_lossy(&out.stdout)));
+            match (progress, done) {
+                (Some(RebootProgress::NotAsked), _) => {
+                    // The operator stopped between recording the reboot and asking for it.
+                    if let Err(why) = ask_reboot(&session).await {
+                        session.close().await;
+                        self.reboot_failed(status, record, why).await;
+                        return;
+                    }
+                    self.event(EventType::Normal, "Rebooting", format!("rebooting (request {request})")).await;
+                    last_error = "the machine has not gone down yet".into();
+                }
+                (Some(RebootProgress::Rebooted), _) => {
                     self.check(&session, request, status).await;
                     session.close().await;
                     record.result = RebootResult::Succeeded;
@@ -283,8 +294,8 @@ impl Action<'_> {
                     self.event(EventType::Normal, "Rebooted", message).await;
                     return;
                 }
-                Ok(_) => last_error = "the machine has not gone down yet".into(),
-                Err(err) => last_error = err.to_string(),
+                (_, Err(err)) => last_error = err.to_string(),
+                (_, Ok(_)) => last_error = "the machine has not gone down yet".into(),
             }
             session.close().await;
         }
@@ -298,6 +309,17 @@ impl Action<'_> {
         record.message = Some(message.clone());
         status.last_reboot = Some(record);
         self.event(EventType::Warning, "RebootFailed", message).await;
+    }
+}
+
+/// Asks the machine's systemd for the reboot; Err says why it refused. A
+/// connection that dies meanwhile is taken as the reboot under way.
+async fn ask_reboot(session: &Session) -> Result<(), String> {
+    match session.exec(&check::reboot_script()).await {
+        Ok(out) if out.status != Some(0) => {
+            Err(format!("systemctl reboot failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -107,24 +107,50 @@ pub fn reboot_mark_script(request: &str) -> String {
     )
 }
 
-/// Asks systemd to reboot, a second later and detached, so the command
-/// reports that the reboot is on its way before the connection goes.
+/// Notes in the marker that the reboot was asked for, then asks systemd,
+/// a second later and detached, so the command reports that the reboot is
+/// on its way before the connection goes.
 pub fn reboot_script() -> String {
     format!(
         "{SYSTEMCTL}\
          if [ -z \"$systemctl\" ]; then echo 'no systemctl found: cannot reboot this machine' >&2; exit 2; fi\n\
-         nohup sh -c \"sleep 1; exec $systemctl reboot\" </dev/null >/dev/null 2>&1 &\n"
+         echo asked >> {marker}\n\
+         nohup sh -c \"sleep 1; exec $systemctl reboot\" </dev/null >/dev/null 2>&1 &\n",
+        marker = reboot_marker(),
     )
 }
 
-/// Prints `pending` while the marker of `request` is still there (the
-/// machine has not rebooted since it was left), else `rebooted`.
+/// Where a reboot stands, from the machine's marker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RebootProgress {
+    /// The marker is gone (or is another request's): the machine rebooted.
+    Rebooted,
+    /// Asked for; the machine has not gone down yet.
+    Pending,
+    /// Marked but never asked for (the operator stopped in between).
+    NotAsked,
+}
+
+/// Prints `rebooted`, `pending` or `not-asked` for `request` (see
+/// [`RebootProgress`]).
 pub fn reboot_done_script(request: &str) -> String {
     format!(
-        "if [ \"$(cat {marker} 2>/dev/null)\" = {request} ]; then echo pending; else echo rebooted; fi\n",
+        "if [ \"$(head -n1 {marker} 2>/dev/null)\" != {request} ]; then echo rebooted\n\
+         elif grep -qx asked {marker}; then echo pending\n\
+         else echo not-asked; fi\n",
         marker = reboot_marker(),
         request = shell_quote(request),
     )
+}
+
+/// Reads what [`reboot_done_script`] printed; None for anything else.
+pub fn parse_reboot_done(stdout: &str) -> Option<RebootProgress> {
+    match stdout.trim() {
+        "rebooted" => Some(RebootProgress::Rebooted),
+        "pending" => Some(RebootProgress::Pending),
+        "not-asked" => Some(RebootProgress::NotAsked),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -150,6 +176,23 @@ mod tests {
         assert!(out.status.success());
         let health = parse_check(&String::from_utf8_lossy(&out.stdout));
         assert!(health.load.as_deref().is_some_and(|l| l.split(' ').count() == 3), "{health:?}");
+    }
+
+    #[test]
+    fn the_marker_tells_a_reboot_asked_for_from_one_that_was_not_and_from_one_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |script: &str| {
+            let script = script.replace(STATE_DIR, &dir.path().display().to_string());
+            let out = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+            parse_reboot_done(&String::from_utf8_lossy(&out.stdout))
+        };
+        let mark = |lines: &str| std::fs::write(dir.path().join("reboot-request"), lines).unwrap();
+        assert_eq!(run(&reboot_done_script("r 1")), Some(RebootProgress::Rebooted), "no marker");
+        mark("r 1\n");
+        assert_eq!(run(&reboot_done_script("r 1")), Some(RebootProgress::NotAsked));
+        mark("r 1\nasked\n");
+        assert_eq!(run(&reboot_done_script("r 1")), Some(RebootProgress::Pending));
+        assert_eq!(run(&reboot_done_script("r 2")), Some(RebootProgress::Rebooted), "another request's marker");
     }
 
     #[test]
