@@ -7,6 +7,7 @@
 //! with server-side apply, only when changed), Stalled vs retried errors with
 //! capped exponential backoff, warning events, and metrics.
 
+pub mod backup;
 pub mod deploy;
 pub mod keypair;
 pub mod machine;

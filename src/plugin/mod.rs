@@ -6,6 +6,7 @@
 //! is asked of the operator through the Machine (an annotation or the
 //! spec), so it stays RBAC-gated and shows in status and events.
 
+pub mod backups;
 pub mod connect;
 pub mod generations;
 pub mod info;
@@ -136,6 +137,32 @@ pub enum Command {
         /// How long to wait for each machine, in seconds.
         #[arg(long, default_value_t = 660)]
         timeout: u64,
+    },
+    /// Snapshots a Network's Volumes (NixOps backup): creates a Backup the
+    /// operator carries out.
+    Backup {
+        network: String,
+        /// Only this Volume (repeatable); default: all of the Network's.
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+        /// Keep only the newest N complete Backups of the Network.
+        #[arg(long)]
+        keep_last: Option<i32>,
+        /// Wait until every snapshot is complete.
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// The Backups and their snapshots (NixOps backup-status).
+    Backups { network: Option<String> },
+    /// New Volumes from a Backup's snapshots (NixOps restore).
+    Restore {
+        backup: String,
+        /// Only this Volume's snapshot (repeatable).
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
     },
     /// Follows the deployment of a machine or a Network with a progress
     /// line per machine; exits non-zero when one fails or rolls back.
@@ -292,6 +319,12 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 .await
                 .map(|()| 0)
         }
+        Command::Backup { network, volumes, keep_last, wait, timeout } => {
+            let wait = wait.then_some(Duration::from_secs(timeout));
+            backups::backup(&kube, &network, &volumes, keep_last, wait).await.map(|()| 0)
+        }
+        Command::Backups { network } => backups::list(&kube, network.as_deref(), format).await.map(|()| 0),
+        Command::Restore { backup, volumes } => backups::restore(&kube, &backup, &volumes).await.map(|()| 0),
         Command::Deploy { machine: Some(machine), closure, dry_activate: true, timeout, .. } => {
             requests::dry_activate(&kube, &machine, closure.as_deref(), Duration::from_secs(timeout)).await.map(|()| 0)
         }
