@@ -31,7 +31,8 @@ pub mod points {
     /// Both create points are also evaluated per kind of resource, as
     /// `create-after-call:<kind>` with kind one of `instance`, `volume`,
     /// `bucket`, `vpc`, `subnet`, `internet-gateway`, `security-group`,
-    /// `key-pair`, so a test kills the operator after exactly that create.
+    /// `key-pair`, `snapshot` (a Backup's, after the call only), so a test
+    /// kills the operator after exactly that create.
     pub const CREATE_AFTER_CALL: &str = "create-after-call";
     /// A Network's cloud resources are deleted and its credentials Secret
     /// released; its own finalizer is not removed yet.

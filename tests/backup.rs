@@ -2,11 +2,13 @@
 //! Backup snapshots every Volume of its Network once, tagged with its UID;
 //! retention keeps the newest keepLast complete Backups and deletes the
 //! older ones with their snapshots; restore makes new Volumes from a
-//! Backup's snapshots; deleting a Backup deletes its snapshots. (moto keeps
+//! Backup's snapshots; deleting a Backup deletes its snapshots; an operator
+//! killed right after a snapshot was made takes no second one. (moto keeps
 //! no block data, so what a restored volume holds cannot be checked here.)
 
 mod support;
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -108,4 +110,45 @@ async fn backups_snapshot_a_networks_volumes_keep_the_last_two_and_restore() {
     backups.delete(&taken[1].0, &DeleteParams::default()).await.unwrap();
     support::wait_gone(&backups, &taken[1].0, TIMEOUT).await;
     assert!(snapshots_tagged(&ec2, &taken[1].1).await.is_empty());
+}
+
+#[tokio::test]
+async fn killed_after_a_snapshot_was_made_the_backup_takes_no_second_one() {
+    let client = support::client().await;
+    support::install_crds(&client).await;
+    let ns = support::namespace(&client, "backup-kill").await;
+    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
+    let mut operator = support::Operator::start(&ns, &[]);
+    let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);
+    let backups: Api<Backup> = Api::namespaced(client.clone(), &ns);
+    let ec2 = support::ec2_client().await;
+    for (name, size) in [("data", 8), ("logs", 4)] {
+        volumes.create(&PostParams::default(), &volume(name, size)).await.unwrap();
+    }
+    for name in ["data", "logs"] {
+        support::wait_for(&volumes, name, TIMEOUT, "Ready", ready).await;
+    }
+    drop(operator);
+    operator = support::Operator::start_env(&ns, &[], &[("FAILPOINTS", "create-after-call:snapshot=return(kill)")]);
+
+    let out = plugin(&ns, &["backup", "aws"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let name = String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_owned();
+    let status = operator.wait_exit(Duration::from_secs(60)).expect("the operator reaches its fault point");
+    assert_eq!(status.signal(), Some(9), "killed right after the first snapshot: {status:?}");
+    let uid = backups.get(&name).await.unwrap().metadata.uid.unwrap();
+    assert_eq!(snapshots_tagged(&ec2, &uid).await.len(), 1, "the snapshot made before the kill");
+
+    drop(operator);
+    let _operator = support::Operator::start(&ns, &[]);
+    support::wait_for(&backups, &name, TIMEOUT, "Completed", |b| {
+        b.status.as_ref().is_some_and(|s| s.completed_snapshots == 2)
+    })
+    .await;
+    let tagged = snapshots_tagged(&ec2, &uid).await;
+    assert_eq!(tagged.len(), 2, "one per volume: the first was found by its tag, not taken again");
+    let mut of: Vec<&str> = tagged.iter().filter_map(|s| s.volume_id()).collect();
+    of.sort();
+    of.dedup();
+    assert_eq!(of.len(), 2, "{tagged:?}");
 }

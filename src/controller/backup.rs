@@ -134,7 +134,9 @@ impl Reconciler for Backup {
             let snapshot = match existing.iter().find(|s| s.volume_id == source.id) {
                 Some(found) => found.clone(),
                 None => {
-                    let made = provider.create_snapshot(&target, &source.id, &source.name).await?;
+                    let made = provider.create_snapshot(&target, &source.id, &source.name).await;
+                    crate::fault::point(&format!("{}:snapshot", crate::fault::points::CREATE_AFTER_CALL), None).await;
+                    let made = made?;
                     let note = format!("snapshot {} of Volume {} ({})", made.id, source.name, source.id);
                     ctx.event(&*self, EventType::Normal, "SnapshotCreated", note).await;
                     made
