@@ -9,28 +9,14 @@
 mod support;
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, PostParams};
 use nixops_operator::api::{Backup, Volume};
 use serde_json::json;
+use support::plugin::{run as plugin, text};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn plugin(ns: &str, args: &[&str]) -> Output {
-    let kubeconfig = support::control_plane().kubeconfig.display().to_string();
-    Command::new(env!("CARGO_BIN_EXE_kubectl-nixops"))
-        .args(["--kubeconfig", &kubeconfig, "-n", ns])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kubectl-nixops")
-}
-
-fn text(out: &Output) -> String {
-    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 fn volume(name: &str, size: i32) -> Volume {
     serde_json::from_value(json!({
@@ -49,22 +35,28 @@ async fn snapshots_tagged(ec2: &aws_sdk_ec2::Client, uid: &str) -> Vec<aws_sdk_e
     ec2.describe_snapshots().filters(filter).send().await.unwrap().snapshots().to_vec()
 }
 
-#[tokio::test]
-async fn backups_snapshot_a_networks_volumes_keep_the_last_two_and_restore() {
+/// A namespace with an AWS Network (moto), an operator and two Ready
+/// Volumes, data (8 GiB) and logs (4 GiB).
+async fn with_two_volumes(prefix: &str) -> (String, Api<Volume>, Api<Backup>, support::Operator) {
     let client = support::client().await;
     support::install_crds(&client).await;
-    let ns = support::namespace(&client, "backup").await;
+    let ns = support::namespace(&client, prefix).await;
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
-    let _operator = support::Operator::start(&ns, &[]);
+    let operator = support::Operator::start(&ns, &[]);
     let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);
-    let backups: Api<Backup> = Api::namespaced(client.clone(), &ns);
-    let ec2 = support::ec2_client().await;
     for (name, size) in [("data", 8), ("logs", 4)] {
         volumes.create(&PostParams::default(), &volume(name, size)).await.unwrap();
     }
     for name in ["data", "logs"] {
         support::wait_for(&volumes, name, TIMEOUT, "Ready", ready).await;
     }
+    (ns.clone(), volumes, Api::namespaced(client, &ns), operator)
+}
+
+#[tokio::test]
+async fn backups_snapshot_a_networks_volumes_keep_the_last_two_and_restore() {
+    let (ns, volumes, backups, _operator) = with_two_volumes("backup").await;
+    let ec2 = support::ec2_client().await;
     let volume_id = |v: &Volume| v.status.as_ref().unwrap().volume_id.clone().unwrap();
     let data_id = volume_id(&volumes.get("data").await.unwrap());
 
@@ -114,22 +106,11 @@ async fn backups_snapshot_a_networks_volumes_keep_the_last_two_and_restore() {
 
 #[tokio::test]
 async fn killed_after_a_snapshot_was_made_the_backup_takes_no_second_one() {
-    let client = support::client().await;
-    support::install_crds(&client).await;
-    let ns = support::namespace(&client, "backup-kill").await;
-    support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
-    let mut operator = support::Operator::start(&ns, &[]);
-    let volumes: Api<Volume> = Api::namespaced(client.clone(), &ns);
-    let backups: Api<Backup> = Api::namespaced(client.clone(), &ns);
+    let (ns, _, backups, operator) = with_two_volumes("backup-kill").await;
     let ec2 = support::ec2_client().await;
-    for (name, size) in [("data", 8), ("logs", 4)] {
-        volumes.create(&PostParams::default(), &volume(name, size)).await.unwrap();
-    }
-    for name in ["data", "logs"] {
-        support::wait_for(&volumes, name, TIMEOUT, "Ready", ready).await;
-    }
     drop(operator);
-    operator = support::Operator::start_env(&ns, &[], &[("FAILPOINTS", "create-after-call:snapshot=return(kill)")]);
+    let mut operator =
+        support::Operator::start_env(&ns, &[], &[("FAILPOINTS", "create-after-call:snapshot=return(kill)")]);
 
     let out = plugin(&ns, &["backup", "aws"]);
     assert!(out.status.success(), "{}", text(&out));

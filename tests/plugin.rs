@@ -15,7 +15,7 @@
 
 mod support;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use kube::api::{Patch, PatchParams};
 use nixops_operator::api::machine::{CHECK_ANNOTATION, CheckResult, RebootResult};
@@ -23,21 +23,7 @@ use nixops_operator::ssh::HostKey;
 use serde_json::json;
 use support::fleet::{Fleet, nonce, system};
 use support::node::{Activation, FAILED_UNITS};
-
-/// Runs `kubectl-nixops --kubeconfig … -n NS ARGS` (stdin empty, stdout a pipe).
-fn plugin(ns: &str, args: &[&str]) -> Output {
-    let kubeconfig = support::control_plane().kubeconfig.display().to_string();
-    Command::new(env!("CARGO_BIN_EXE_kubectl-nixops"))
-        .args(["--kubeconfig", &kubeconfig, "-n", ns])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kubectl-nixops")
-}
-
-fn text(out: &Output) -> String {
-    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
+use support::plugin::{run as plugin, text};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -7,7 +7,6 @@
 mod support;
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nixops_operator::api::machine::RebootResult;
@@ -23,13 +22,8 @@ async fn killed_at(point: &str) {
     fleet.wait_running("web-1", &v1).await;
     fleet.restart_operator(&[("FAILPOINTS", &format!("{point}=return(kill)"))]);
 
-    let kubeconfig = support::control_plane().kubeconfig.display().to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-nixops"))
-        .args(["--kubeconfig", &kubeconfig, "-n", &fleet.ns, "reboot", "web-1"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = support::plugin::run(&fleet.ns, &["reboot", "web-1"]);
+    assert!(out.status.success(), "{}", support::plugin::text(&out));
     let status = fleet.operator.wait_exit(Duration::from_secs(90)).expect("the operator reaches its fault point");
     assert_eq!(status.signal(), Some(9), "killed by SIGKILL at {point}: {status:?}");
 

@@ -9,6 +9,7 @@
 
 pub mod fleet;
 pub mod node;
+pub mod plugin;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
