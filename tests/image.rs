@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, PostParams};
-use nixops_operator::api::KeyPair;
+use kube::api::Api;
 use serde_json::json;
 
 const TAG: &str = env!("CARGO_PKG_VERSION");
@@ -130,13 +129,7 @@ async fn the_offline_image_runs_the_operator() {
     let log = out.path().join("operator.log");
     let mut child = operator.spawn(&log);
 
-    let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
-    let keypair: KeyPair = serde_json::from_value(json!({
-        "apiVersion": "nixops.io/v1alpha1", "kind": "KeyPair", "metadata": {"name": "deployer"},
-        "spec": {"secretRef": {"name": "deployer-ssh"}}
-    }))
-    .unwrap();
-    keypairs.create(&PostParams::default(), &keypair).await.unwrap();
+    let keypairs = support::fleet::create_deployer_keypair(&client, &ns).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let ready = loop {
         let k = keypairs.get("deployer").await.unwrap();
