@@ -31,7 +31,7 @@ pub use volume::{Volume, VolumeSpec, VolumeStatus};
 pub const GROUP: &str = "nixops.io";
 /// API version of every kind.
 pub const VERSION: &str = "v1alpha1";
-/// `kubectl get nixops` lists all five kinds.
+/// `kubectl get nixops` lists every kind.
 pub const CATEGORY: &str = "nixops";
 /// Finalizer that makes deletion wait until the cloud resource is gone (or orphaned).
 pub const FINALIZER: &str = "nixops.io/cleanup";
