@@ -215,6 +215,14 @@ async fn check_asks_the_operator_and_prints_its_answer() {
     assert_eq!(check.active_closure.as_deref(), Some(v1.as_str()));
     assert!(check.in_sync && check.nix_free_bytes.unwrap_or_default() > 0 && check.load.is_some());
 
+    // The sync a Backup asks of the machine of an attached volume.
+    let sync = json!({"metadata": {"annotations": {"nixops.io/sync": "backup-uid-1"}}});
+    fleet.machines.patch("web-1", &PatchParams::default(), &Patch::Merge(&sync)).await.unwrap();
+    support::wait_for(&fleet.machines, "web-1", support::fleet::TIMEOUT, "synced", |m| {
+        m.status.as_ref().and_then(|s| s.last_sync.as_ref()).is_some_and(|s| s.request == "backup-uid-1")
+    })
+    .await;
+
     // A unit fails: the next check says so and exits 1.
     node.exec_ok(&format!("echo 'nginx.service loaded failed failed Web server' > {FAILED_UNITS}"));
     let out = plugin(&fleet.ns, &["check", "--all", "-o", "json"]);

@@ -663,6 +663,11 @@ pub struct MachineStatus {
     /// annotation (`kubectl nixops deploy --dry-activate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_dry_activation: Option<DryActivationRecord>,
+
+    /// The last file system sync asked for with the `nixops.io/sync`
+    /// annotation (a Backup of an attached Volume asks before snapshotting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<SyncRecord>,
 }
 
 /// Lifecycle phase of a Machine.
@@ -752,6 +757,22 @@ pub const REBOOT_ANNOTATION: &str = "nixops.io/reboot";
 pub const DRY_ACTIVATE_ANNOTATION: &str = "nixops.io/dry-activate";
 /// The closure a dry activation is asked for.
 pub const DRY_ACTIVATE_CLOSURE_ANNOTATION: &str = "nixops.io/dry-activate-closure";
+
+/// Annotation asking the operator to flush the machine's file systems
+/// (`sync`); its value names the request (a Backup's UID), and
+/// status.lastSync.request acknowledges it.
+pub const SYNC_ANNOTATION: &str = "nixops.io/sync";
+
+/// A `sync` the operator ran on the machine.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncRecord {
+    /// The value of the annotation this answers.
+    pub request: String,
+    /// When `sync` returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_at: Option<Time>,
+}
 
 /// What `switch-to-configuration dry-activate` said a closure would change.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]

@@ -11,19 +11,24 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
 
 use super::status::Conditions;
 use super::{Cleanup, Context, Error, Reconciler, Result, object_status};
 use crate::api::backup::{BackupPhase, BackupSpec, BackupStatus, VolumeSnapshot};
-use crate::api::{Backup, DeletionPolicy, Network, Volume};
+use crate::api::machine::SYNC_ANNOTATION;
+use crate::api::{Backup, DeletionPolicy, Machine, Network, Volume};
 use crate::provider::{CloudTarget, Owner, SnapshotPhase, VolumeProvider};
 
 object_status!(BackupStatus, failed = BackupPhase::Failed, deleting = BackupPhase::Deleting);
 
 /// How soon snapshots still being made are looked at again.
 const SNAPSHOT_RECHECK: Duration = Duration::from_secs(5);
+/// How long a Backup waits for the machines of its volumes to sync.
+const SYNC_WAIT: Duration = Duration::from_secs(120);
+/// How soon the machines' answers are looked for again.
+const SYNC_RECHECK: Duration = Duration::from_secs(2);
 
 /// A volume to snapshot: its name, cloud ID and size.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,6 +134,10 @@ impl Reconciler for Backup {
         // found by its UID tag; each volume is snapshotted once.
         let existing = provider.snapshots(&target).await?;
         status.phase = Some(BackupPhase::InProgress);
+        let to_take: Vec<&Source> = sources.iter().filter(|s| !existing.iter().any(|e| e.volume_id == s.id)).collect();
+        if let Some(requeue) = self.sync_machines(&ctx, &ns, &volumes, &to_take, status).await? {
+            return Ok(Some(requeue));
+        }
         let mut snapshots = Vec::new();
         for source in &sources {
             let snapshot = match existing.iter().find(|s| s.volume_id == source.id) {
@@ -209,7 +218,68 @@ impl Reconciler for Backup {
     }
 }
 
+/// Pure: the Machines `sources` are attached to, by name, each once.
+pub fn attached_machines(volumes: &[Volume], sources: &[&Source]) -> Vec<String> {
+    let mut machines: Vec<String> = volumes
+        .iter()
+        .filter(|v| sources.iter().any(|s| s.name == v.name_any()))
+        .filter_map(|v| v.status.as_ref()?.attached_to.as_ref().map(|a| a.machine.clone()))
+        .collect();
+    machines.sort();
+    machines.dedup();
+    machines
+}
+
 impl Backup {
+    /// Asks the Machines the volumes to snapshot are attached to for a
+    /// `sync` (the nixops.io/sync annotation, valued with this Backup's UID;
+    /// their operator answers in status.lastSync) and waits for the answers
+    /// at most SYNC_WAIT after this Backup was created; then the snapshots
+    /// are taken anyway, with a warning naming the machines. Some(requeue)
+    /// while waiting.
+    async fn sync_machines(
+        &self,
+        ctx: &Context,
+        ns: &str,
+        volumes: &[Volume],
+        sources: &[&Source],
+        status: &mut BackupStatus,
+    ) -> Result<Option<Duration>> {
+        let uid = self.uid().unwrap_or_default();
+        let api = Api::<Machine>::namespaced(ctx.client.clone(), ns);
+        let mut waiting = Vec::new();
+        for name in attached_machines(volumes, sources) {
+            let Some(machine) = api.get_opt(&name).await? else { continue };
+            if machine.status.as_ref().and_then(|s| s.last_sync.as_ref()).is_some_and(|s| s.request == uid) {
+                continue;
+            }
+            if machine.annotations().get(SYNC_ANNOTATION) != Some(&uid) {
+                let patch = serde_json::json!({"metadata": {"annotations": {SYNC_ANNOTATION: uid}}});
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            }
+            waiting.push(name);
+        }
+        if waiting.is_empty() {
+            return Ok(None);
+        }
+        let created = self.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
+        let age = Duration::try_from(Timestamp::now().duration_since(created)).unwrap_or_default();
+        if age < SYNC_WAIT {
+            Conditions::new(&mut status.conditions, self.metadata.generation).reconciling(
+                "SyncingFileSystems",
+                format!("waiting for {} to sync their file systems", waiting.join(", ")),
+            );
+            return Ok(Some(SYNC_RECHECK));
+        }
+        let note = format!(
+            "{} did not sync their file systems within {} s; snapshotting anyway",
+            waiting.join(", "),
+            SYNC_WAIT.as_secs()
+        );
+        ctx.event(self, EventType::Warning, "NotSynced", note).await;
+        Ok(None)
+    }
+
     /// Deletes the Network's complete Backups beyond the newest `keep`
     /// (this one counts as complete).
     async fn prune(&self, ctx: &Context, ns: &str, keep: i32) -> Result<()> {
@@ -277,6 +347,22 @@ mod tests {
         assert!(matches!(sources(&spec(&[]), &volumes[2..]), Err(Error::Stalled { reason: "NoVolumes", .. })));
         let pending = [volume("a", "net", None)];
         assert!(matches!(sources(&spec(&[]), &pending), Err(Error::Waiting { reason: "VolumeNotReady", .. })));
+    }
+
+    #[test]
+    fn the_machines_of_attached_volumes_are_asked_to_sync_once_each() {
+        let mut a = volume("a", "net", Some("vol-a"));
+        let mut b = volume("b", "net", Some("vol-b"));
+        let c = volume("c", "net", Some("vol-c"));
+        for v in [&mut a, &mut b] {
+            v.status.as_mut().unwrap().attached_to =
+                Some(crate::api::volume::VolumeAttachmentStatus { machine: "db".into(), device: "/dev/xvdf".into() });
+        }
+        let volumes = [a, b, c];
+        let all = sources(&spec(&[]), &volumes).unwrap();
+        let refs: Vec<&Source> = all.iter().collect();
+        assert_eq!(attached_machines(&volumes, &refs), ["db"]);
+        assert!(attached_machines(&volumes, &refs[2..]).is_empty(), "an unattached volume needs no sync");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use super::status::Conditions;
 use super::{Context, Error, Result, write_status};
 use crate::api::machine::{
     CHECK_ANNOTATION, CheckRecord, CheckResult, DRY_ACTIVATE_ANNOTATION, DRY_ACTIVATE_CLOSURE_ANNOTATION,
-    DryActivationRecord, MachineStatus, REBOOT_ANNOTATION, RebootRecord, RebootResult,
+    DryActivationRecord, MachineStatus, REBOOT_ANNOTATION, RebootRecord, RebootResult, SYNC_ANNOTATION, SyncRecord,
 };
 use crate::api::{Machine, Network};
 use crate::fault;
@@ -45,11 +45,13 @@ pub struct Requests {
     pub settle_reboot: bool,
     /// A dry activation to make.
     pub dry_activate: Option<String>,
+    /// A file system sync to run (before a Backup's snapshots).
+    pub sync: Option<String>,
 }
 
 impl Requests {
     pub fn any(&self) -> bool {
-        self.check.is_some() || self.reboot.is_some() || self.dry_activate.is_some()
+        self.check.is_some() || self.reboot.is_some() || self.dry_activate.is_some() || self.sync.is_some()
     }
 }
 
@@ -59,7 +61,8 @@ pub fn pending(machine: &Machine, status: &MachineStatus) -> Requests {
     let check = annotation(CHECK_ANNOTATION).filter(|r| status.last_check.as_ref().is_none_or(|c| &c.request != r));
     let dry_activate = annotation(DRY_ACTIVATE_ANNOTATION)
         .filter(|r| status.last_dry_activation.as_ref().is_none_or(|d| &d.request != r));
-    let mut requests = Requests { check, dry_activate, ..Requests::default() };
+    let sync = annotation(SYNC_ANNOTATION).filter(|r| status.last_sync.as_ref().is_none_or(|d| &d.request != r));
+    let mut requests = Requests { check, dry_activate, sync, ..Requests::default() };
     if let Some(request) = annotation(REBOOT_ANNOTATION) {
         match &status.last_reboot {
             Some(last) if last.request == request && last.result == RebootResult::Rebooting => {
@@ -93,6 +96,13 @@ pub async fn carry_out(
         if status.last_reboot.as_ref().is_some_and(|r| r.result == RebootResult::Rebooting) {
             action.settle_reboot(request, status).await;
         }
+    }
+    if let Some(request) = &requests.sync {
+        let session = action.connect(ctx.settings.ssh_timeout).await.map_err(super::deploy::ssh_error)?;
+        let synced = session.exec("sync").await;
+        session.close().await;
+        synced.map_err(super::deploy::ssh_error)?;
+        status.last_sync = Some(SyncRecord { request: request.clone(), synced_at: Some(Time(Timestamp::now())) });
     }
     if let Some(request) = &requests.dry_activate {
         action.dry_activate(network, request, status).await?;
@@ -367,5 +377,8 @@ mod tests {
             serde_json::json!({"lastDryActivation": {"request": "d0", "closure": "/nix/store/x", "succeeded": true}}),
         );
         assert_eq!(pending(&m, &s).dry_activate.as_deref(), Some("d1"));
+        let (m, s) =
+            machine(serde_json::json!({SYNC_ANNOTATION: "b1"}), serde_json::json!({"lastSync": {"request": "b1"}}));
+        assert!(!pending(&m, &s).any(), "a sync is run once per request");
     }
 }
