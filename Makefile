@@ -1,5 +1,5 @@
 # nixops-operator — see README.md.
-.PHONY: quickstart quickstart-down quickstart-redeploy quickstart-build test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale bench-push
+.PHONY: quickstart quickstart-down quickstart-redeploy quickstart-build test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale bench-push image plugin
 
 # Sets up everything the tests need (Debian packages, the Go-built control
 # plane) and runs every test, including those against the real API server.
@@ -59,3 +59,12 @@ bench-scale: deps
 # incremental, fan-out to 10 nodes); prints push_ratio_* figures.
 bench-push: deps
 	cargo bench --locked --bench push
+
+# The operator image without a registry (hack/image/build.sh: umoci, from
+# the release binary); writes target/image/ (README: loading into kind/k3d).
+image:
+	hack/image/build.sh
+
+# kubectl nixops, installed into ~/.cargo/bin.
+plugin:
+	cargo install --locked --path . --bin kubectl-nixops

@@ -41,3 +41,4 @@ fi
 "$root/hack/kube-score/build.sh" >/dev/null
 "$root/hack/wireguard/build.sh" >/dev/null
 "$root/hack/libvirt/install.sh" >/dev/null
+"$root/hack/image/install.sh" >/dev/null

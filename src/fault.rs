@@ -21,6 +21,12 @@ pub mod points {
     /// A build script was started on a builder (its credentials sent);
     /// the operator has not seen it end.
     pub const BUILD_AFTER_START: &str = "build-after-start";
+    /// A reboot is recorded as under way (status.lastReboot Rebooting, the
+    /// marker on the machine); systemctl reboot is not asked for yet.
+    pub const REBOOT_BEFORE_REQUEST: &str = "reboot-before-request";
+    /// systemctl reboot was asked for; the operator has not seen the
+    /// machine come back.
+    pub const REBOOT_AFTER_REQUEST: &str = "reboot-after-request";
     /// The intent to create a cloud resource is recorded; the call is next.
     pub const CREATE_BEFORE_CALL: &str = "create-before-call";
     /// The cloud answered a create; its ID is not recorded yet.
@@ -28,7 +34,8 @@ pub mod points {
     /// Both create points are also evaluated per kind of resource, as
     /// `create-after-call:<kind>` with kind one of `instance`, `volume`,
     /// `bucket`, `vpc`, `subnet`, `internet-gateway`, `security-group`,
-    /// `key-pair`, so a test kills the operator after exactly that create.
+    /// `key-pair`, `snapshot` (a Backup's, after the call only), so a test
+    /// kills the operator after exactly that create.
     pub const CREATE_AFTER_CALL: &str = "create-after-call";
     /// A libvirt machine's domain is defined (root disk overlay and seed
     /// exist) but not started, and its ID is not recorded yet.

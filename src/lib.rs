@@ -17,6 +17,7 @@ pub mod leader;
 pub mod metrics;
 pub mod nix;
 pub mod operator;
+pub mod plugin;
 pub mod provider;
 pub mod ssh;
 

@@ -16,7 +16,7 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::api::{KeyPair, Machine, Network, S3Bucket, Volume};
+use crate::api::{Backup, KeyPair, Machine, Network, S3Bucket, Volume};
 use crate::controller::shared::{SharedWatch, Stores};
 use crate::controller::{self, Context, KeyPairUsers, Reconciler, Settings};
 use crate::http::{self, Health};
@@ -239,6 +239,9 @@ async fn run_controllers(
             .watches_stream(w.networks.touched(), controller::network_dependents(store, network_of))
     };
 
+    // Backups look nothing up by watch: their own watch is enough.
+    let backups = Controller::new(api::<Backup>(client, ns), wc.clone());
+
     // Every subscription is made above: the watches start with all their controllers.
     futures::join!(
         w.machines.run(api(client, ns), wc.clone(), stop.clone()),
@@ -250,7 +253,8 @@ async fn run_controllers(
         drive::<Network>(networks, config.clone(), ctx.clone(), stop.clone()),
         drive::<KeyPair>(keypairs, config.clone(), ctx.clone(), stop.clone()),
         drive::<Volume>(volumes, config.clone(), ctx.clone(), stop.clone()),
-        drive::<S3Bucket>(buckets, config, ctx, stop),
+        drive::<S3Bucket>(buckets, config.clone(), ctx.clone(), stop.clone()),
+        drive::<Backup>(backups, config, ctx, stop),
     );
 }
 

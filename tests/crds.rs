@@ -32,7 +32,7 @@ async fn every_crd_is_established_and_discoverable_by_category_and_short_name() 
     support::install_crds(&client).await;
 
     let expected: BTreeSet<String> =
-        ["KeyPair", "Machine", "Network", "S3Bucket", "Volume"].iter().map(|s| s.to_string()).collect();
+        ["Backup", "KeyPair", "Machine", "Network", "S3Bucket", "Volume"].iter().map(|s| s.to_string()).collect();
     // An Established CRD reaches the API server's discovery a moment later.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let discovery = loop {
@@ -59,15 +59,17 @@ async fn every_crd_is_established_and_discoverable_by_category_and_short_name() 
     }
     assert_eq!(kinds, expected);
 
-    // What a user types: the category lists all five, short names resolve.
+    // What a user types: the category lists all six, short names resolve.
     let out = support::kubectl(&["api-resources", "--categories=nixops", "-o", "name"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let listed: BTreeSet<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
-    let expected: BTreeSet<String> =
-        ["keypairs", "machines", "networks", "s3buckets", "volumes"].iter().map(|p| format!("{p}.nixops.io")).collect();
+    let expected: BTreeSet<String> = ["backups", "keypairs", "machines", "networks", "s3buckets", "volumes"]
+        .iter()
+        .map(|p| format!("{p}.nixops.io"))
+        .collect();
     assert_eq!(listed, expected);
 
-    for short in ["nm", "nixmachine", "nixnet", "nixvol", "nixkey", "nixbucket"] {
+    for short in ["nm", "nixmachine", "nixnet", "nixvol", "nixkey", "nixbucket", "nixbackup"] {
         let out = support::kubectl(&["get", short, "-A"], None);
         assert!(out.status.success(), "kubectl get {short}: {}", String::from_utf8_lossy(&out.stderr));
     }

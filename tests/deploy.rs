@@ -305,8 +305,8 @@ async fn failing_health_check_rolls_back() {
     let node = fleet.node();
     let n = nonce();
     let good = system("app", &n, &[("app", "v1")], Activation::Ok);
-    let checks = json!([{"command": "test -e /run/current-system/sw"}]);
-    // The first system passes (it has no sw, so check something it does have).
+    let checks = json!([{"command": "test -e /run/current-system/sw/bin/nginx"}]);
+    // The first system passes (it has no nginx, so check something it does have).
     fleet
         .create("app", &node, json!({"closure": good, "healthChecks": [{"command": "test -x /run/current-system/bin/switch-to-configuration"}]}), json!({}))
         .await;

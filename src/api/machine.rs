@@ -763,6 +763,25 @@ pub struct MachineStatus {
     /// The last build of spec.nixos.build: the commit, the closure and how it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<super::build::BuildRecord>,
+    /// The last check asked for with the `nixops.io/check` annotation
+    /// (`kubectl nixops check`), or made after a reboot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<CheckRecord>,
+
+    /// The last reboot asked for with the `nixops.io/reboot` annotation
+    /// (`kubectl nixops reboot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reboot: Option<RebootRecord>,
+
+    /// The last dry activation asked for with the `nixops.io/dry-activate`
+    /// annotation (`kubectl nixops deploy --dry-activate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dry_activation: Option<DryActivationRecord>,
+
+    /// The last file system sync asked for with the `nixops.io/sync`
+    /// annotation (a Backup of an attached Volume asks before snapshotting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<SyncRecord>,
 }
 
 /// Lifecycle phase of a Machine.
@@ -836,4 +855,129 @@ pub mod deploy_result {
     pub const SUCCEEDED: &str = "Succeeded";
     pub const FAILED: &str = "Failed";
     pub const ROLLED_BACK: &str = "RolledBack";
+}
+
+/// Annotation asking the operator to check the machine now (NixOps
+/// `check`); its value names the request, and status.lastCheck.request
+/// acknowledges it.
+pub const CHECK_ANNOTATION: &str = "nixops.io/check";
+/// Annotation asking the operator to reboot the machine (NixOps `reboot`);
+/// its value names the request, and status.lastReboot.request acknowledges it.
+pub const REBOOT_ANNOTATION: &str = "nixops.io/reboot";
+
+/// Annotation asking the operator for a dry activation of the closure in
+/// `nixops.io/dry-activate-closure` (default spec.nixos.closure); its value
+/// names the request, and status.lastDryActivation.request acknowledges it.
+pub const DRY_ACTIVATE_ANNOTATION: &str = "nixops.io/dry-activate";
+/// The closure a dry activation is asked for.
+pub const DRY_ACTIVATE_CLOSURE_ANNOTATION: &str = "nixops.io/dry-activate-closure";
+
+/// Annotation asking the operator to flush the machine's file systems
+/// (`sync`); its value names the request (a Backup's UID), and
+/// status.lastSync.request acknowledges it.
+pub const SYNC_ANNOTATION: &str = "nixops.io/sync";
+
+/// A `sync` the operator ran on the machine.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncRecord {
+    /// The value of the annotation this answers.
+    pub request: String,
+    /// When `sync` returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_at: Option<Time>,
+}
+
+/// What `switch-to-configuration dry-activate` said a closure would change.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DryActivationRecord {
+    /// The value of the annotation this answers.
+    pub request: String,
+    /// The closure copied to the machine and dry-activated.
+    pub closure: String,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// Whether it ran to the end with exit status 0.
+    pub succeeded: bool,
+    /// The end of what it printed: the units it would start, stop, restart.
+    #[serde(default)]
+    pub output: String,
+}
+
+/// What a check found on the machine.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckRecord {
+    /// The value of the annotation this check answers.
+    pub request: String,
+    /// When the machine was probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<Time>,
+    /// Healthy, or Degraded with the message saying what is wrong.
+    pub result: CheckResult,
+    /// What is wrong, for a result other than Healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The system /run/current-system points to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_closure: Option<String>,
+    /// Whether that is spec.nixos.closure (true when nothing is deployed).
+    #[serde(default)]
+    pub in_sync: bool,
+    /// systemd units in the failed state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_units: Vec<String>,
+    /// Load averages over 1, 5 and 15 minutes, as in /proc/loadavg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<String>,
+    /// Free bytes on the file system holding /nix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix_free_bytes: Option<i64>,
+    /// Size in bytes of the file system holding /nix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix_size_bytes: Option<i64>,
+}
+
+/// How a check ended.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+pub enum CheckResult {
+    /// The desired system is active, no unit failed.
+    #[default]
+    Healthy,
+    /// Another system is active, or units failed, or the check could not run.
+    Degraded,
+}
+
+/// A reboot the operator made.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebootRecord {
+    /// The value of the annotation this reboot answers.
+    pub request: String,
+    /// When the reboot was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the machine was back (or the reboot failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// Rebooting, Succeeded or Failed.
+    pub result: RebootResult,
+    /// What happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where a reboot is.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+pub enum RebootResult {
+    /// Asked for; the machine is not back yet.
+    #[default]
+    Rebooting,
+    /// The machine came back with the same host key.
+    Succeeded,
+    /// It did not come back in time, came back with another host key, or
+    /// refused to reboot; the message says which.
+    Failed,
 }

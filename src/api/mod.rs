@@ -5,6 +5,7 @@
 //! declared next to the field it checks, in [`rules`], so bad manifests are
 //! rejected at `kubectl apply` time with a message naming the field.
 
+pub mod backup;
 pub mod build;
 pub mod keypair;
 pub mod machine;
@@ -19,6 +20,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::{CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+pub use backup::{Backup, BackupSpec, BackupStatus};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use keypair::{KeyPair, KeyPairSpec, KeyPairStatus};
 pub use machine::{Machine, MachineSpec, MachineStatus};
@@ -30,7 +32,7 @@ pub use volume::{Volume, VolumeSpec, VolumeStatus};
 pub const GROUP: &str = "nixops.io";
 /// API version of every kind.
 pub const VERSION: &str = "v1alpha1";
-/// `kubectl get nixops` lists all five kinds.
+/// `kubectl get nixops` lists every kind.
 pub const CATEGORY: &str = "nixops";
 /// Finalizer that makes deletion wait until the cloud resource is gone (or orphaned).
 pub const FINALIZER: &str = "nixops.io/cleanup";
@@ -49,7 +51,7 @@ pub const PAUSED_ANNOTATION: &str = "nixops.io/paused";
 
 /// All custom resource definitions, in the order they are written to `crds/`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Network::crd(), Machine::crd(), Volume::crd(), KeyPair::crd(), S3Bucket::crd()]
+    vec![Network::crd(), Machine::crd(), Volume::crd(), KeyPair::crd(), S3Bucket::crd(), Backup::crd()]
 }
 
 /// A reference to another object in the same namespace.

@@ -330,8 +330,13 @@ pub fn controller(
 /// The private key a Machine logs in with: the KeyPair's Secret's
 /// ssh-privatekey. A KeyPair without it cannot be used to deploy.
 pub async fn private_key(ctx: &Context, ns: &str, keypair: &KeyPair) -> Result<PrivateKey> {
+    private_key_with(&ctx.client, ns, keypair).await
+}
+
+/// [`private_key`] with any client (kubectl nixops uses the user's).
+pub async fn private_key_with(client: &kube::Client, ns: &str, keypair: &KeyPair) -> Result<PrivateKey> {
     let secret_name = &keypair.spec.secret_ref.name;
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns).get_opt(secret_name).await?;
+    let secret = Api::<Secret>::namespaced(client.clone(), ns).get_opt(secret_name).await?;
     let private = secret.as_ref().and_then(|s| s.data.as_ref()?.get(PRIVATE_KEY)).ok_or_else(|| {
         Error::stalled(
             "NoPrivateKey",

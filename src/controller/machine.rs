@@ -32,13 +32,13 @@ pub mod conditions {
 }
 
 /// The machine's settings after Network defaults are applied.
-pub(super) struct Resolved {
-    pub(super) provider: MachineProviderSpec,
-    pub(super) ssh: SshSpec,
+pub struct Resolved {
+    pub provider: MachineProviderSpec,
+    pub ssh: SshSpec,
 }
 
 /// Applies the Network's machineDefaults to what the Machine leaves empty.
-pub(super) fn resolve(machine: &Machine, network: &Network) -> Result<Resolved> {
+pub fn resolve(machine: &Machine, network: &Network) -> Result<Resolved> {
     let defaults = network.spec.machine_defaults.clone().unwrap_or_default();
     let provider = machine.spec.provider.clone().or(defaults.provider).ok_or_else(|| {
         Error::stalled(
@@ -93,15 +93,15 @@ fn check_provider_kind(recorded: Option<&str>, resolved: Option<&MachineProvider
 }
 
 /// The host key a machine must present, and which field pins it.
-struct Pin {
-    key: HostKey,
-    source: &'static str,
+pub struct Pin {
+    pub key: HostKey,
+    pub source: &'static str,
 }
 
 /// The pinned host key: spec.ssh.hostKey, else the one the provider
 /// installed (libvirt's seed), else the one recorded at first contact;
 /// None before first contact.
-fn host_key_pin(spec_pin: Option<&str>, injected: Option<&str>, recorded: Option<&str>) -> Result<Option<Pin>> {
+pub fn host_key_pin(spec_pin: Option<&str>, injected: Option<&str>, recorded: Option<&str>) -> Result<Option<Pin>> {
     let (pin, source) = match (spec_pin, injected, recorded) {
         (Some(pin), _, _) => (pin, "spec.ssh.hostKey"),
         (None, Some(key), _) => (key, "the host key the provider installed at first boot"),
@@ -193,6 +193,8 @@ impl Reconciler for Machine {
                 None => users.remove(&super::object_key(&*self)),
             };
         }
+        // A check or reboot asked for needs the login key too.
+        let actions_pending = super::machine_actions::pending(&self, status).any();
         let mut key_name = None;
         let mut authorized_key = None;
         let mut login_key = None;
@@ -221,7 +223,7 @@ impl Reconciler for Machine {
             }
             key_name = status.cloud_key_name;
             authorized_key = status.public_key;
-            if self.spec.nixos.is_some() || resolved.ssh.jump_host.is_some() {
+            if self.spec.nixos.is_some() || resolved.ssh.jump_host.is_some() || actions_pending {
                 login_key = Some(super::keypair::private_key(&ctx, &ns, &keypair).await?);
             }
         }
@@ -393,6 +395,7 @@ impl Reconciler for Machine {
             None => (&*self, None),
         };
         let requeue = deploy::reconcile(machine, &network, &ctx, &target, status, source).await?;
+        super::machine_actions::carry_out(&self, &network, &ctx, &target, status).await?;
         Ok(requeue)
     }
 

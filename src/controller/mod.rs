@@ -7,10 +7,12 @@
 //! with server-side apply, only when changed), Stalled vs retried errors with
 //! capped exponential backoff, warning events, and metrics.
 
+pub mod backup;
 pub mod build;
 pub mod deploy;
 pub mod keypair;
 pub mod machine;
+pub mod machine_actions;
 pub mod mesh;
 pub mod network;
 pub mod s3bucket;

@@ -6,6 +6,7 @@ pub mod activation;
 pub mod base32;
 pub mod build;
 pub mod cache;
+pub mod check;
 pub mod keys;
 pub mod local_store;
 pub mod membership;

@@ -254,6 +254,40 @@ pub trait VolumeProvider: Send + Sync {
     async fn detach(&self, target: &CloudTarget, id: &str, instance: &str) -> Result<(), ProviderError>;
     /// Deletes the volume; one already gone is success.
     async fn delete(&self, target: &CloudTarget, id: &str) -> Result<(), ProviderError>;
+    /// The snapshots made for `target`'s owner (a Backup), by its UID tag.
+    async fn snapshots(&self, target: &CloudTarget) -> Result<Vec<SnapshotState>, ProviderError>;
+    /// Snapshots volume `id` (the Volume named `volume`), tagged with the
+    /// owner in the same call.
+    async fn create_snapshot(
+        &self,
+        target: &CloudTarget,
+        id: &str,
+        volume: &str,
+    ) -> Result<SnapshotState, ProviderError>;
+    /// Deletes a snapshot; one already gone is success.
+    async fn delete_snapshot(&self, target: &CloudTarget, id: &str) -> Result<(), ProviderError>;
+}
+
+/// A snapshot of a block device as its provider sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotState {
+    pub id: String,
+    /// The block device it was taken of.
+    pub volume_id: String,
+    /// The Volume object's name, as tagged.
+    pub volume: String,
+    pub phase: SnapshotPhase,
+    /// The provider's progress, e.g. "42%".
+    pub progress: Option<String>,
+    pub size_gib: i32,
+}
+
+/// Where a snapshot is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotPhase {
+    Pending,
+    Completed,
+    Failed,
 }
 
 /// Object storage buckets (`S3Bucket`).
@@ -420,6 +454,12 @@ impl Providers {
             ""
         };
         lookup(&self.volumes, "spec.provider", kind)
+    }
+
+    /// The volume provider of a Network's provider block, by name: for
+    /// what belongs to no one Volume (a Backup's snapshots).
+    pub fn volumes_of_network(&self, kind: &str) -> Result<Arc<dyn VolumeProvider>, ProviderError> {
+        lookup(&self.volumes, "the Network's spec.provider", kind)
     }
 
     /// The provider for S3Buckets.

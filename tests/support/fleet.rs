@@ -28,13 +28,7 @@ impl Fleet {
         super::install_crds(&client).await;
         let ns = super::namespace(&client, prefix).await;
         let operator = super::Operator::start(&ns, &["--resync-seconds", "2"]);
-        let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
-        let keypair: KeyPair = serde_json::from_value(json!({
-            "apiVersion": "nixops.io/v1alpha1", "kind": "KeyPair", "metadata": {"name": "deployer"},
-            "spec": {"secretRef": {"name": "deployer-ssh"}}
-        }))
-        .unwrap();
-        keypairs.create(&PostParams::default(), &keypair).await.unwrap();
+        let keypairs = create_deployer_keypair(&client, &ns).await;
         super::wait_for(&keypairs, "deployer", TIMEOUT, "KeyPair Ready", |k| {
             k.status.as_ref().is_some_and(|s| super::is_ready(&s.conditions))
         })
@@ -106,6 +100,18 @@ impl Fleet {
         let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
         events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect()
     }
+}
+
+/// Creates the KeyPair `deployer` (generated into Secret `deployer-ssh`).
+pub async fn create_deployer_keypair(client: &Client, ns: &str) -> Api<KeyPair> {
+    let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), ns);
+    let keypair: KeyPair = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "KeyPair", "metadata": {"name": "deployer"},
+        "spec": {"secretRef": {"name": "deployer-ssh"}}
+    }))
+    .unwrap();
+    keypairs.create(&PostParams::default(), &keypair).await.unwrap();
+    keypairs
 }
 
 pub fn nonce() -> String {

@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod netns;
 pub mod libvirt;
 pub mod node;
+pub mod plugin;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

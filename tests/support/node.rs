@@ -56,20 +56,51 @@ const NODE_TIMEOUT: Duration = Duration::from_secs(30);
 const NODE_INIT: &str = r#"
 set -eu
 dir=$1
-# --no-mtab: otherwise mount creates /run/mount on the host's /run.
-mount --no-mtab -t tmpfs -o mode=0755 node-run /run
 mount --no-mtab --bind "$dir/nix" /nix
 mount --no-mtab --bind "$dir/root" /root
-mkdir -p /run/sshd /run/node
 # Its own hosts file (the operator manages a block in it), and tools of its own.
 mount --no-mtab --bind "$dir/hosts" /etc/hosts
 if [ -d "$dir/bin" ]; then mount --no-mtab --bind "$dir/bin" /usr/local/sbin; fi
 if [ -n "${NODE_NET:-}" ]; then ip link set lo up; fi
-install -m 600 "$dir/authorized_keys" /run/node/authorized_keys
-if [ -e "$dir/users.sh" ]; then . "$dir/users.sh"; fi
+# What a boot makes: a fresh /run (a tmpfs, as on NixOS) whose
+# current-system is the system profile's (the boot default).
+boot() {
+  # --no-mtab: otherwise mount creates /run/mount on the host's /run.
+  mount --no-mtab -t tmpfs -o mode=0755 node-run /run
+  mkdir -p /run/sshd /run/node
+  install -m 600 "$dir/authorized_keys" /run/node/authorized_keys
+  if [ -e "$dir/users.sh" ]; then . "$dir/users.sh"; fi
+  if [ -e /nix/var/nix/profiles/system ]; then
+    ln -sfn "$(readlink -f /nix/var/nix/profiles/system)" /run/current-system
+  fi
+}
+# SIGUSR1 (a test system's `systemctl reboot`) simulates a reboot: every
+# process of the node but this init is killed, /run starts afresh, sshd
+# comes back with the same host keys.
+reboots=0
+trap 'reboots=$((reboots + 1))' USR1
+boot
 nix-store --init
-/usr/sbin/sshd -D -e -f "$dir/sshd_config" &
-cat >/dev/null
+# The lifeline is this init's stdin; an asynchronous command's stdin would
+# be /dev/null, so it reads a copy.
+exec 3<&0
+cat <&3 >/dev/null &
+lifeline=$!
+while :; do
+  /usr/sbin/sshd -D -e -f "$dir/sshd_config" &
+  seen=$reboots
+  while [ "$seen" = "$reboots" ] && kill -0 "$lifeline" 2>/dev/null; do wait "$lifeline" || true; done
+  # The lifeline closed: the node stops.
+  [ "$seen" != "$reboots" ] || break
+  echo "node: rebooting"
+  # kill -1 from the init of a pid namespace reaches only that namespace.
+  [ "$$" = 1 ] && kill -s KILL -- -1 || true
+  wait || true
+  umount -l /run
+  boot
+  cat <&3 >/dev/null &
+  lifeline=$!
+done
 "#;
 
 /// Runs NODE_INIT in new mount and pid namespaces, then removes the node's
@@ -189,7 +220,7 @@ impl NixNode {
                 "Port {port}\nListenAddress {listen}\n{host_keys}PidFile none\n\
                  AuthorizedKeysFile {AUTHORIZED_KEYS} {HOMES}/%u/authorized_keys\n\
                  PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nLogLevel VERBOSE\n\
-                 PrintMotd no\nPrintLastLog no\n"
+                 PrintMotd no\nPrintLastLog no\nSubsystem sftp internal-sftp\n"
             ),
         )
         .expect("write sshd_config");
@@ -522,6 +553,7 @@ impl TestSystem {
              /bin/mkdir -p {dir}\n\
              echo \"$action $toplevel\" >> {ACTIVATIONS}\n\
              case $action in switch|test) /bin/ln -sfn \"$toplevel\" /run/current-system ;; esac\n\
+             case $action in dry-activate) echo \"would activate $toplevel\" ;; esac\n\
              if [ -e {AUTHORIZED_KEYS}.off ]; then /bin/mv {AUTHORIZED_KEYS}.off {AUTHORIZED_KEYS}; fi\n\
              {ending}\n",
             name = self.name,
@@ -530,6 +562,21 @@ impl TestSystem {
         )
     }
 }
+
+/// A test system's `sw/bin/systemctl`: what the operator asks of a NixOS
+/// system's systemctl. `reboot` has the node's init simulate a reboot;
+/// `list-units` (the check's `--state=failed`) prints the lines of
+/// FAILED_UNITS, so a test can make units fail.
+const SYSTEMCTL: &str = "#!/bin/sh\n\
+    case \"$1\" in\n\
+      reboot) kill -USR1 1 ;;\n\
+      list-units) if [ -e /run/nixops-test/failed-units ]; then /bin/cat /run/nixops-test/failed-units; fi ;;\n\
+      *) echo \"test systemctl: $1 is not simulated\" >&2; exit 1 ;;\n\
+    esac\n";
+
+/// Inside a node: `<unit> loaded failed failed <description>` lines the
+/// test systems' systemctl lists as failed units.
+pub const FAILED_UNITS: &str = "/run/nixops-test/failed-units";
 
 /// Builds a TestSystem from a JSON spec: a derivation per package, and the
 /// toplevel listing them (so they are in its closure) with its
@@ -559,7 +606,8 @@ in builtins.derivation {
   inherit (spec) nonce;
   packages = map package spec.packages;
   switch = builtins.replaceStrings [ "@out@" ] [ (builtins.placeholder "out") ] spec.switch;
-  passAsFile = [ "switch" ];
+  inherit (spec) systemctl;
+  passAsFile = [ "switch" "systemctl" ];
   system = builtins.currentSystem;
   builder = "/bin/sh";
   args = [ "-c" ''
@@ -567,6 +615,9 @@ in builtins.derivation {
     for p in $packages; do echo "$p"; done > $out/packages
     /bin/cp "$switchPath" $out/bin/switch-to-configuration
     /bin/chmod 0555 $out/bin/switch-to-configuration
+    /bin/mkdir -p $out/sw/bin
+    /bin/cp "$systemctlPath" $out/sw/bin/systemctl
+    /bin/chmod 0555 $out/sw/bin/systemctl
   '' ];
 }
 "#;
@@ -578,6 +629,7 @@ pub fn build_system(sys: &TestSystem) -> String {
         "nonce": sys.nonce,
         "packages": sys.packages.iter().map(|(name, content)| serde_json::json!({"name": name, "content": content})).collect::<Vec<_>>(),
         "switch": sys.switch_to_configuration(),
+        "systemctl": SYSTEMCTL,
     });
     let spec_file = tempfile::NamedTempFile::new().expect("create spec file");
     std::fs::write(spec_file.path(), spec.to_string()).expect("write spec file");

@@ -1059,6 +1059,55 @@ impl Run<'_> {
     }
 }
 
+/// Copies `closure` to the machine from the Machine's own source (as a
+/// deployment would) and runs its `switch-to-configuration dry-activate`:
+/// what activating it would change, with nothing changed (`kubectl nixops
+/// deploy --dry-activate`). Returns whether it succeeded and its output.
+pub async fn dry_activate(
+    machine: &Machine,
+    network: &Network,
+    ctx: &Context,
+    target: &Target,
+    session: &Session,
+    closure: &str,
+) -> Result<(bool, String)> {
+    let nixos = machine.spec.nixos.as_ref().ok_or_else(|| {
+        Error::stalled("NoNixos", "a dry activation needs spec.nixos (its source and delivery)".to_owned())
+    })?;
+    let path = StorePath::parse(closure)
+        .map_err(|e| Error::stalled("InvalidClosure", format!("the closure to dry-activate: {e}")))?;
+    let run = Run {
+        machine,
+        network,
+        ctx,
+        api: Api::namespaced(ctx.client.clone(), &machine.namespace().unwrap_or_default()),
+        nixos,
+        target,
+        generation: machine.metadata.generation,
+    };
+    let (source, mut survey) = run.survey(session, &path).await?;
+    let copied = match nixos.delivery {
+        Delivery::Push => {
+            let records = &ctx.deployments.records;
+            push::import(session, &mut survey.serve, &source, &survey.missing, false, records, &|_| {})
+                .await
+                .map_err(source_error)
+        }
+        Delivery::Substitute => run.substitute(session, &path, &survey.missing).await,
+    };
+    let out = match copied {
+        Ok(_) => {
+            let command =
+                format!("{} dry-activate", activation::shell_quote(&format!("{path}/bin/switch-to-configuration")));
+            session.exec(&command).await.map_err(ssh_error)
+        }
+        Err(err) => Err(err),
+    };
+    survey.serve.release().await;
+    let out = out?;
+    Ok((out.status == Some(0), output_tail(&out.stdout, &out.stderr)))
+}
+
 /// A closure's source and what the machine lacks of it.
 type Surveyed = (PathSource, Survey);
 
@@ -1090,7 +1139,7 @@ pub fn is_up_to_date(machine: &Machine) -> bool {
     })
 }
 
-pub(super) fn ssh_error(err: SshError) -> Error {
+pub(crate) fn ssh_error(err: SshError) -> Error {
     match err {
         SshError::HostKeyMismatch { .. } => {
             Error::stalled("HostKeyMismatch", format!("{err}; no work is done on this machine"))

@@ -9,6 +9,7 @@ pub mod ec2;
 pub mod keypair;
 pub mod providers;
 pub mod s3;
+pub mod snapshot;
 pub mod vpc;
 
 use std::collections::HashMap;

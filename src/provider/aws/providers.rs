@@ -4,11 +4,11 @@
 
 use async_trait::async_trait;
 
-use super::{AwsAccounts, AwsClients, ebs, keypair, s3, vpc};
+use super::{AwsAccounts, AwsClients, ebs, keypair, s3, snapshot, vpc};
 use crate::api::volume::VolumeProvider as VolumeSpec;
 use crate::provider::{
     BucketHolder, BucketProvider, BucketSpec, CloudKey, CloudTarget, KeyPairProvider, NetworkPart, NetworkProvider,
-    NetworkResources, NetworkState, ProviderError, VolumeProvider, VolumeState,
+    NetworkResources, NetworkState, ProviderError, SnapshotState, VolumeProvider, VolumeState,
 };
 
 /// Amazon Web Services for volumes, buckets, networks and key pairs.
@@ -81,6 +81,23 @@ impl VolumeProvider for Aws {
 
     async fn delete(&self, target: &CloudTarget, id: &str) -> Result<(), ProviderError> {
         ebs::delete(&*self.clients(target).await?, id).await
+    }
+
+    async fn snapshots(&self, target: &CloudTarget) -> Result<Vec<SnapshotState>, ProviderError> {
+        snapshot::find(&*self.clients(target).await?, &target.owner).await
+    }
+
+    async fn create_snapshot(
+        &self,
+        target: &CloudTarget,
+        id: &str,
+        volume: &str,
+    ) -> Result<SnapshotState, ProviderError> {
+        snapshot::create(&*self.clients(target).await?, &target.owner, id, volume).await
+    }
+
+    async fn delete_snapshot(&self, target: &CloudTarget, id: &str) -> Result<(), ProviderError> {
+        snapshot::delete(&*self.clients(target).await?, id).await
     }
 }
 
