@@ -8,8 +8,8 @@
 #![allow(dead_code)]
 
 pub mod fleet;
-pub mod netns;
 pub mod libvirt;
+pub mod netns;
 pub mod node;
 pub mod plugin;
 

@@ -1084,6 +1084,8 @@ pub async fn dry_activate(
         nixos,
         target,
         generation: machine.metadata.generation,
+        membership_recheck: Mutex::default(),
+        source: None,
     };
     let (source, mut survey) = run.survey(session, &path).await?;
     let copied = match nixos.delivery {
