@@ -161,6 +161,9 @@ async fn run(args: RunArgs) -> Result<(), operator::RunError> {
     operator::run(opts).await
 }
 
+/// Stack of each runtime thread (workers and blocking threads).
+const WORKER_STACK_BYTES: usize = 8 * 1024 * 1024;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     nixops_operator::fault::setup();
@@ -169,10 +172,17 @@ fn main() -> ExitCode {
         Command::Crds { out_dir: None } => {
             crdgen::render_stream().map(|yaml| print!("{yaml}")).map_err(|e| e.to_string())
         }
-        Command::Run(args) => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(run(args)).map_err(|e| e.to_string()),
-            Err(e) => Err(format!("cannot start the async runtime: {e}")),
-        },
+        // Reconciles nest deep futures (a deployment from an S3 cache, with
+        // the mesh and build steps around it); tokio's 2 MiB worker stacks
+        // overflowed on that path in debug builds. 8 MiB, as the main
+        // thread has, is address space, not resident memory.
+        Command::Run(args) => {
+            match tokio::runtime::Builder::new_multi_thread().thread_stack_size(WORKER_STACK_BYTES).enable_all().build()
+            {
+                Ok(rt) => rt.block_on(run(args)).map_err(|e| e.to_string()),
+                Err(e) => Err(format!("cannot start the async runtime: {e}")),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
