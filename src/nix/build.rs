@@ -198,11 +198,7 @@ impl BuildRequest {
             self.attributes.join(", ").replace(['"', '`', '$', '\\'], "_")
         );
         s += "offset=$(($(stat -c %s \"$log\") + 1))\n";
-        // The oldest logs of this line go.
-        s += &format!(
-            "ls -t \"$logs/${{job%%-*}}\"-*.log 2>/dev/null | tail -n +{} | while read -r f; do [ \"$f\" = \"$log\" ] || rm -f \"$f\"; done\n",
-            KEEP_LOGS + 1
-        );
+        s += &prune_logs();
         s += CREDENTIALS;
         s += "[ -d \"$mirror\" ] || git init -q --bare \"$mirror\" >&2 || exit 10\n";
         s += "git -C \"$mirror\" fetch -q --force --prune \"$url\" '+refs/heads/*:refs/heads/*' '+refs/tags/*:refs/tags/*' >&2 \
@@ -258,6 +254,15 @@ impl BuildRequest {
         // exit at once, and its exit status would say nothing.
         format!("setsid --wait sh -c {}", shell_quote(&self.script()))
     }
+}
+
+/// Removes the oldest logs of the job's line (`${job%%-*}`) in `$logs`
+/// but the newest [`KEEP_LOGS`], never `$log` (this build's).
+fn prune_logs() -> String {
+    format!(
+        "ls -t \"$logs/${{job%%-*}}\"-*.log 2>/dev/null | tail -n +{} | while read -r f; do [ \"$f\" = \"$log\" ] || rm -f \"$f\"; done\n",
+        KEEP_LOGS + 1
+    )
 }
 
 /// Shell functions on a job's pid file: `alive FILE` (it names a running
@@ -415,6 +420,33 @@ mod tests {
         assert!(!is_log_path(&format!("{LOG_DIR}/.log")));
         assert!(!is_log_path("/etc/passwd"));
         assert!(request(Expression::Flake, vec![]).script().contains(&format!("logs={LOG_DIR}\n")));
+    }
+
+    #[test]
+    fn only_the_newest_logs_of_a_line_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().display().to_string();
+        // Seven builds of line "aaa" (older to newer), two of line "bbb".
+        for (i, name) in (0..7).map(|i| format!("aaa-{i}-x")).chain(["bbb-0-x".into(), "bbb-1-x".into()]).enumerate() {
+            let file = dir.path().join(format!("{name}.log"));
+            std::fs::write(&file, "log").unwrap();
+            let touched = std::process::Command::new("touch")
+                .args(["-d", &format!("2020-01-01 00:00:{i:02}")])
+                .arg(&file)
+                .status()
+                .unwrap();
+            assert!(touched.success());
+        }
+        let script = format!("logs={logs}\njob=aaa-6-x\nlog=\"$logs/$job.log\"\n{}", prune_logs());
+        let out = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let newest: Vec<String> = (2..7).map(|i| format!("aaa-{i}-x.log")).collect();
+        assert_eq!(left, [newest, vec!["bbb-0-x.log".into(), "bbb-1-x.log".into()]].concat(), "other lines untouched");
     }
 
     #[test]
