@@ -216,6 +216,15 @@ async fn a_flake_on_a_branch_is_built_once_per_commit_on_the_builder_and_rolled_
     node_a.verify();
     assert_eq!(builds(&fleet, "Succeeded"), 1.0, "two machines on one commit: one build");
 
+    // The build's whole log is on the builder, and build-log reads it from
+    // there (with the builder Machine's key and pinned host key).
+    let path = built_a.log_path.clone().expect("status.build.logPath");
+    assert!(builder.exec_ok(&format!("test -f {path} && echo yes")).contains("yes"), "the log is on the builder");
+    let shown = support::plugin::run(&fleet.ns, &["build-log", "b"]);
+    let log = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{}", support::plugin::text(&shown));
+    assert!(log.contains(&rev1) && log.contains("-nixos-system-a.drv") && log.contains("-nixos-system-b.drv"), "{log}");
+
     // `kubectl get machines -o wide` shows the commit.
     let wide = support::kubectl(&["get", "machines", "-n", &fleet.ns, "-o", "wide"], None);
     let wide = String::from_utf8_lossy(&wide.stdout);
