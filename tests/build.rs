@@ -19,7 +19,7 @@ use support::node::NixNode;
 
 /// The repository's demo system: a toplevel with a `motd` package and a
 /// switch-to-configuration that records activations as the test systems
-/// of support::node do; `fail` makes its build fail, `sleep` (seconds)
+/// of support::node do; `fail` makes its build print 12 lines and fail, `sleep` (seconds)
 /// makes it sleep first.
 const SYSTEM_NIX: &str = r#"
 { name, message, fail ? false, sleep ? 0, system }:
@@ -34,7 +34,7 @@ in builtins.derivation {
   name = "nixos-system-${name}";
   inherit system;
   builder = "/bin/sh";
-  args = [ "-c" ((if sleep > 0 then "/bin/sleep ${toString sleep}; " else "") + (if fail then "echo 'error: system ${name} refuses to build (fail = true)' >&2; exit 1" else ''
+  args = [ "-c" ((if sleep > 0 then "/bin/sleep ${toString sleep}; " else "") + (if fail then "for i in 01 02 03 04 05 06 07 08 09 10 11 12; do echo \"log line $i of ${name}\"; done; echo 'error: system ${name} refuses to build (fail = true)' >&2; exit 1" else ''
     /bin/mkdir -p $out/bin
     echo ${motd} > $out/packages
     /bin/cat > $out/bin/switch-to-configuration <<EOS
@@ -216,6 +216,15 @@ async fn a_flake_on_a_branch_is_built_once_per_commit_on_the_builder_and_rolled_
     node_a.verify();
     assert_eq!(builds(&fleet, "Succeeded"), 1.0, "two machines on one commit: one build");
 
+    // The build's whole log is on the builder, and build-log reads it from
+    // there (with the builder Machine's key and pinned host key).
+    let path = built_a.log_path.clone().expect("status.build.logPath");
+    assert!(builder.exec_ok(&format!("test -f {path} && echo yes")).contains("yes"), "the log is on the builder");
+    let shown = support::plugin::run(&fleet.ns, &["build-log", "b"]);
+    let log = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{}", support::plugin::text(&shown));
+    assert!(log.contains(&rev1) && log.contains("-nixos-system-a.drv") && log.contains("-nixos-system-b.drv"), "{log}");
+
     // `kubectl get machines -o wide` shows the commit.
     let wide = support::kubectl(&["get", "machines", "-n", &fleet.ns, "-o", "wide"], None);
     let wide = String::from_utf8_lossy(&wide.stdout);
@@ -275,6 +284,24 @@ async fn a_failed_build_keeps_the_old_system_and_unsigned_commits_are_refused() 
         .filter_map(|e| e.message)
         .collect();
     assert!(failed.iter().any(|n| n.contains("refuses to build")), "{failed:?}");
+
+    // The whole log stays on the machine that built it (here the machine
+    // itself): status has only its end, `kubectl nixops build-log` all of it.
+    assert!(!message.contains("log line 01 of t"), "status holds only the log's end: {message}");
+    let path = record.log_path.clone().expect("status.build.logPath");
+    let shown = support::plugin::run(&fleet.ns, &["build-log", "t"]);
+    let text = support::plugin::text(&shown);
+    assert!(shown.status.success(), "{text}");
+    let log = String::from_utf8_lossy(&shown.stdout);
+    for line in ["log line 01 of t", "log line 12 of t", "refuses to build (fail = true)", rev2.as_str()] {
+        assert!(log.contains(line), "build-log shows {line:?}: {text}");
+    }
+    assert!(node.exec_ok(&format!("cat {path}")).contains("log line 01 of t"), "the log is the node's file {path}");
+    // A log that is gone is said so, with a failing exit status.
+    node.exec_ok(&format!("rm {path}"));
+    let gone = support::plugin::run(&fleet.ns, &["build-log", "t"]);
+    assert_eq!(gone.status.code(), Some(1), "{}", support::plugin::text(&gone));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("is gone"), "{}", support::plugin::text(&gone));
 
     // Signatures required: an unsigned (and otherwise fine) commit is refused.
     let patch = json!({"spec": {"nixos": {"build": {"requireSignedBy": [repo.signer()]}}}});

@@ -178,9 +178,15 @@ pub struct BuildRecord {
     /// Building, Succeeded, Failed or Refused.
     pub result: BuildResult,
     /// For a failure: what failed and the last lines of the log (the
-    /// Machine's BuildFailed event carries more of it).
+    /// Machine's BuildFailed event carries more of it, `logPath` all of it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Where the whole log of the build is kept: a file on the Machine
+    /// named by `builder` (empty: on this machine), shown by `kubectl
+    /// nixops build-log <machine>`. The builder keeps the last 5 logs of
+    /// each followed ref or pinned rev.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
     /// The Machine's metadata.generation the build was made for: a failed
     /// rev is built again only when the spec changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

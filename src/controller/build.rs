@@ -295,7 +295,7 @@ pub async fn reconcile(
                 return Ok(deploy);
             }
             (BuildResult::Failed | BuildResult::Refused, _) if previous.spec_generation == generation => {
-                return Err(failed_error(previous));
+                return Err(failed_error(previous, &name));
             }
             _ => {}
         }
@@ -363,6 +363,7 @@ pub async fn reconcile(
         finished_at: None,
         result: BuildResult::Building,
         message: None,
+        log_path: Some(script::log_path(&job.id)),
         spec_generation: generation,
     };
     match job.outcome() {
@@ -410,7 +411,7 @@ pub async fn reconcile(
             let start = (start..log.len()).find(|i| log.is_char_boundary(*i)).unwrap_or(log.len());
             let reason = if result == BuildResult::Refused { "BuildRefused" } else { "BuildFailed" };
             ctx.event(machine, EventType::Warning, reason, format!("{headline}: …{}", &log[start..])).await;
-            let err = failed_error(&record);
+            let err = failed_error(&record, &name);
             status.build = Some(record);
             Err(err)
         }
@@ -419,8 +420,13 @@ pub async fn reconcile(
 
 /// The Stalled error for a failed or refused build: the machine stays on
 /// its current system until a new commit or a spec change.
-fn failed_error(record: &BuildRecord) -> Error {
+fn failed_error(record: &BuildRecord, machine: &str) -> Error {
     let what = record.message.as_deref().unwrap_or("the build failed");
+    let whole = if record.log_path.is_some() {
+        format!(" (the whole log: kubectl nixops build-log {machine})")
+    } else {
+        String::new()
+    };
     let (reason, fix) = match record.result {
         BuildResult::Refused => (
             "UnsignedCommit",
@@ -431,7 +437,7 @@ fn failed_error(record: &BuildRecord) -> Error {
     Error::stalled(
         reason,
         format!(
-            "{} at {} was not built, so the machine stays on its current system; to go on, {fix}. {what}",
+            "{} at {} was not built, so the machine stays on its current system; to go on, {fix}{whole}. {what}",
             record.source, record.rev
         ),
     )

@@ -109,6 +109,25 @@ pub const STARTED: &str = "nixops-build-started";
 /// Where the builder keeps its mirrors, job pid files and GC roots.
 const BASE: &str = "~root/.cache/nixops-operator";
 const GC_ROOTS: &str = "/nix/var/nix/gcroots/nixops-operator";
+/// Where the builder keeps the whole log of each build, `<job>.log`, and
+/// how many of them it keeps per line (a ref followed, a pinned rev): the
+/// oldest go when a build of the line starts.
+pub const LOG_DIR: &str = "/nix/var/log/nixops-operator/builds";
+pub const KEEP_LOGS: usize = 5;
+
+/// The path of the log of the build `job` on its builder.
+pub fn log_path(job: &str) -> String {
+    format!("{LOG_DIR}/{job}.log")
+}
+
+/// Whether `path` is a build log's path as [`log_path`] makes it (so a
+/// status field names no other file to read).
+pub fn is_log_path(path: &str) -> bool {
+    path.strip_prefix(LOG_DIR)
+        .and_then(|p| p.strip_prefix('/'))
+        .and_then(|p| p.strip_suffix(".log"))
+        .is_some_and(|job| !job.is_empty() && job.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
 
 /// The directory of the bare mirror of `url` on the builder.
 fn mirror_name(url: &str) -> String {
@@ -138,7 +157,8 @@ impl BuildRequest {
     /// (`setsid`, so [`cancel_script`] stops all of it). Standard input
     /// carries the credentials (possibly none); standard output gets one
     /// `<drv> <out>` line per attribute; standard error the log, of which
-    /// only the last 64 KiB come back. Exits with an [`exit`] status.
+    /// only the last 64 KiB come back (the whole of it stays at
+    /// [`log_path`] of the job). Exits with an [`exit`] status.
     pub fn script(&self) -> String {
         let mut s = String::from("set -u\numask 077\n");
         s += &format!("base={BASE}\nmirror=\"$base/git/{}\"\n", mirror_name(&self.url));
@@ -148,7 +168,8 @@ impl BuildRequest {
             shell_quote(&self.rev),
             shell_quote(&self.job)
         );
-        s += "mkdir -p \"$base/git\" \"$base/jobs\" || exit 10\n";
+        s += &format!("logs={LOG_DIR}\nlog=\"$logs/$job.log\"\n");
+        s += "mkdir -p \"$base/git\" \"$base/jobs\" \"$logs\" || exit 10\n";
         s += "work=$(mktemp -d \"${TMPDIR:-/tmp}/nixops-build.XXXXXX\") || exit 10\n";
         s += JOB_FILES;
         // One pid file per running script, <job>.<pid>.pid, locked while it
@@ -158,14 +179,26 @@ impl BuildRequest {
         s += &format!("echo {STARTED}\n");
         // The build goes on if the operator's connection goes (the next
         // operator finds it): output goes to files, sent at the end if
-        // anyone still listens.
-        s += "trap '' PIPE\nexec 3>&1 4>&2 >\"$work/out\" 2>\"$work/err\"\n";
-        s += "trap 'tail -c 65536 \"$work/err\" >&4; cat \"$work/out\" >&3; rm -rf \"$work\" \"$me\"' EXIT\ntrap 'exit 143' TERM\n";
+        // anyone still listens. The log (everything on standard error,
+        // Nix's output included) stays for `kubectl nixops build-log`;
+        // another attempt of the same job appends to it, and only this
+        // attempt's part (from `offset`) goes back to the operator.
+        s += "trap '' PIPE\nexec 3>&1 4>&2 >\"$work/out\" 2>>\"$log\"\n";
+        s += "offset=$(($(stat -c %s \"$log\") + 1))\n";
+        s += "trap 'st=$?; tail -c \"+$offset\" \"$log\" | tail -c 65536 >&4; cat \"$work/out\" >&3; \
+              echo \"== the build script exited with status $st at $(date -u +%FT%TZ)\" >&2; rm -rf \"$work\" \"$me\"' EXIT\n\
+              trap 'exit 143' TERM\n";
         // Builds of other commits of this line, left by an operator that is
         // gone (a live one stops them itself), stop now; the same build left
         // so is waited for: its result is this one's.
         s += "for f in \"$line_jobs\"-*.pid; do case $f in \"$line_jobs-${rest%%-*}-\"*) ;; *) stop \"$f\" ;; esac; done\n";
         s += "for f in \"$base/jobs/$job\".*.pid; do [ \"$f\" = \"$me\" ] || while alive \"$f\"; do sleep 1; done; done\n";
+        s += &format!(
+            "echo \"== nixops-operator: building $url at $rev ({}) on $(uname -n), started $(date -u +%FT%TZ)\" >&2\n",
+            self.attributes.join(", ").replace(['"', '`', '$', '\\'], "_")
+        );
+        s += "offset=$(($(stat -c %s \"$log\") + 1))\n";
+        s += &prune_logs();
         s += CREDENTIALS;
         s += "[ -d \"$mirror\" ] || git init -q --bare \"$mirror\" >&2 || exit 10\n";
         s += "git -C \"$mirror\" fetch -q --force --prune \"$url\" '+refs/heads/*:refs/heads/*' '+refs/tags/*:refs/tags/*' >&2 \
@@ -178,13 +211,11 @@ impl BuildRequest {
         s += "mkdir \"$work/src\" && git -C \"$mirror\" archive \"$rev\" | tar -x -C \"$work/src\" || exit 10\n";
         s += "cd \"$work\" || exit 10\n";
         s += &format!(
-            "nix eval {FEATURES} --impure --raw --expr {} > \"$work/pairs\" 2> \"$work/log\" \
-             || {{ echo \"evaluating $rev failed:\" >&2; tail -c 65536 \"$work/log\" >&2; exit 13; }}\n",
+            "nix eval {FEATURES} --impure --raw --expr {} > \"$work/pairs\" || exit 13\n",
             shell_quote(&self.expression.pairs(&self.attributes))
         );
         s += "cut -d' ' -f1 \"$work/pairs\" | sort -u > \"$work/drvs\"\n";
-        s += "xargs nix-store --realise --keep-going < \"$work/drvs\" > /dev/null 2> \"$work/log\" \
-              || { echo \"building $rev failed:\" >&2; tail -c 65536 \"$work/log\" >&2; exit 14; }\n";
+        s += "xargs nix-store --realise --keep-going < \"$work/drvs\" > /dev/null || exit 14\n";
         // Roots keep what was built until the machines have it.
         s += &format!("mkdir -p {GC_ROOTS}\n");
         s += "cut -d' ' -f2 \"$work/pairs\" | while read -r out; do ln -sfn \"$out\" \"";
@@ -223,6 +254,15 @@ impl BuildRequest {
         // exit at once, and its exit status would say nothing.
         format!("setsid --wait sh -c {}", shell_quote(&self.script()))
     }
+}
+
+/// Removes the oldest logs of the job's line (`${job%%-*}`) in `$logs`
+/// but the newest [`KEEP_LOGS`], never `$log` (this build's).
+fn prune_logs() -> String {
+    format!(
+        "ls -t \"$logs/${{job%%-*}}\"-*.log 2>/dev/null | tail -n +{} | while read -r f; do [ \"$f\" = \"$log\" ] || rm -f \"$f\"; done\n",
+        KEEP_LOGS + 1
+    )
 }
 
 /// Shell functions on a job's pid file: `alive FILE` (it names a running
@@ -370,6 +410,43 @@ mod tests {
         let pairs = parse_pairs(out, &attrs).unwrap();
         assert_eq!(pairs[1], ("b".to_owned(), "/nix/store/aaa-a".to_owned()), "identical systems map to both");
         assert_eq!(parse_pairs("/nix/store/x.drv /nix/store/aaa-a\n", &attrs), None);
+    }
+
+    #[test]
+    fn log_paths_are_recognised() {
+        let path = log_path("abc-0123-def");
+        assert!(is_log_path(&path), "{path}");
+        assert!(!is_log_path(&format!("{LOG_DIR}/../../../etc/shadow.log")));
+        assert!(!is_log_path(&format!("{LOG_DIR}/.log")));
+        assert!(!is_log_path("/etc/passwd"));
+        assert!(request(Expression::Flake, vec![]).script().contains(&format!("logs={LOG_DIR}\n")));
+    }
+
+    #[test]
+    fn only_the_newest_logs_of_a_line_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().display().to_string();
+        // Seven builds of line "aaa" (older to newer), two of line "bbb".
+        for (i, name) in (0..7).map(|i| format!("aaa-{i}-x")).chain(["bbb-0-x".into(), "bbb-1-x".into()]).enumerate() {
+            let file = dir.path().join(format!("{name}.log"));
+            std::fs::write(&file, "log").unwrap();
+            let touched = std::process::Command::new("touch")
+                .args(["-d", &format!("2020-01-01 00:00:{i:02}")])
+                .arg(&file)
+                .status()
+                .unwrap();
+            assert!(touched.success());
+        }
+        let script = format!("logs={logs}\njob=aaa-6-x\nlog=\"$logs/$job.log\"\n{}", prune_logs());
+        let out = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let newest: Vec<String> = (2..7).map(|i| format!("aaa-{i}-x.log")).collect();
+        assert_eq!(left, [newest, vec!["bbb-0-x.log".into(), "bbb-1-x.log".into()]].concat(), "other lines untouched");
     }
 
     #[test]

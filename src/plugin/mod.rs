@@ -7,6 +7,7 @@
 //! spec), so it stays RBAC-gated and shows in status and events.
 
 pub mod backups;
+pub mod build_log;
 pub mod connect;
 pub mod generations;
 pub mod info;
@@ -90,6 +91,9 @@ pub enum Command {
     },
     /// The system profile's generations on the machine, with dates and closures.
     ListGenerations { machine: String },
+    /// The whole log of the machine's last build (status.build), read from
+    /// the machine that built it (its Network's builder, or itself).
+    BuildLog { machine: String },
     /// Sets spec.nixos.closure to an earlier generation's closure (prints
     /// the manifest change instead when Argo CD or Flux manage the Machine).
     Rollback {
@@ -299,6 +303,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Ssh { machine, tty, command } => connect::ssh(&kube, &machine, tty, &command).await,
         Command::Scp { recursive, paths } => connect::scp(&kube, recursive, &paths).await,
         Command::ListGenerations { machine } => generations::list(&kube, &machine, format).await.map(|()| 0),
+        Command::BuildLog { machine } => build_log::show(&kube, &machine).await.map(|()| 0),
         Command::Rollback { machine, to, previous, force, wait, timeout } => {
             let to =
                 if previous { generations::Choice::Previous } else { generations::Choice::Number(to.unwrap_or(0)) };
