@@ -2,7 +2,8 @@
 //! Backup snapshots every Volume of its Network once, tagged with its UID;
 //! retention keeps the newest keepLast complete Backups and deletes the
 //! older ones with their snapshots; restore makes new Volumes from a
-//! Backup's snapshots; deleting a Backup deletes its snapshots; an operator
+//! Backup's snapshots and, with --machine, swaps them into a stopped Machine
+//! that is started again; deleting a Backup deletes its snapshots; an operator
 //! killed right after a snapshot was made takes no second one. (moto keeps
 //! no block data, so what a restored volume holds cannot be checked here.)
 
@@ -11,8 +12,9 @@ mod support;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, PostParams};
-use nixops_operator::api::{Backup, Volume};
+use nixops_operator::api::{Backup, KeyPair, Machine, Volume};
 use serde_json::json;
 use support::plugin::{run as plugin, text};
 
@@ -132,4 +134,85 @@ async fn killed_after_a_snapshot_was_made_the_backup_takes_no_second_one() {
     of.sort();
     of.dedup();
     assert_eq!(of.len(), 2, "{tagged:?}");
+}
+
+#[tokio::test]
+async fn restore_with_a_machine_stops_it_swaps_its_volumes_and_starts_it() {
+    let (ns, volumes, backups, _operator) = with_two_volumes("backup-swap").await;
+    let ec2 = support::ec2_client().await;
+    let client = support::client().await;
+    let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
+    // An EC2 instance in moto whose SSH is a local sshd (moto runs no VMs).
+    let host = support::SshHost::start();
+    // The deployer key logs in to it, so the Backup's sync reaches the machine.
+    let keypair: KeyPair = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "KeyPair", "metadata": {"name": "deployer"},
+        "spec": {"secretRef": {"name": "deployer"}, "networkRef": {"name": "aws"}, "provider": {"ec2": {}}}
+    }))
+    .unwrap();
+    let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
+    keypairs.create(&PostParams::default(), &keypair).await.unwrap();
+    support::wait_ready(&keypairs, "deployer").await;
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns).get("deployer").await.unwrap();
+    let public = secret.data.unwrap().remove("ssh-publickey").unwrap();
+    std::fs::write(host.dir.path().join("authorized_keys"), &public.0).unwrap();
+    let images = ec2.describe_images().send().await.unwrap();
+    let ami = images.images().iter().find_map(|i| i.image_id().map(str::to_owned)).expect("moto lists AMIs");
+    let machine: Machine = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": "db"},
+        "spec": {
+            "networkRef": {"name": "aws"},
+            "provider": {"ec2": {"instanceType": "t3.small", "ami": ami, "subnet": "public-a", "rootVolume": {"sizeGiB": 12}}},
+            "ssh": {"host": host.host, "port": host.port, "keyPairRef": {"name": "deployer"}},
+            "volumes": [{"volumeRef": {"name": "data"}, "device": "/dev/xvdf"}, {"volumeRef": {"name": "logs"}, "device": "/dev/xvdg"}]
+        }
+    }))
+    .unwrap();
+    machines.create(&PostParams::default(), &machine).await.unwrap();
+    let attached_to = |v: &Volume| v.status.as_ref().and_then(|s| s.attached_to.as_ref()).map(|a| a.device.clone());
+    support::wait_for(&volumes, "data", TIMEOUT, "attached", |v| attached_to(v).is_some()).await;
+    let out = plugin(&ns, &["backup", "aws", "--wait", "--timeout", "60"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let name = String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_owned();
+    let snapshots = backups.get(&name).await.unwrap().status.unwrap().snapshots;
+    // The machine synced its file systems before the snapshots (NixOps' backup did).
+    let synced = machines.get("db").await.unwrap().status.unwrap().last_sync;
+    assert!(synced.is_some(), "the Backup asked db to sync and db answered");
+    let instance = |m: &Machine| m.status.as_ref().and_then(|s| s.provider_id.clone()).unwrap();
+    let instance_id = instance(&machines.get("db").await.unwrap()).rsplit('/').next().unwrap().to_owned();
+
+    // Only data is restored, and swapped into db.
+    let out = plugin(&ns, &["restore", &name, "--volume", "data", "--machine", "db", "--timeout", "90"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("stopping") && stdout.contains("running with the restored volumes"), "{stdout}");
+    let restored = format!("data-{name}");
+    let db = machines.get("db").await.unwrap();
+    let names: Vec<&str> = db.spec.volumes.iter().map(|v| v.volume_ref.name.as_str()).collect();
+    assert_eq!(names, [restored.as_str(), "logs"], "data swapped for its restored copy, logs kept");
+    assert!(db.spec.running);
+
+    // What moto holds: the restored volume, made from the snapshot, is
+    // attached to the same instance at data's device; the original is not.
+    let data_snapshot = snapshots.iter().find(|s| s.volume == "data").unwrap();
+    support::wait_for(&volumes, &restored, TIMEOUT, "attached at /dev/xvdf", |v| {
+        attached_to(v).as_deref() == Some("/dev/xvdf")
+    })
+    .await;
+    let id = |v: &Volume| v.status.as_ref().unwrap().volume_id.clone().unwrap();
+    let restored_id = id(&volumes.get(&restored).await.unwrap());
+    let data_id = id(&volumes.get("data").await.unwrap());
+    let cloud = ec2.describe_volumes().volume_ids(&restored_id).volume_ids(&data_id).send().await.unwrap();
+    for v in cloud.volumes() {
+        let on: Vec<_> = v.attachments().iter().filter_map(|a| a.instance_id()).collect();
+        if v.volume_id() == Some(restored_id.as_str()) {
+            assert_eq!(v.snapshot_id(), Some(data_snapshot.snapshot_id.as_str()));
+            assert_eq!(on, [instance_id.as_str()], "the restored copy is attached to db's instance");
+        } else {
+            assert!(on.is_empty(), "the original data volume is detached: {on:?}");
+        }
+    }
+    let state = ec2.describe_instances().instance_ids(&instance_id).send().await.unwrap();
+    let state = state.reservations()[0].instances()[0].state().and_then(|s| s.name()).map(|n| n.as_str().to_owned());
+    assert_eq!(state.as_deref(), Some("running"), "the instance was started again");
 }

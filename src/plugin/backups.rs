@@ -2,16 +2,20 @@
 //! `backup-status`, `restore`): a Backup object the operator carries out,
 //! its status, and new Volumes made from its snapshots.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 
+use super::generations::gitops_manager;
 use super::output::{self, Cell, Tone};
+use super::requests::wait_until;
 use super::{Format, Kube, PluginError, Result};
 use crate::api::backup::{BackupPhase, VolumeSnapshot};
-use crate::api::{Backup, Volume};
+use crate::api::machine::{MachinePhase, VolumeAttachment};
+use crate::api::{Backup, Machine, Volume};
 
 const POLL: Duration = Duration::from_millis(500);
 
@@ -134,10 +138,32 @@ pub fn restored_volume(original: &Volume, snapshot: &VolumeSnapshot, backup: &st
     Ok(volume)
 }
 
-/// `kubectl nixops restore BACKUP [--volume V]…`: a new Volume from each
-/// snapshot; attaching it in place of the old one is the Machine's
-/// spec.volumes change, printed here.
-pub async fn restore(kube: &Kube, name: &str, only: &[String]) -> Result<()> {
+/// Pure: `machine`'s spec.volumes with every Volume named in `swaps`
+/// (original → restored) replaced; None when it names none of them.
+pub fn swapped_volumes(machine: &Machine, swaps: &BTreeMap<String, String>) -> Option<Vec<VolumeAttachment>> {
+    let mut changed = false;
+    let volumes = machine
+        .spec
+        .volumes
+        .iter()
+        .cloned()
+        .map(|mut attachment| {
+            if let Some(restored) = swaps.get(&attachment.volume_ref.name) {
+                attachment.volume_ref.name = restored.clone();
+                changed = true;
+            }
+            attachment
+        })
+        .collect();
+    changed.then_some(volumes)
+}
+
+/// `kubectl nixops restore BACKUP [--volume V]… [--machine M]…`: a new
+/// Volume from each snapshot; with --machine, each named Machine is
+/// stopped, its spec.volumes switched to the restored Volumes and started
+/// again (NixOps restore). A Machine managed by Argo CD or Flux gets the
+/// manifest change printed instead.
+pub async fn restore(kube: &Kube, name: &str, only: &[String], machines: &[String], timeout: Duration) -> Result<()> {
     let backups: Api<Backup> = Api::namespaced(kube.client.clone(), &kube.namespace);
     let backup = backups
         .get_opt(name)
@@ -147,7 +173,13 @@ pub async fn restore(kube: &Kube, name: &str, only: &[String]) -> Result<()> {
     if status.phase != Some(BackupPhase::Completed) {
         return Err(PluginError::Usage(format!("Backup {name} is not complete: nothing to restore yet")));
     }
+    // Every Machine to swap exists before anything is created.
+    let mut targets = Vec::new();
+    for machine in machines {
+        targets.push(kube.machine(machine).await?);
+    }
     let volumes: Api<Volume> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let mut swaps = BTreeMap::new();
     for snapshot in status.snapshots.iter().filter(|s| only.is_empty() || only.contains(&s.volume)) {
         let original = volumes.get_opt(&snapshot.volume).await?.ok_or_else(|| {
             PluginError::Usage(format!(
@@ -156,16 +188,68 @@ pub async fn restore(kube: &Kube, name: &str, only: &[String]) -> Result<()> {
             ))
         })?;
         let restored = restored_volume(&original, snapshot, name).map_err(PluginError::Usage)?;
-        volumes.create(&PostParams::default(), &restored).await?;
+        // A restore run again (after a timeout) goes on with the Volumes it made.
+        if volumes.get_opt(&restored.name_any()).await?.is_none() {
+            volumes.create(&PostParams::default(), &restored).await?;
+        }
         println!(
-            "Volume {} created from snapshot {} of {}; to use it, set volumeRef.name: {} in the Machine's spec.volumes in place of {}",
+            "Volume {} created from snapshot {} of {}",
             restored.name_any(),
             snapshot.snapshot_id,
-            snapshot.volume,
-            restored.name_any(),
             snapshot.volume
         );
+        swaps.insert(snapshot.volume.clone(), restored.name_any());
     }
+    if targets.is_empty() {
+        for (original, restored) in &swaps {
+            println!(
+                "to use {restored}, set volumeRef.name: {restored} in the Machine's spec.volumes in place of {original} (or run restore with --machine)"
+            );
+        }
+        return Ok(());
+    }
+    for machine in targets {
+        swap_into(kube, &machine, &swaps, timeout).await?;
+    }
+    Ok(())
+}
+
+/// Stops `machine`, points its spec.volumes at the restored Volumes and
+/// starts it again, waiting for each step.
+async fn swap_into(kube: &Kube, machine: &Machine, swaps: &BTreeMap<String, String>, timeout: Duration) -> Result<()> {
+    let name = machine.name_any();
+    let Some(volumes) = swapped_volumes(machine, swaps) else {
+        return Err(PluginError::Usage(format!(
+            "Machine {name} attaches none of the restored Volumes ({})",
+            swaps.keys().cloned().collect::<Vec<_>>().join(", ")
+        )));
+    };
+    if let Some(manager) = gitops_manager(machine) {
+        let patch = serde_json::json!({"spec": {"volumes": volumes}});
+        println!(
+            "Machine {name} is managed by {manager}: change its manifest rather than the cluster, \
+             and stop and start it around the change:\n{}",
+            serde_json::to_string_pretty(&patch).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let api = kube.machines();
+    let params = PatchParams { field_manager: Some("kubectl-nixops".into()), ..PatchParams::default() };
+    let phase_is = |phase: MachinePhase| move |m: &Machine| (m.status.as_ref()?.phase == Some(phase)).then_some(());
+    let deadline = Instant::now() + timeout;
+    api.patch(&name, &params, &Patch::Merge(serde_json::json!({"spec": {"running": false}}))).await?;
+    println!("Machine {name}: stopping");
+    wait_until(&api, &name, deadline, phase_is(MachinePhase::Stopped))
+        .await?
+        .map_err(|_| PluginError::Timeout(format!("Machine {name} not Stopped within {} s", timeout.as_secs())))?;
+    let patch = serde_json::json!({"spec": {"volumes": volumes, "running": true}});
+    api.patch(&name, &params, &Patch::Merge(patch)).await?;
+    println!("Machine {name}: volumes swapped, starting");
+    let deadline = Instant::now() + timeout;
+    wait_until(&api, &name, deadline, phase_is(MachinePhase::Running))
+        .await?
+        .map_err(|_| PluginError::Timeout(format!("Machine {name} not Running within {} s", timeout.as_secs())))?;
+    println!("Machine {name}: running with the restored volumes");
     Ok(())
 }
 
@@ -196,5 +280,22 @@ mod tests {
             (Some("snap-1"), Some(10), "eu-west-1a")
         );
         assert_eq!(backup_name("prod", Timestamp::from_millisecond(42).unwrap()), "prod-19700101-000000042");
+    }
+
+    #[test]
+    fn a_swap_replaces_only_the_restored_volumes() {
+        let machine: Machine = serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": "db"},
+            "spec": {"networkRef": {"name": "prod"}, "provider": {"existing": {"host": "db.example"}},
+                     "volumes": [{"volumeRef": {"name": "pgdata"}, "device": "/dev/xvdf"},
+                                 {"volumeRef": {"name": "logs"}, "device": "/dev/xvdg"}]}
+        }))
+        .unwrap();
+        let swaps = BTreeMap::from([("pgdata".to_owned(), "pgdata-b1".to_owned())]);
+        let volumes = swapped_volumes(&machine, &swaps).unwrap();
+        let names: Vec<(&str, &str)> =
+            volumes.iter().map(|v| (v.volume_ref.name.as_str(), v.device.as_str())).collect();
+        assert_eq!(names, [("pgdata-b1", "/dev/xvdf"), ("logs", "/dev/xvdg")]);
+        assert!(swapped_volumes(&machine, &BTreeMap::from([("other".to_owned(), "x".to_owned())])).is_none());
     }
 }

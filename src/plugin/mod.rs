@@ -167,6 +167,14 @@ pub enum Command {
         /// Only this Volume's snapshot (repeatable).
         #[arg(long = "volume")]
         volumes: Vec<String>,
+        /// Swap the restored Volumes into this Machine in place of the
+        /// originals, stopping it first and starting it after, as NixOps
+        /// restore did (repeatable).
+        #[arg(long = "machine")]
+        machines: Vec<String>,
+        /// How long to wait for each stop, swap and start, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
     /// Follows the deployment of a machine or a Network with a progress
     /// line per machine; exits non-zero when one fails or rolls back.
@@ -329,7 +337,9 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             backups::backup(&kube, &network, &volumes, keep_last, wait).await.map(|()| 0)
         }
         Command::Backups { network } => backups::list(&kube, network.as_deref(), format).await.map(|()| 0),
-        Command::Restore { backup, volumes } => backups::restore(&kube, &backup, &volumes).await.map(|()| 0),
+        Command::Restore { backup, volumes, machines, timeout } => {
+            backups::restore(&kube, &backup, &volumes, &machines, Duration::from_secs(timeout)).await.map(|()| 0)
+        }
         Command::Deploy { machine: Some(machine), closure, dry_activate: true, timeout, .. } => {
             requests::dry_activate(&kube, &machine, closure.as_deref(), Duration::from_secs(timeout)).await.map(|()| 0)
         }

@@ -133,7 +133,7 @@ pub async fn check(kube: &Kube, machines: Vec<Machine>, timeout: Duration, forma
 
 /// Polls Machine `name` until `answer` finds something in it: Ok(answer), or
 /// Err(the last copy seen) past the deadline.
-async fn wait_until<T>(
+pub(super) async fn wait_until<T>(
     api: &Api<Machine>,
     name: &str,
     deadline: Instant,
