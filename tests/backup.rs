@@ -156,18 +156,12 @@ async fn restore_with_a_machine_stops_it_swaps_its_volumes_and_starts_it() {
     let secret = Api::<Secret>::namespaced(client.clone(), &ns).get("deployer").await.unwrap();
     let public = secret.data.unwrap().remove("ssh-publickey").unwrap();
     std::fs::write(host.dir.path().join("authorized_keys"), &public.0).unwrap();
-    let images = ec2.describe_images().send().await.unwrap();
-    let ami = images.images().iter().find_map(|i| i.image_id().map(str::to_owned)).expect("moto lists AMIs");
-    let machine: Machine = serde_json::from_value(json!({
-        "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": "db"},
-        "spec": {
-            "networkRef": {"name": "aws"},
-            "provider": {"ec2": {"instanceType": "t3.small", "ami": ami, "subnet": "public-a", "rootVolume": {"sizeGiB": 12}}},
-            "ssh": {"host": host.host, "port": host.port, "keyPairRef": {"name": "deployer"}},
-            "volumes": [{"volumeRef": {"name": "data"}, "device": "/dev/xvdf"}, {"volumeRef": {"name": "logs"}, "device": "/dev/xvdg"}]
-        }
-    }))
-    .unwrap();
+    let ami = support::some_ami(&ec2).await;
+    let ssh = json!({"host": host.host, "port": host.port, "keyPairRef": {"name": "deployer"}});
+    let volumes_of_db = json!([
+        {"volumeRef": {"name": "data"}, "device": "/dev/xvdf"}, {"volumeRef": {"name": "logs"}, "device": "/dev/xvdg"}
+    ]);
+    let machine = support::ec2_machine("db", &ami, &host, json!({"ssh": ssh, "volumes": volumes_of_db}));
     machines.create(&PostParams::default(), &machine).await.unwrap();
     let attached_to = |v: &Volume| v.status.as_ref().and_then(|s| s.attached_to.as_ref()).map(|a| a.device.clone());
     support::wait_for(&volumes, "data", TIMEOUT, "attached", |v| attached_to(v).is_some()).await;

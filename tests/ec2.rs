@@ -33,27 +33,8 @@ async fn volumes(ec2: &aws_sdk_ec2::Client, uid: &str) -> Vec<aws_sdk_ec2::types
     ec2.describe_volumes().filters(tag_filter(uid)).send().await.unwrap().volumes().to_vec()
 }
 
-/// An AMI moto knows (it validates AMIs here).
-async fn some_ami(ec2: &aws_sdk_ec2::Client) -> String {
-    let images = ec2.describe_images().send().await.unwrap();
-    images.images().iter().find_map(|i| i.image_id().map(str::to_owned)).expect("moto lists AMIs")
-}
-
 fn ready(conditions: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>) -> bool {
     conditions.is_some_and(|c| support::is_ready(c))
-}
-
-fn machine(name: &str, ami: &str, host: &support::SshHost, extra: serde_json::Value) -> Machine {
-    let mut spec = json!({
-        "networkRef": {"name": "aws"},
-        "provider": {"ec2": {"instanceType": "t3.small", "ami": ami, "subnet": "public-a", "rootVolume": {"sizeGiB": 12}}},
-        "ssh": {"host": host.host, "port": host.port},
-    });
-    spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    serde_json::from_value(
-        json!({"apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name}, "spec": spec}),
-    )
-    .unwrap()
 }
 
 #[tokio::test]
@@ -155,7 +136,7 @@ async fn machine_with_key_pair_and_volume_in_a_new_vpc() {
     let _operator = support::Operator::start(&ns, &[]);
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let ec2 = support::ec2_client().await;
-    let ami = some_ami(&ec2).await;
+    let ami = support::some_ami(&ec2).await;
     let host = support::SshHost::start();
     let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
     let keypairs: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
@@ -173,7 +154,7 @@ async fn machine_with_key_pair_and_volume_in_a_new_vpc() {
     }))
     .unwrap();
     volumes_api.create(&PostParams::default(), &vol).await.unwrap();
-    let m = machine(
+    let m = support::ec2_machine(
         "db-1",
         &ami,
         &host,
@@ -254,7 +235,10 @@ async fn unknown_ami_stalls_with_the_aws_error_code() {
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let host = support::SshHost::start();
     let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
-    machines.create(&PostParams::default(), &machine("bad", "ami-0000000000000dead", &host, json!({}))).await.unwrap();
+    machines
+        .create(&PostParams::default(), &support::ec2_machine("bad", "ami-0000000000000dead", &host, json!({})))
+        .await
+        .unwrap();
     support::wait_for(&machines, "bad", TIMEOUT, "Stalled", |m| {
         m.status.as_ref().is_some_and(|s| support::condition(&s.conditions, "Stalled").as_deref() == Some("True"))
     })
@@ -289,7 +273,7 @@ async fn kill_9_during_provisioning_leaves_exactly_one_instance_and_volume() {
     let ns = support::namespace(&client, "ec2-crash").await;
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let ec2 = support::ec2_client().await;
-    let ami = some_ami(&ec2).await;
+    let ami = support::some_ami(&ec2).await;
     let host = support::SshHost::start();
     let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
     let volumes_api: Api<Volume> = Api::namespaced(client.clone(), &ns);
@@ -309,7 +293,7 @@ async fn kill_9_during_provisioning_leaves_exactly_one_instance_and_volume() {
         }))
         .unwrap();
         volumes_api.create(&PostParams::default(), &vol).await.unwrap();
-        machines.create(&PostParams::default(), &machine(&name, &ami, &host, json!({}))).await.unwrap();
+        machines.create(&PostParams::default(), &support::ec2_machine(&name, &ami, &host, json!({}))).await.unwrap();
         let operator = support::Operator::start(&ns, &[]);
         tokio::time::sleep(Duration::from_millis(500 + delay_ms)).await;
         operator.signal("KILL");
@@ -397,11 +381,11 @@ async fn orphaned_machine_keeps_its_instance() {
     let _operator = support::Operator::start(&ns, &[]);
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let ec2 = support::ec2_client().await;
-    let ami = some_ami(&ec2).await;
+    let ami = support::some_ami(&ec2).await;
     let host = support::SshHost::start();
     let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
     machines
-        .create(&PostParams::default(), &machine("kept", &ami, &host, json!({"deletionPolicy": "Orphan"})))
+        .create(&PostParams::default(), &support::ec2_machine("kept", &ami, &host, json!({"deletionPolicy": "Orphan"})))
         .await
         .unwrap();
     support::wait_for(&machines, "kept", TIMEOUT, "Ready", |m| ready(m.status.as_ref().map(|s| &s.conditions))).await;
@@ -423,7 +407,7 @@ async fn an_unreachable_machine_still_reports_its_instance_and_gets_its_volume()
     let _operator = support::Operator::start(&ns, &[]);
     support::aws_network(&client, &ns, "aws", &support::moto().endpoint).await;
     let ec2 = support::ec2_client().await;
-    let ami = some_ami(&ec2).await;
+    let ami = support::some_ami(&ec2).await;
     let machines: Api<Machine> = Api::namespaced(client.clone(), &ns);
     let volumes_api: Api<Volume> = Api::namespaced(client.clone(), &ns);
     let vol: Volume = serde_json::from_value(json!({

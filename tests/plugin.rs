@@ -111,7 +111,7 @@ async fn ssh_goes_through_the_jump_host_whose_key_is_pinned_too() {
     let pause = json!({"metadata": {"annotations": {"nixops.io/paused": "true"}}});
     fleet.machines.patch("web-1", &PatchParams::default(), &Patch::Merge(&pause)).await.unwrap();
     support::wait_for(&fleet.machines, "web-1", support::fleet::TIMEOUT, "Paused", |m| {
-        m.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Paused" && c.status == "True"))
+        m.status.as_ref().is_some_and(|s| support::condition(&s.conditions, "Paused").as_deref() == Some("True"))
     })
     .await;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -300,7 +300,7 @@ async fn reboot_brings_up_the_boot_default_with_the_same_host_key() {
     let required = |m: &nixops_operator::api::Machine| {
         m.status
             .as_ref()
-            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "RebootRequired" && c.status == "True"))
+            .is_some_and(|s| support::condition(&s.conditions, "RebootRequired").as_deref() == Some("True"))
     };
     assert!(required(&m), "{:?}", m.status);
     let out = plugin(&fleet.ns, &["reboot", "web-1", "--wait", "--timeout", "120"]);

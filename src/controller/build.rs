@@ -634,10 +634,7 @@ async fn credentials(ctx: &Context, ns: &str, spec: &BuildSpec) -> Result<Vec<u8
 }
 
 async fn connect(ctx: &Context, t: &Target) -> Result<Session, SshError> {
-    let connected =
-        Session::connect(&t.host, t.port, &t.user, &t.key, &t.host_key, ctx.settings.ssh_timeout, t.via.clone()).await;
-    ctx.metrics.provider_call("ssh", "connect", connected.is_ok());
-    connected
+    super::deploy::connect(ctx, t, ctx.settings.ssh_timeout).await
 }
 
 fn ssh_error(err: SshError, what: &str) -> Error {

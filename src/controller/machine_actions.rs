@@ -128,10 +128,7 @@ struct Action<'a> {
 
 impl Action<'_> {
     async fn connect(&self, timeout: Duration) -> Result<Session, SshError> {
-        let t = self.target;
-        let connected = Session::connect(&t.host, t.port, &t.user, &t.key, &t.host_key, timeout, t.via.clone()).await;
-        self.ctx.metrics.provider_call("ssh", "connect", connected.is_ok());
-        connected
+        super::deploy::connect(self.ctx, self.target, timeout).await
     }
 
     async fn event(&self, type_: EventType, reason: &str, message: String) {

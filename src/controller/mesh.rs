@@ -28,6 +28,7 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
+use super::deploy::ssh_error;
 use super::status::Conditions;
 use super::{Context, Error, Result};
 use crate::api::Condition;
@@ -481,11 +482,6 @@ pub fn carry_conditions(from: &[Condition], to: &mut Vec<Condition>) {
         to.retain(|c| c.type_ != type_);
         to.extend(from.iter().filter(|c| c.type_ == type_).cloned());
     }
-}
-
-/// As a deployment's: a host key mismatch or refused login or sudo stalls.
-fn ssh_error(err: crate::ssh::SshError) -> Error {
-    super::deploy::ssh_error(err)
 }
 
 #[cfg(test)]

@@ -7,17 +7,17 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PostParams};
 
 use super::generations::gitops_manager;
 use super::output::{self, Cell, Tone};
 use super::requests::wait_until;
 use super::{Format, Kube, PluginError, Result};
 use crate::api::backup::{BackupPhase, VolumeSnapshot};
+use crate::api::condition::STALLED;
 use crate::api::machine::{MachinePhase, VolumeAttachment};
 use crate::api::{Backup, Machine, Volume};
-
-const POLL: Duration = Duration::from_millis(500);
+use crate::controller::status::{is_true, message};
 
 /// Pure: the name of a Backup of `network` taken at `now` (to the
 /// millisecond, so names sort as the backups were taken).
@@ -48,21 +48,23 @@ pub async fn backup(
     println!("backup {name} of Network {network} requested");
     let Some(timeout) = wait else { return Ok(()) };
     let deadline = Instant::now() + timeout;
-    loop {
-        let current = api.get(&name).await?;
-        let status = current.status.clone().unwrap_or_default();
+    // Ok(the snapshots) once complete, Err(why) once stalled.
+    let outcome = wait_until(&api, &name, deadline, |b: &Backup| {
+        let status = b.status.as_ref()?;
         if status.phase == Some(BackupPhase::Completed) {
-            print!("{}", render_snapshots(&status.snapshots));
-            return Ok(());
+            return Some(Ok(status.snapshots.clone()));
         }
-        let stalled = status.conditions.iter().find(|c| c.type_ == "Stalled" && c.status == "True");
-        if let Some(stalled) = stalled {
-            return Err(PluginError::Failed(format!("backup {name}: {}", stalled.message)));
+        is_true(&status.conditions, STALLED)
+            .then(|| Err(message(&status.conditions, STALLED).unwrap_or_default().to_owned()))
+    })
+    .await?
+    .map_err(|_| PluginError::Timeout(format!("backup {name} not complete within {} s", timeout.as_secs())))?;
+    match outcome {
+        Ok(snapshots) => {
+            print!("{}", render_snapshots(&snapshots));
+            Ok(())
         }
-        if Instant::now() >= deadline {
-            return Err(PluginError::Timeout(format!("backup {name} not complete within {} s", timeout.as_secs())));
-        }
-        tokio::time::sleep(POLL).await;
+        Err(why) => Err(PluginError::Failed(format!("backup {name}: {why}"))),
     }
 }
 
@@ -234,7 +236,7 @@ async fn swap_into(kube: &Kube, machine: &Machine, swaps: &BTreeMap<String, Stri
         return Ok(());
     }
     let api = kube.machines();
-    let params = PatchParams { field_manager: Some("kubectl-nixops".into()), ..PatchParams::default() };
+    let params = super::patch_params();
     let phase_is = |phase: MachinePhase| move |m: &Machine| (m.status.as_ref()?.phase == Some(phase)).then_some(());
     let deadline = Instant::now() + timeout;
     api.patch(&name, &params, &Patch::Merge(serde_json::json!({"spec": {"running": false}}))).await?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Patch, PatchParams};
+use kube::api::Patch;
 use serde::Serialize;
 
 use super::output::{self, Cell, Tone};
@@ -218,8 +218,7 @@ pub async fn set_closure(kube: &Kube, machine: &Machine, closure: &str, force: b
         return Ok(false);
     }
     let patch = serde_json::json!({"spec": {"nixos": {"closure": closure}}});
-    let params = PatchParams { field_manager: Some("kubectl-nixops".into()), ..PatchParams::default() };
-    kube.machines().patch(&machine.name_any(), &params, &Patch::Merge(&patch)).await?;
+    kube.machines().patch(&machine.name_any(), &super::patch_params(), &Patch::Merge(&patch)).await?;
     Ok(true)
 }
 

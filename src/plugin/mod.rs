@@ -356,6 +356,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
     }
 }
 
+/// Every change the plugin makes is recorded under its own field manager.
+pub fn patch_params() -> kube::api::PatchParams {
+    kube::api::PatchParams { field_manager: Some("kubectl-nixops".into()), ..Default::default() }
+}
+
 /// A name for a request (the annotation's value) no earlier one had.
 pub fn request_id() -> String {
     let mut bytes = [0u8; 4];

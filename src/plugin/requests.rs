@@ -10,17 +10,19 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch};
 use serde::Serialize;
 
 use super::output::{self, Cell, Tone};
 use super::{Format, Kube, PluginError, Result, generations, request_id};
+use crate::api::condition::READY;
 use crate::api::machine::{
     CHECK_ANNOTATION, CheckRecord, CheckResult, DRY_ACTIVATE_ANNOTATION, DRY_ACTIVATE_CLOSURE_ANNOTATION, DeployRecord,
     REBOOT_ANNOTATION, RebootResult, deploy_result,
 };
 use crate::api::{Machine, Network};
 use crate::controller::deploy::{deploy_failed, is_up_to_date};
+use crate::controller::status::is_true;
 
 const POLL: Duration = Duration::from_millis(500);
 
@@ -28,10 +30,12 @@ fn api_of(kube: &Kube, machine: &Machine) -> Api<Machine> {
     Api::namespaced(kube.client.clone(), &machine.namespace().unwrap_or_default())
 }
 
-async fn annotate(kube: &Kube, machine: &Machine, annotation: &str, value: &str) -> Result<()> {
-    let patch = serde_json::json!({"metadata": {"annotations": {annotation: value}}});
-    let params = PatchParams { field_manager: Some("kubectl-nixops".into()), ..PatchParams::default() };
-    api_of(kube, machine).patch(&machine.name_any(), &params, &Patch::Merge(&patch)).await?;
+/// Sets `annotations` (name → value) on `machine`: how the plugin asks the operator.
+async fn annotate(kube: &Kube, machine: &Machine, annotations: &[(&str, &str)]) -> Result<()> {
+    let annotations: serde_json::Map<String, serde_json::Value> =
+        annotations.iter().map(|(k, v)| ((*k).to_owned(), (*v).into())).collect();
+    let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+    api_of(kube, machine).patch(&machine.name_any(), &super::patch_params(), &Patch::Merge(&patch)).await?;
     Ok(())
 }
 
@@ -94,7 +98,7 @@ pub async fn check(kube: &Kube, machines: Vec<Machine>, timeout: Duration, forma
     }
     let request = request_id();
     for machine in &machines {
-        annotate(kube, machine, CHECK_ANNOTATION, &request).await?;
+        annotate(kube, machine, &[(CHECK_ANNOTATION, &request)]).await?;
     }
     let deadline = Instant::now() + timeout;
     let mut answers = Vec::new();
@@ -131,14 +135,17 @@ pub async fn check(kube: &Kube, machines: Vec<Machine>, timeout: Duration, forma
     Ok(())
 }
 
-/// Polls Machine `name` until `answer` finds something in it: Ok(answer), or
+/// Polls object `name` until `answer` finds something in it: Ok(answer), or
 /// Err(the last copy seen) past the deadline.
-pub(super) async fn wait_until<T>(
-    api: &Api<Machine>,
+pub(super) async fn wait_until<K, T>(
+    api: &Api<K>,
     name: &str,
     deadline: Instant,
-    answer: impl Fn(&Machine) -> Option<T>,
-) -> Result<Result<T, Machine>> {
+    answer: impl Fn(&K) -> Option<T>,
+) -> Result<Result<T, K>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     loop {
         let machine = api.get(name).await?;
         if let Some(found) = answer(&machine) {
@@ -179,7 +186,7 @@ pub async fn reboot(
     for batch in machines.chunks(group) {
         let request = request_id();
         for machine in batch {
-            annotate(kube, machine, REBOOT_ANNOTATION, &request).await?;
+            annotate(kube, machine, &[(REBOOT_ANNOTATION, &request)]).await?;
             println!("{}: reboot requested ({REBOOT_ANNOTATION}={request})", machine.name_any());
         }
         if !wait {
@@ -227,11 +234,8 @@ pub async fn dry_activate(kube: &Kube, name: &str, closure: Option<&str>, timeou
             })?,
         };
     let request = request_id();
-    let patch = serde_json::json!({"metadata": {"annotations": {
-        DRY_ACTIVATE_ANNOTATION: request, DRY_ACTIVATE_CLOSURE_ANNOTATION: closure,
-    }}});
-    let params = PatchParams { field_manager: Some("kubectl-nixops".into()), ..PatchParams::default() };
-    api_of(kube, &machine).patch(name, &params, &Patch::Merge(&patch)).await?;
+    annotate(kube, &machine, &[(DRY_ACTIVATE_ANNOTATION, &request), (DRY_ACTIVATE_CLOSURE_ANNOTATION, &closure)])
+        .await?;
     let deadline = Instant::now() + timeout;
     let answer = wait_until(&api_of(kube, &machine), name, deadline, |m| {
         m.status.as_ref()?.last_dry_activation.clone().filter(|d| d.request == request)
@@ -304,12 +308,7 @@ pub fn progress(machine: &Machine) -> Progress {
     }
     if deploy_failed(machine) {
         Progress::Failed
-    } else if is_up_to_date(machine)
-        && machine
-            .status
-            .as_ref()
-            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    {
+    } else if is_up_to_date(machine) && machine.status.as_ref().is_some_and(|s| is_true(&s.conditions, READY)) {
         Progress::Done
     } else {
         Progress::Waiting
@@ -320,7 +319,8 @@ pub fn progress(machine: &Machine) -> Progress {
 pub fn progress_line(machine: &Machine, name_width: usize) -> String {
     let name = machine.name_any();
     let record: DeployRecord = machine.status.as_ref().and_then(|s| s.last_deploy.clone()).unwrap_or_default();
-    let state = match progress(machine) {
+    let progress = progress(machine);
+    let state = match progress {
         Progress::Done => "Deployed".to_owned(),
         Progress::Failed => record.result.clone().unwrap_or_else(|| "Failed".into()),
         Progress::Waiting => record
@@ -345,7 +345,7 @@ pub fn progress_line(machine: &Machine, name_width: usize) -> String {
     } else {
         String::new()
     };
-    let note = match progress(machine) {
+    let note = match progress {
         Progress::Failed => format!(": {}", record.message.unwrap_or_default()),
         Progress::Done => {
             format!(" {}", machine.status.as_ref().and_then(|s| s.closure_short.clone()).unwrap_or_default())

@@ -574,6 +574,27 @@ pub async fn ec2_client() -> aws_sdk_ec2::Client {
 }
 
 /// An S3 client for moto (path-style addressing, as moto needs).
+/// An AMI moto knows (it validates AMIs).
+pub async fn some_ami(ec2: &aws_sdk_ec2::Client) -> String {
+    let images = ec2.describe_images().send().await.unwrap();
+    images.images().iter().find_map(|i| i.image_id().map(str::to_owned)).expect("moto lists AMIs")
+}
+
+/// An EC2 Machine of Network `aws` whose SSH is `host` (moto runs no VMs);
+/// `extra` replaces or adds top-level spec fields.
+pub fn ec2_machine(name: &str, ami: &str, host: &SshHost, extra: serde_json::Value) -> nixops_operator::api::Machine {
+    let mut spec = serde_json::json!({
+        "networkRef": {"name": "aws"},
+        "provider": {"ec2": {"instanceType": "t3.small", "ami": ami, "subnet": "public-a", "rootVolume": {"sizeGiB": 12}}},
+        "ssh": {"host": host.host, "port": host.port},
+    });
+    spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    serde_json::from_value(
+        serde_json::json!({"apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name}, "spec": spec}),
+    )
+    .unwrap()
+}
+
 pub async fn s3_client() -> aws_sdk_s3::Client {
     let config = aws_sdk_config().await;
     aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build())

@@ -225,24 +225,36 @@ pub async fn reconcile(
     source: Option<PathSource>,
 ) -> Result<Option<Duration>> {
     let Some(nixos) = &machine.spec.nixos else { return Ok(None) };
-    let ns = machine.namespace().unwrap_or_default();
-    let run = Run {
-        machine,
-        network,
-        ctx,
-        api: Api::namespaced(ctx.client.clone(), &ns),
-        nixos,
-        target,
-        generation: machine.metadata.generation,
-        membership_recheck: Mutex::default(),
-        source,
-    };
+    let run = Run::new(machine, network, ctx, target, nixos, source);
     let requeue = run.reconcile(status).await?;
     let recheck = *run.membership_recheck.lock().unwrap_or_else(|e| e.into_inner());
     Ok(match (requeue, recheck) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     })
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        machine: &'a Machine,
+        network: &'a Network,
+        ctx: &'a Context,
+        target: &'a Target,
+        nixos: &'a NixosSpec,
+        source: Option<PathSource>,
+    ) -> Self {
+        Run {
+            machine,
+            network,
+            ctx,
+            api: Api::namespaced(ctx.client.clone(), &machine.namespace().unwrap_or_default()),
+            nixos,
+            target,
+            generation: machine.metadata.generation,
+            membership_recheck: Mutex::default(),
+            source,
+        }
+    }
 }
 
 impl Run<'_> {
@@ -400,11 +412,7 @@ impl Run<'_> {
     }
 
     async fn connect(&self) -> Result<Session> {
-        let t = self.target;
-        let timeout = self.ctx.settings.ssh_timeout;
-        let connected = Session::connect(&t.host, t.port, &t.user, &t.key, &t.host_key, timeout, t.via.clone()).await;
-        self.ctx.metrics.provider_call("ssh", "connect", connected.is_ok());
-        connected.map_err(ssh_error)
+        connect(self.ctx, self.target, self.ctx.settings.ssh_timeout).await.map_err(ssh_error)
     }
 
     async fn probe(&self, session: &Session) -> Result<NodeState> {
@@ -1076,17 +1084,7 @@ pub async fn dry_activate(
     })?;
     let path = StorePath::parse(closure)
         .map_err(|e| Error::stalled("InvalidClosure", format!("the closure to dry-activate: {e}")))?;
-    let run = Run {
-        machine,
-        network,
-        ctx,
-        api: Api::namespaced(ctx.client.clone(), &machine.namespace().unwrap_or_default()),
-        nixos,
-        target,
-        generation: machine.metadata.generation,
-        membership_recheck: Mutex::default(),
-        source: None,
-    };
+    let run = Run::new(machine, network, ctx, target, nixos, None);
     let (source, mut survey) = run.survey(session, &path).await?;
     let copied = match nixos.delivery {
         Delivery::Push => {
@@ -1139,6 +1137,13 @@ pub fn is_up_to_date(machine: &Machine) -> bool {
             && s.closure.as_deref() == super::build::desired_closure(machine)
             && s.last_deploy.as_ref().is_some_and(|l| l.result.as_deref() == Some(deploy_result::SUCCEEDED))
     })
+}
+
+/// Logs in to `t`, counted in the provider-call metrics as every SSH login is.
+pub(crate) async fn connect(ctx: &Context, t: &Target, timeout: Duration) -> std::result::Result<Session, SshError> {
+    let connected = Session::connect(&t.host, t.port, &t.user, &t.key, &t.host_key, timeout, t.via.clone()).await;
+    ctx.metrics.provider_call("ssh", "connect", connected.is_ok());
+    connected
 }
 
 pub(crate) fn ssh_error(err: SshError) -> Error {

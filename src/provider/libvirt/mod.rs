@@ -35,6 +35,9 @@ use crate::metrics::Metrics;
 use xml::{Cidr, DomainOwner, DomainSpec, ResolvedDomainType};
 
 /// Port sshd listens on in the image; spec.ssh.port overrides it.
+/// A libvirt Machine's providerID is this and its domain's UUID (the Machine's UID).
+pub(crate) const PROVIDER_ID_PREFIX: &str = "libvirt:///";
+
 const SSH_PORT: u16 = 22;
 
 /// How long a stop waits for the guest to power off after the ACPI
@@ -223,7 +226,7 @@ fn instance_of(domain: &Domain) -> Result<Instance, ProviderError> {
         }
     }
     Ok(Instance {
-        provider_id: Some(format!("libvirt:///{uuid}")),
+        provider_id: Some(format!("{PROVIDER_ID_PREFIX}{uuid}")),
         ssh_host: addresses.first().map(|a| a.address.clone()).unwrap_or_default(),
         ssh_port: SSH_PORT,
         addresses,
@@ -269,7 +272,7 @@ fn upload(hv: &Hypervisor, vol: &StorageVol, bytes: &[u8], what: &str) -> Result
     stream.finish().map_err(failed(format!("finishing the upload of {what}")))
 }
 
-/// Starts a defined domain and waits a while for its DHCP lease.
+/// Starts a defined domain; one already running is success.
 fn start(domain: &Domain, name: &str) -> Result<(), ProviderError> {
     match domain.create() {
         Ok(_) => Ok(()),

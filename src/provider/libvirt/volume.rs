@@ -18,9 +18,6 @@ use crate::provider::{
 
 const GIB: u64 = 1 << 30;
 
-/// The UUID prefix of a libvirt machine's providerID.
-const PROVIDER_ID_PREFIX: &str = "libvirt:///";
-
 fn spec(spec: &VolumeProviderSpec) -> Result<&LibvirtVolume, ProviderError> {
     spec.libvirt.as_ref().ok_or_else(|| ProviderError::permanent("NoProvider", "spec.provider.libvirt is not set"))
 }
@@ -179,7 +176,7 @@ impl VolumeProvider for Libvirt {
     }
 
     fn machine_id<'a>(&self, provider_id: &'a str) -> Option<&'a str> {
-        provider_id.strip_prefix(PROVIDER_ID_PREFIX).filter(|id| !id.is_empty())
+        provider_id.strip_prefix(super::PROVIDER_ID_PREFIX).filter(|id| !id.is_empty())
     }
 
     async fn attach(&self, target: &CloudTarget, id: &str, instance: &str, device: &str) -> Result<(), ProviderError> {
