@@ -28,6 +28,12 @@ async fn start_fleet(prefix: &str, hv: &Hypervisor, subnet: u8) -> Fleet {
     fleet
 }
 
+/// The name of the Network's libvirt network (its status.vpcId).
+async fn libvirt_network(fleet: &Fleet) -> String {
+    let network = Api::<Network>::namespaced(fleet.client.clone(), &fleet.ns).get("net").await.unwrap();
+    network.status.and_then(|s| s.vpc_id).expect("status.vpcId")
+}
+
 async fn create_machine(fleet: &Fleet, hv: &Hypervisor, name: &str, nixos: Option<&str>) {
     create_machine_with(fleet, hv, name, nixos, json!({})).await
 }
@@ -105,14 +111,7 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
     let _vm = ONE_AT_A_TIME.lock().await;
     let hv = hypervisor();
     let fleet = start_fleet("lv-life", hv, 1).await;
-    let network_name = Api::<Network>::namespaced(fleet.client.clone(), &fleet.ns)
-        .get("net")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .vpc_id
-        .unwrap();
+    let network_name = libvirt_network(&fleet).await;
     assert!(hv.networks().contains(&network_name), "libvirt network {network_name} in {:?}", hv.networks());
 
     let closure = system("web", &nonce(), &[("motd", "hello from a libvirt VM")], Activation::Ok);
@@ -289,4 +288,227 @@ async fn an_orphaned_volume_stays_in_the_pool() {
     delete_all(&fleet, &[]).await;
     assert!(hv.volumes().contains(&name), "the orphaned volume {name} was deleted: {:?}", hv.volumes());
     hv.virsh(&["vol-delete", &name, "--pool", "default"]);
+}
+
+/// A fresh ed25519 public key no host has.
+fn stranger_key() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::read_to_string(path.with_extension("pub")).unwrap().trim().to_owned()
+}
+
+/// The hypervisor reached as a remote one, `qemu+ssh://root@HOST/system`:
+/// a wrong pinned host key stops everything before anything is sent or
+/// created; with the right one the Network's NAT network is created over
+/// SSH, a Machine boots there from a base image that is a pool volume and
+/// is deployed through the hypervisor (the only host that reaches it), and
+/// deleting everything leaves nothing and releases the credentials Secret.
+#[tokio::test]
+async fn remote_hypervisor_over_ssh_with_a_pinned_host_key() {
+    let _vm = ONE_AT_A_TIME.lock().await;
+    let hv = hypervisor();
+    let wrong = stranger_key();
+    let fleet =
+        Fleet::start("lv-remote", json!({"provider": hv.remote_network_provider(5, "hypervisor", &wrong)})).await;
+    let secrets: Api<Secret> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hypervisor"},
+        "type": "kubernetes.io/ssh-auth", "stringData": {"ssh-privatekey": hv.remote.private_key},
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let networks: Api<Network> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+
+    // The hypervisor presents another key: stalled, naming the field; the
+    // hypervisor has no network of this namespace.
+    support::wait_for(&networks, "net", VM_TIMEOUT, "Stalled HypervisorHostKeyMismatch", |n| {
+        n.status.as_ref().is_some_and(|s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == "Stalled"
+                    && c.status == "True"
+                    && c.reason == "HypervisorHostKeyMismatch"
+                    && c.message.contains("spec.provider.libvirt.ssh.hostKey")
+            })
+        })
+    })
+    .await;
+    assert_eq!(owned_by(&hv.networks(), &fleet.ns), Vec::<String>::new(), "created despite the wrong host key");
+    let held = secrets.get("hypervisor").await.unwrap();
+    assert!(
+        held.metadata.finalizers.unwrap_or_default().iter().any(|f| f.starts_with("nixops.io/")),
+        "Secret not held"
+    );
+
+    // The right key: the network is created through the SSH connection.
+    let patch = json!({"spec": {"provider": {"libvirt": {"ssh": {"hostKey": hv.remote.host_key}}}}});
+    networks.patch("net", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    support::wait_for(&networks, "net", VM_TIMEOUT, "Network Ready", |n| {
+        n.status.as_ref().is_some_and(|s| support::is_ready(&s.conditions) && s.vpc_id.is_some())
+    })
+    .await;
+    let network_name = libvirt_network(&fleet).await;
+    assert!(hv.networks().contains(&network_name), "{network_name} in {:?}", hv.networks());
+
+    // A machine in the NAT network, deployed through the hypervisor, its
+    // disk an overlay of an image that is a volume of the pool.
+    let closure = system("web", &nonce(), &[("motd", "hello from a remote hypervisor")], Activation::Ok);
+    let mut provider = hv.machine_provider();
+    provider["libvirt"]["baseImage"] = json!(hv.base_volume());
+    let applied = Instant::now();
+    create_machine_with(&fleet, hv, "web", Some(&closure), json!({"provider": provider})).await;
+    support::wait_for(&fleet.machines, "web", VM_TIMEOUT, "Ready with the system deployed", |m| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.closure.as_deref() == Some(closure.as_str()) && support::is_ready(&s.conditions))
+    })
+    .await;
+    eprintln!("figure: kubectl apply -> Ready, one VM on a remote hypervisor: {:?}", applied.elapsed());
+    let status = fleet.machines.get("web").await.unwrap().status.unwrap();
+    let address = status.addresses.first().expect("an address").address.clone();
+    let host_key = status.host_key.clone().expect("status.hostKey");
+    let key = private_key(&fleet).await;
+    let inside =
+        support::libvirt::ssh_from(Some(&hv.remote.ns_pid), &address, &key, &host_key, "readlink /run/current-system");
+    assert!(inside.status.success(), "{}", String::from_utf8_lossy(&inside.stderr));
+    assert_eq!(String::from_utf8_lossy(&inside.stdout).trim(), closure);
+    // kubectl nixops ssh goes through the hypervisor as the operator does.
+    let out = support::plugin::run(&fleet.ns, &["ssh", "web", "--", "readlink /run/current-system"]);
+    assert!(out.status.success(), "{}", support::plugin::text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), closure);
+    // The operator's host cannot reach the machine itself: the deploy went
+    // through the hypervisor.
+    let direct = ssh(&address, &key, &host_key, "true");
+    assert!(!direct.status.success(), "{address} is reachable directly, so the jump was not tested");
+
+    delete_all(&fleet, &["web"]).await;
+    assert_eq!(owned_by(&hv.domains(), &fleet.ns), Vec::<String>::new(), "domains left");
+    assert_eq!(owned_by(&hv.volumes(), &fleet.ns), Vec::<String>::new(), "volumes left");
+    assert!(!hv.networks().contains(&network_name), "network left: {:?}", hv.networks());
+    let released = secrets.get("hypervisor").await.unwrap();
+    assert!(
+        !released.metadata.finalizers.unwrap_or_default().iter().any(|f| f.starts_with("nixops.io/")),
+        "the credentials Secret is still held"
+    );
+}
+
+/// `python3 -m http.server` on loopback serving `dir`, stopped when dropped;
+/// its log lists the requests.
+struct FileServer {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FileServer {
+    fn start(dir: &std::path::Path) -> Self {
+        let logs = tempfile::tempdir().unwrap();
+        let log = logs.path().join("http.log");
+        let port = support::free_port();
+        let mut child = std::process::Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+            .arg(dir)
+            .arg(port.to_string())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start python3 -m http.server");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self { child, port, log, _dir: logs };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("http.server did not listen on {port}");
+    }
+
+    /// How many GETs of `path` were answered 200.
+    fn served(&self, path: &str) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines().filter(|l| l.contains(&format!("\"GET {path} ")) && l.contains("\" 200 ")).count()
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A baseImage URL: a wrong checksum stalls the Machine and uploads
+/// nothing; with the right one, two Machines share one download, uploaded
+/// once into the pool as the Network's volume, which their overlays are
+/// backed by; deleting the Network deletes it. The machines stay powered
+/// off (running: false): no VM boots here.
+#[tokio::test]
+async fn base_image_from_a_url_is_checked_uploaded_once_and_deleted_with_the_network() {
+    let hv = hypervisor();
+    let server = FileServer::start(&hv.image);
+    let out = std::process::Command::new("sha256sum").arg(hv.image.join("base.qcow2")).output().unwrap();
+    let sha256 = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned();
+    let url = format!("http://127.0.0.1:{}/base.qcow2", server.port);
+    let fleet = start_fleet("lv-url", hv, 6).await;
+    let network_name = libvirt_network(&fleet).await;
+    let image_volumes = || -> Vec<String> {
+        hv.volumes().into_iter().filter(|v| v.starts_with(&format!("{network_name}-base-"))).collect()
+    };
+    let provider = |sha: &str| {
+        let mut provider = hv.machine_provider();
+        provider["libvirt"]["baseImage"] = json!(url);
+        provider["libvirt"]["baseImageSha256"] = json!(sha);
+        json!({"provider": provider, "running": false})
+    };
+
+    // A wrong checksum: stalled, naming the field; nothing in the pool.
+    let wrong = "0".repeat(64);
+    create_machine_with(&fleet, hv, "bad", None, provider(&wrong)).await;
+    let stalled = fleet.wait_stalled("bad", "BaseImageChecksumMismatch").await;
+    let message = support::condition_message(&stalled.status.unwrap().conditions, "Stalled");
+    assert!(message.contains("baseImageSha256") && message.contains(&sha256), "{message}");
+    assert_eq!(image_volumes(), Vec::<String>::new(), "uploaded despite the wrong checksum");
+    assert_eq!(owned_by(&hv.domains(), &fleet.ns), Vec::<String>::new(), "defined despite the wrong checksum");
+    fleet.machines.delete("bad", &DeleteParams::default()).await.unwrap();
+    support::wait_gone(&fleet.machines, "bad", VM_TIMEOUT).await;
+
+    // The right one: two machines, one download, one volume behind both overlays.
+    let before = server.served("/base.qcow2");
+    for name in ["a", "b"] {
+        create_machine_with(&fleet, hv, name, None, provider(&sha256)).await;
+    }
+    for name in ["a", "b"] {
+        wait_phase(&fleet, name, MachinePhase::Stopped).await;
+    }
+    let images = image_volumes();
+    assert_eq!(images.len(), 1, "{images:?}");
+    assert_eq!(server.served("/base.qcow2") - before, 1, "downloads for two machines");
+    let image_path = hv.virsh(&["vol-path", &images[0], "--pool", "default"]).trim().to_owned();
+    let compared = std::process::Command::new("qemu-img")
+        .arg("compare")
+        .arg(hv.image.join("base.qcow2"))
+        .arg(&image_path)
+        .output()
+        .unwrap();
+    assert!(compared.status.success(), "the pool's copy differs: {}", support::plugin::text(&compared));
+    for name in ["a", "b"] {
+        let uid = fleet.machines.get(name).await.unwrap().metadata.uid.unwrap();
+        let overlay = owned_by(&hv.volumes(), &fleet.ns)
+            .into_iter()
+            .find(|v| v.ends_with(&format!("-{}.qcow2", &uid.replace('-', "")[..8])))
+            .unwrap_or_else(|| panic!("no overlay of {name} in {:?}", hv.volumes()));
+        let xml = hv.virsh(&["vol-dumpxml", &overlay, "--pool", "default"]);
+        assert!(xml.contains(&format!("<path>{image_path}</path>")), "{overlay} is not backed by {image_path}: {xml}");
+    }
+
+    delete_all(&fleet, &["a", "b"]).await;
+    assert_eq!(owned_by(&hv.volumes(), &fleet.ns), Vec::<String>::new(), "volumes left");
+    assert_eq!(owned_by(&hv.domains(), &fleet.ns), Vec::<String>::new(), "domains left");
 }

@@ -10,7 +10,10 @@
 #   start.sh DIR --watch-pid PID
 #
 # Prints `KEY=value` lines: URI (the libvirt URI to connect to), CIDR (the
-# routed /16), NS_PID (a process in the namespaces, for nsenter). When PID
+# routed /16), NS_PID (a process in the namespaces, for nsenter), and what a
+# remote hypervisor's login needs: SSH_HOST (sshd in the namespace, port
+# 22), SSH_HOST_KEY (its ed25519 public key), SSH_KEY (a private key root
+# there accepts) and SOCKET (libvirtd's socket, for the URI's socket=). When PID
 # exits, however it exits, the namespaces' init is killed: the kernel kills
 # libvirtd, virtlogd, dnsmasq and every QEMU with it, the network namespace
 # goes and with it its bridges, the veth pair and the host's route.
@@ -47,6 +50,12 @@ cgroup_controllers = [ ]
 namespaces = [ ]
 EOF
 printf 'uri_default = "qemu:///system"\n' >"$dir/etc/libvirt.conf"
+# sshd, so the hypervisor can be reached as a remote one (qemu+ssh): its
+# own host key, and one login key for root.
+ssh-keygen -q -t ed25519 -N '' -C hypervisor -f "$dir/ssh_host_ed25519_key"
+ssh-keygen -q -t ed25519 -N '' -C operator -f "$dir/login"
+cp "$dir/login.pub" "$dir/authorized_keys"
+mkdir -p /run/sshd
 
 # A /16 of 10.0.0.0/8 that no route of the host overlaps, and a /30 for the link.
 pick=$(python3 - <<'EOF'
@@ -81,6 +90,9 @@ for name, line in [("passwd", "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr
     with open(f"/etc/{name}") as src, open(f"{d}/{name}", "w") as dst:
         dst.write(src.read() + line)
     subprocess.run(["mount", "--bind", f"{d}/{name}", f"/etc/{name}"], check=True)
+# This pid namespace's own /proc: libvirtd looks up its clients (sshd's
+# forwarding, for a remote connection) by the pid their socket reports.
+subprocess.run(["mount", "-t", "proc", "proc", "/proc"], check=True)
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
     f.write("1")
@@ -94,6 +106,12 @@ log = open(f"{d}/daemons.log", "ab")
 # Their own pid files: the host's /run is shared with other hypervisors.
 subprocess.Popen(["virtlogd", "--pid-file", f"{d}/virtlogd.pid"], stdout=log, stderr=log)
 subprocess.Popen(["libvirtd", "--config", f"{d}/etc/libvirtd.conf", "--pid-file", f"{d}/libvirtd.pid"],
+                 stdout=log, stderr=log)
+subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", "/dev/null",
+                  "-o", f"ListenAddress={ns_ip}", "-o", f"HostKey={d}/ssh_host_ed25519_key",
+                  "-o", f"AuthorizedKeysFile={d}/authorized_keys", "-o", "PermitRootLogin=prohibit-password",
+                  "-o", "StrictModes=no", "-o", "UsePAM=no", "-o", "PidFile=none", "-o", "LogLevel=VERBOSE",
+                  "-o", "AllowStreamLocalForwarding=yes", "-o", "AllowTcpForwarding=yes"],
                  stdout=log, stderr=log)
 # pid 1 of the namespace: reap every orphan (QEMU is daemonized), or
 # libvirt would wait for zombies to die.
@@ -142,6 +160,10 @@ for _ in $(seq 300); do
     echo "CIDR=$cidr"
     echo "NS_PID=$ns_pid"
     echo "POOL_DIR=$dir/pool"
+    echo "SSH_HOST=$ns_ip"
+    echo "SSH_HOST_KEY=$(cut -d' ' -f1,2 "$dir/ssh_host_ed25519_key.pub")"
+    echo "SSH_KEY=$dir/login"
+    echo "SOCKET=$dir/sock/libvirt-sock"
     exit 0
   fi
   sleep 0.1

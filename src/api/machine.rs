@@ -204,6 +204,9 @@ pub struct Ec2Instance {
 /// generated, which the operator pins before its first connection.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(self.baseImage.startsWith('https://') || self.baseImage.startsWith('http://')) || has(self.baseImageSha256)")
+    .message("a baseImage URL needs baseImageSha256 (sha256sum IMAGE): the operator checks what it downloads")
+    .field_path(".baseImageSha256"))]
 pub struct LibvirtMachine {
     /// Virtual CPUs. Applied when the domain is defined: a change reaches
     /// an existing machine only when it is created anew.
@@ -225,12 +228,24 @@ pub struct LibvirtMachine {
     pub disk_size_gib: i32,
 
     /// The qcow2 image the root disk is an overlay of: an absolute path on
-    /// the hypervisor. Immutable: NixOS is updated by deploying a new
-    /// closure, not by changing the image.
-    #[x_kube(validation = rules::absolute_path())]
+    /// the hypervisor, the name of a volume in the Network's storage pool
+    /// (e.g. one uploaded with `virsh vol-upload`), or an http(s) URL with
+    /// `baseImageSha256`, which the operator downloads, checks and uploads
+    /// into the pool once per Network (as `<network>-base-<sha256>.qcow2`,
+    /// deleted with the Network). Immutable: NixOS is updated by deploying
+    /// a new closure, not by changing the image.
+    #[x_kube(validation = Rule::new("self.startsWith('/') ? !self.split('/').exists(c, c == '..') : (self.startsWith('https://') || self.startsWith('http://') || self.matches('^[A-Za-z0-9][A-Za-z0-9._+-]*$'))")
+        .message("must be an absolute path on the hypervisor without '..' components (/var/lib/libvirt/images/nixos.qcow2), a volume name in the storage pool (nixos.qcow2) or an http(s) URL"))]
     #[x_kube(validation = rules::immutable("the base image"))]
     #[schemars(length(min = 2, max = 4096))]
     pub base_image: String,
+
+    /// The SHA-256 (hex) of the image a `baseImage` URL serves, required
+    /// with one: the download is refused unless it matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("must be 64 lowercase hex digits (sha256sum IMAGE)"))]
+    #[x_kube(validation = rules::immutable("the base image's checksum"))]
+    pub base_image_sha256: Option<String>,
 
     /// Boot this kernel directly (QEMU's -kernel) instead of the image's
     /// boot loader, for images without one.
@@ -238,8 +253,10 @@ pub struct LibvirtMachine {
     pub direct_kernel_boot: Option<DirectKernelBoot>,
 
     /// `qemu` emulates the CPU (TCG; works everywhere, slowly), `kvm` uses
-    /// hardware virtualisation, `auto` uses kvm where the hypervisor's
-    /// libvirt reports it and qemu elsewhere.
+    /// hardware virtualisation, `auto` uses kvm where it works: where the
+    /// hypervisor's libvirt offers it and its CPU has hardware
+    /// virtualisation (vmx or svm, or is not itself a guest), and qemu
+    /// elsewhere, such as on a paravirtual /dev/kvm.
     #[serde(default)]
     pub domain_type: LibvirtDomainType,
 }
@@ -281,7 +298,7 @@ pub struct DirectKernelBoot {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LibvirtDomainType {
-    /// kvm where the hypervisor's libvirt offers it, else qemu.
+    /// kvm where it works on the hypervisor, else qemu.
     #[default]
     Auto,
     /// Hardware virtualisation.

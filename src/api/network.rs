@@ -98,9 +98,19 @@ pub struct NetworkProvider {
 /// A libvirt hypervisor and the virtual network its machines share.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.uri.startsWith('qemu+ssh://') || has(self.ssh)")
+    .message("a qemu+ssh:// hypervisor needs ssh.credentialsSecretRef and ssh.hostKey: the operator logs in with the Secret's key and talks only to the host proving that key")
+    .field_path(".ssh"))]
+#[x_kube(validation = Rule::new("!has(self.ssh) || self.uri.startsWith('qemu+ssh://')")
+    .message("ssh applies to qemu+ssh:// URIs only")
+    .field_path(".ssh"))]
 pub struct LibvirtNetwork {
-    /// The libvirt connection URI of the hypervisor, e.g. `qemu:///system`
-    /// (libvirtd on the operator's host). Immutable.
+    /// The libvirt connection URI of the hypervisor: `qemu:///system` for
+    /// libvirtd on the operator's host, `qemu+ssh://USER@HOST[:PORT]/system`
+    /// for a remote one (with `ssh`). The operator makes the SSH connection
+    /// itself, with its own host key check, and forwards libvirtd's socket
+    /// (`/var/run/libvirt/libvirt-sock`, or the URI's `socket=` parameter);
+    /// the remote user needs access to that socket. Immutable.
     #[serde(default = "default_libvirt_uri")]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9+]+://')")
         .message("must be a libvirt URI such as qemu:///system or qemu+ssh://root@host/system"))]
@@ -136,6 +146,37 @@ pub struct LibvirtNetwork {
     #[serde(default = "default_storage_pool")]
     #[schemars(length(min = 1, max = 253))]
     pub storage_pool: String,
+
+    /// The login to a remote hypervisor (`qemu+ssh://` URIs), checked like
+    /// every SSH connection the operator makes: the host must prove the
+    /// pinned key before anything is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<HypervisorSsh>,
+}
+
+/// How the operator logs in to a remote hypervisor.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HypervisorSsh {
+    /// Secret with the private key to log in with, under `ssh-privatekey`
+    /// (a `kubernetes.io/ssh-auth` Secret: `kubectl create secret generic
+    /// NAME --type=kubernetes.io/ssh-auth --from-file=ssh-privatekey=KEY`).
+    /// The Network keeps it from deletion until its cleanup is done.
+    pub credentials_secret_ref: LocalObjectReference,
+
+    /// The hypervisor's SSH public key (`ssh-keyscan -t ed25519 HOST`), of
+    /// any type it has; the operator asks for a key of that type and refuses
+    /// a host presenting any other.
+    #[x_kube(validation = rules::ssh_public_key())]
+    #[schemars(length(min = 1, max = 16384))]
+    pub host_key: String,
+
+    /// Whether Machines reach their SSH through the hypervisor (like
+    /// `ssh -J`) when they set no jumpHost of their own: by default in
+    /// `nat` and `isolated` networks, whose addresses only the hypervisor
+    /// reaches, and not in `route` and `open` ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jump: Option<bool>,
 }
 
 fn default_libvirt_uri() -> String {

@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::nix::build::{self as script, BuildRequest, Expression};
 use crate::nix::push::PathSource;
 use crate::nix::remote_store::RemoteStore;
-use crate::provider::ProviderError;
+use crate::provider::{MachineTarget, Owner, ProviderError};
 use crate::ssh::{HostKey, Session, SshError};
 
 /// Machine condition types set by builds.
@@ -693,7 +693,19 @@ async fn builder_target(ctx: &Context, ns: &str, network: &Network, name: &str) 
     let key = super::keypair::private_key(ctx, ns, &keypair).await?;
     let via = match &ssh.jump_host {
         Some(jump) => Some(super::machine::connect_jump_host(ctx, ns, jump, &ssh, Some(&key)).await?),
-        None => None,
+        // A remote hypervisor in front of the builder's network, say.
+        None => {
+            let target = MachineTarget {
+                owner: Owner::of(&*builder),
+                provider: resolved.provider.clone(),
+                running: builder.spec.running,
+                external_id: None,
+                network: Some(network.clone()),
+                key_name: None,
+                authorized_key: None,
+            };
+            ctx.providers.machine(&resolved.provider)?.jump(&target).await?
+        }
     };
     Ok(Target {
         host,

@@ -304,7 +304,7 @@ impl Reconciler for Machine {
         // Verify the host over SSH before anything else touches it.
         let via = match &resolved.ssh.jump_host {
             Some(jump) => Some(connect_jump_host(&ctx, &ns, jump, &resolved.ssh, login_key.as_ref()).await?),
-            None => None,
+            None => provider.jump(&target).await?,
         };
         // Parsed before probing: the probe asks for a key of the pinned type.
         let pin =

@@ -196,7 +196,7 @@ impl Context {
         let deployments = deploy::Deployments::new(RECORD_CACHE_BYTES, settings.ssh_keep);
         let aws = AwsAccounts::new(client.clone(), metrics.clone());
         let mut providers = Providers::builtin(aws.clone());
-        crate::provider::libvirt::register(&mut providers, metrics.clone());
+        crate::provider::libvirt::register(&mut providers, client.clone(), metrics.clone(), settings.ssh_timeout);
         Self {
             client,
             recorder,

@@ -220,8 +220,12 @@ impl Reconciler for Network {
 
 /// The credentials Secret the Network's spec names.
 fn credentials_secret(network: &Network) -> Option<&str> {
-    let ec2 = network.spec.provider.as_ref()?.ec2.as_ref()?;
-    Some(ec2.credentials_secret_ref.as_ref()?.name.as_str())
+    let provider = network.spec.provider.as_ref()?;
+    match (&provider.ec2, &provider.libvirt) {
+        (Some(ec2), _) => Some(ec2.credentials_secret_ref.as_ref()?.name.as_str()),
+        (None, Some(libvirt)) => Some(libvirt.ssh.as_ref()?.credentials_secret_ref.name.as_str()),
+        (None, None) => None,
+    }
 }
 
 /// The credentials Secret `network` holds, as its status records it.

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
 use russh::keys::PrivateKey;
@@ -103,7 +104,7 @@ pub async fn route(kube: &Kube, machine: &Machine) -> Result<Route> {
     let key = keypair_key(kube, &ns, &key_ref.name, "spec.ssh.keyPairRef.name").await?;
     let user = resolved.ssh.user.clone().unwrap_or_else(|| "root".into());
     let jump = match &resolved.ssh.jump_host {
-        None => None,
+        None => hypervisor_login(kube, &ns, &network, &resolved).await?,
         Some(jump) => Some(jump_login(kube, &ns, jump, &resolved.ssh, &key).await?),
     };
     let target = Login { host, port, user, key, pin: pin.key, pin_source: pin.source.to_owned() };
@@ -131,6 +132,33 @@ async fn jump_login(
         pin,
         pin_source: "spec.ssh.jumpHost.hostKey".into(),
     })
+}
+
+/// The remote hypervisor a libvirt machine is reached through, as the
+/// operator reaches it (see `provider::libvirt::remote`), if it is.
+async fn hypervisor_login(kube: &Kube, ns: &str, network: &Network, resolved: &Resolved) -> Result<Option<Login>> {
+    use crate::provider::libvirt::remote;
+    let spec = network.spec.provider.as_ref().and_then(|p| p.libvirt.as_ref());
+    let (Some(spec), Some(_)) = (spec, &resolved.provider.libvirt) else { return Ok(None) };
+    let (Some(ssh), Some(uri)) = (&spec.ssh, remote::SshUri::parse(&spec.uri).ok().flatten()) else { return Ok(None) };
+    if !remote::jumps_through_hypervisor(spec) {
+        return Ok(None);
+    }
+    let secret_name = &ssh.credentials_secret_ref.name;
+    let secret = Api::<Secret>::namespaced(kube.client.clone(), ns).get_opt(secret_name).await?.ok_or_else(|| {
+        PluginError::Usage(format!(
+            "Secret {secret_name} (the Network's spec.provider.libvirt.ssh.credentialsSecretRef) not found in namespace {ns}"
+        ))
+    })?;
+    let refused = |e: crate::provider::ProviderError| PluginError::Refused(format!("hypervisor: {e}"));
+    Ok(Some(Login {
+        host: uri.host,
+        port: uri.port,
+        user: uri.user,
+        key: remote::login_key(&secret).map_err(refused)?,
+        pin: remote::pinned_key(ssh).map_err(refused)?,
+        pin_source: "the Network's spec.provider.libvirt.ssh.hostKey".into(),
+    }))
 }
 
 /// The refusal for a host presenting another key than the pinned one.

@@ -150,6 +150,16 @@ pub trait MachineProvider: Send + Sync {
     async fn update(&self, target: &MachineTarget, current: Instance) -> Result<Instance, ProviderError>;
     /// Deletes the machine; a machine already gone is success.
     async fn delete(&self, target: &MachineTarget) -> Result<(), ProviderError>;
+
+    /// The session to reach the machine's SSH through when the Machine
+    /// names no jump host, e.g. a remote hypervisor in front of a network
+    /// only it reaches; None to connect directly.
+    async fn jump(
+        &self,
+        _target: &MachineTarget,
+    ) -> Result<Option<std::sync::Arc<crate::ssh::Session>>, ProviderError> {
+        Ok(None)
+    }
 }
 
 /// What a cloud provider acts for: the object's identity and the Network

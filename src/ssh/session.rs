@@ -154,6 +154,18 @@ impl Session {
         Ok(channel.into_stream())
     }
 
+    /// Opens a connection to the Unix socket at `path` on this host
+    /// (`ssh -L local:path`), e.g. libvirtd's.
+    pub async fn forward_unix(&self, path: &str) -> Result<russh::ChannelStream<russh::client::Msg>, SshError> {
+        let channel = self.handle.channel_open_direct_streamlocal(path).await.map_err(|e| SshError::Connect {
+            addr: self.addr.clone(),
+            reason: format!(
+                "cannot reach the socket {path} there (is it the right path, and may the login user use it?): {e}"
+            ),
+        })?;
+        Ok(channel.into_stream())
+    }
+
     /// `command` as it must be sent to run as root: unchanged for root,
     /// else under `sudo -n` (never prompting), once sudo is known to work.
     /// Standard input and output pass through sudo untouched.

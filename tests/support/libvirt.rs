@@ -26,6 +26,22 @@ pub struct Hypervisor {
     pub octet: u8,
     /// The directory of the test image (base.qcow2, vmlinuz, initrd.img, cmdline).
     pub image: PathBuf,
+    /// The same hypervisor as a remote one: sshd in its network namespace.
+    pub remote: Remote,
+}
+
+/// What a `qemu+ssh://` login to the hypervisor needs.
+pub struct Remote {
+    /// sshd's address (port 22), in the hypervisor's network namespace.
+    pub host: String,
+    /// sshd's ed25519 public key.
+    pub host_key: String,
+    /// A private key root may log in with.
+    pub private_key: String,
+    /// libvirtd's socket.
+    pub socket: String,
+    /// A process in the hypervisor's namespaces, for `nsenter`.
+    pub ns_pid: String,
 }
 
 /// VMs take much of this machine's CPU: one test boots VMs at a time.
@@ -59,7 +75,14 @@ pub fn hypervisor() -> &'static Hypervisor {
             .collect();
         let cidr = &vars["CIDR"];
         let octet = cidr.split('.').nth(1).and_then(|o| o.parse().ok()).expect("CIDR 10.X.0.0/16");
-        let hv = Hypervisor { uri: vars["URI"].clone(), octet, image };
+        let remote = Remote {
+            host: vars["SSH_HOST"].clone(),
+            host_key: vars["SSH_HOST_KEY"].clone(),
+            private_key: std::fs::read_to_string(&vars["SSH_KEY"]).expect("the hypervisor's login key"),
+            socket: vars["SOCKET"].clone(),
+            ns_pid: vars["NS_PID"].clone(),
+        };
+        let hv = Hypervisor { uri: vars["URI"].clone(), octet, image, remote };
         hv.virsh(&["pool-define-as", "default", "dir", "--target", &vars["POOL_DIR"]]);
         hv.virsh(&["pool-start", "default"]);
         eprintln!("libvirtd started in {:?} ({})", started.elapsed(), hv.uri);
@@ -113,6 +136,21 @@ impl Hypervisor {
         }})
     }
 
+    /// A Network's `spec.provider` reaching this hypervisor as a remote
+    /// one over SSH, pinning `host_key`, with the login key in Secret
+    /// `secret`: a NAT network 10.X.`subnet`.0/24, which only the
+    /// hypervisor reaches (libvirt's firewall rejects new connections into
+    /// it from outside).
+    pub fn remote_network_provider(&self, subnet: u8, secret: &str, host_key: &str) -> serde_json::Value {
+        json!({"libvirt": {
+            "uri": format!("qemu+ssh://root@{}/system?socket={}", self.remote.host, self.remote.socket),
+            "mode": "nat",
+            "cidr": format!("10.{}.{subnet}.0/24", self.octet),
+            "storagePool": "default",
+            "ssh": {"credentialsSecretRef": {"name": secret}, "hostKey": host_key},
+        }})
+    }
+
     /// A Machine's `spec.provider`: a small TCG VM of the test image.
     pub fn machine_provider(&self) -> serde_json::Value {
         let cmdline = std::fs::read_to_string(self.image.join("cmdline")).expect("image cmdline");
@@ -130,6 +168,21 @@ impl Hypervisor {
         }})
     }
 
+    /// The test image's base.qcow2 as a volume of pool "default" (copied
+    /// in once), for a baseImage naming a volume instead of a path.
+    pub fn base_volume(&self) -> &'static str {
+        static COPIED: OnceLock<()> = OnceLock::new();
+        const NAME: &str = "test-base.qcow2";
+        COPIED.get_or_init(|| {
+            let pool = self.virsh(&["pool-dumpxml", "default"]);
+            let dir =
+                pool.split("<path>").nth(1).and_then(|rest| rest.split("</path>").next()).expect("pool default's path");
+            std::fs::copy(self.image.join("base.qcow2"), format!("{dir}/{NAME}")).expect("copy the base image");
+            self.virsh(&["pool-refresh", "default"]);
+        });
+        NAME
+    }
+
     /// RSS of every QEMU process of this hypervisor, in KiB.
     pub fn qemu_rss_kib(&self) -> Vec<u64> {
         let out = Command::new("ps").args(["-C", "qemu-system-x86_64", "-o", "rss="]).output().expect("ps");
@@ -140,6 +193,18 @@ impl Hypervisor {
 /// SSH to a VM as root with `private_key`, accepting only `host_key` (the
 /// key the Machine's status pins): a VM that presented another one fails.
 pub fn ssh(address: &str, private_key: &str, host_key: &str, command: &str) -> std::process::Output {
+    ssh_from(None, address, private_key, host_key, command)
+}
+
+/// [`ssh`] from inside the network namespace of the process `ns_pid`
+/// (the hypervisor's, which alone reaches its NAT networks), or the host's.
+pub fn ssh_from(
+    ns_pid: Option<&str>,
+    address: &str,
+    private_key: &str,
+    host_key: &str,
+    command: &str,
+) -> std::process::Output {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("ssh dir");
     let key = dir.path().join("id");
@@ -147,8 +212,15 @@ pub fn ssh(address: &str, private_key: &str, host_key: &str, command: &str) -> s
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
     let known = dir.path().join("known_hosts");
     std::fs::write(&known, format!("{address} {host_key}\n")).expect("write known_hosts");
-    Command::new("ssh")
-        .args(["-i", &key.to_string_lossy()])
+    let mut ssh = match ns_pid {
+        Some(pid) => {
+            let mut nsenter = Command::new("nsenter");
+            nsenter.args(["-t", pid, "-n", "ssh"]);
+            nsenter
+        }
+        None => Command::new("ssh"),
+    };
+    ssh.args(["-i", &key.to_string_lossy()])
         .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
         .args(["-o", &format!("UserKnownHostsFile={}", known.display())])
         .arg(format!("root@{address}"))

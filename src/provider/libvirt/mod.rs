@@ -10,6 +10,8 @@
 //! same one. Volumes are named after their domain. Calls go through the
 //! `virt` crate (libvirt's own client library) on blocking threads.
 
+pub mod image;
+pub mod remote;
 pub mod seed;
 pub mod volume;
 pub mod xml;
@@ -32,6 +34,7 @@ use super::{
 use crate::api::machine::{LibvirtMachine, MachineAddress};
 use crate::api::network::LibvirtNetwork;
 use crate::metrics::Metrics;
+use remote::Connection;
 use xml::{Cidr, DomainOwner, DomainSpec, ResolvedDomainType};
 
 /// Port sshd listens on in the image; spec.ssh.port overrides it.
@@ -49,8 +52,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 const LEASE_WAIT: Duration = Duration::from_secs(20);
 
 /// The providers of this module, registered for `provider.libvirt` blocks.
-pub fn register(providers: &mut Providers, metrics: Metrics) {
-    let libvirt = Arc::new(Libvirt { metrics });
+/// `client` reads the credentials Secrets of remote hypervisors, and
+/// `ssh_timeout` bounds the SSH connection to them.
+pub fn register(providers: &mut Providers, client: kube::Client, metrics: Metrics, ssh_timeout: Duration) {
+    let tunnels = remote::Tunnels::new(client, metrics.clone(), ssh_timeout);
+    let libvirt = Arc::new(Libvirt { metrics, tunnels, images: Default::default() });
     providers.add_machine_provider(libvirt.clone());
     providers.networks.insert("libvirt", libvirt.clone());
     providers.volumes.insert("libvirt", libvirt);
@@ -59,6 +65,9 @@ pub fn register(providers: &mut Providers, metrics: Metrics) {
 /// Provider for `provider.libvirt` of Machines, Networks and Volumes.
 pub struct Libvirt {
     metrics: Metrics,
+    tunnels: remote::Tunnels,
+    /// One upload at a time per downloaded image volume.
+    images: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Libvirt {
@@ -77,17 +86,51 @@ impl Libvirt {
     }
 }
 
+impl Libvirt {
+    /// Downloads and uploads the image of a baseImage URL into the pool,
+    /// unless the Network has it already. One at a time per image: machines
+    /// created together share one download.
+    async fn ensure_image(&self, place: &MachinePlace, conn: &Connection) -> Result<(), ProviderError> {
+        let Some(name) = place.downloaded_image() else { return Ok(()) };
+        let lock = self.images.lock().unwrap_or_else(|e| e.into_inner()).entry(name.clone()).or_default().clone();
+        let _one = lock.lock().await;
+        let (pool_name, looking, lookup_conn) = (place.network.storage_pool.clone(), name.clone(), conn.clone());
+        let present = self
+            .call("find-image", move || {
+                let hv = Hypervisor::open(&lookup_conn)?;
+                Ok(lookup_volume(&hv.pool(&pool_name)?, &looking)?.is_some())
+            })
+            .await?;
+        if present {
+            return Ok(());
+        }
+        let url = place.spec.base_image.clone();
+        let sha256 = place.spec.base_image_sha256.clone().unwrap_or_default();
+        let started = Instant::now();
+        let (file, length) = image::download(&url, &sha256).await?;
+        tracing::info!(%url, length, seconds = started.elapsed().as_secs_f64(), "downloaded a base image");
+        let (pool_name, conn) = (place.network.storage_pool.clone(), conn.clone());
+        self.call("upload-image", move || {
+            let hv = Hypervisor::open(&conn)?;
+            let pool = hv.pool(&pool_name)?;
+            image::install(&hv, &pool, &name, std::io::BufReader::new(file), length).map(drop)
+        })
+        .await
+    }
+}
+
 /// A connection to a hypervisor, closed when dropped.
 struct Hypervisor(Connect);
 
 impl Hypervisor {
-    fn open(uri: &str) -> Result<Self, ProviderError> {
+    fn open(conn: &Connection) -> Result<Self, ProviderError> {
         // libvirt prints every error to stderr by default; they are returned.
         static QUIET: std::sync::Once = std::sync::Once::new();
         QUIET.call_once(virt::error::clear_error_callback);
-        Connect::open(Some(uri)).map(Self).map_err(|e| {
+        Connect::open(Some(&conn.uri)).map(Self).map_err(|e| {
             ProviderError::Transient(format!(
-                "cannot connect to libvirt at {uri} (the Network's spec.provider.libvirt.uri): {}",
+                "cannot connect to libvirt at {} (the Network's spec.provider.libvirt.uri): {}",
+                conn.shown,
                 e.message()
             ))
         })
@@ -109,9 +152,9 @@ impl Hypervisor {
         Ok(pool)
     }
 
-    /// Whether libvirt on the hypervisor offers kvm domains.
+    /// Whether kvm domains work on the hypervisor ([`xml::kvm_works`]).
     fn offers_kvm(&self) -> bool {
-        self.0.get_capabilities().is_ok_and(|caps| caps.contains("<domain type='kvm'"))
+        self.0.get_capabilities().is_ok_and(|caps| xml::kvm_works(&caps))
     }
 }
 
@@ -182,6 +225,21 @@ impl MachinePlace {
             spec,
             domain: object_name(&target.owner),
         })
+    }
+
+    /// The place, and how to reach its hypervisor.
+    async fn reached(target: &MachineTarget, libvirt: &Libvirt) -> Result<(Self, Connection), ProviderError> {
+        let place = Self::of(target)?;
+        let network =
+            target.network.as_ref().ok_or_else(|| ProviderError::Refused("the Network is not resolved yet".into()))?;
+        let conn = libvirt.tunnels.connect(network, &place.network).await?;
+        Ok((place, conn))
+    }
+
+    /// The volume the Network keeps the image of a baseImage URL in.
+    fn downloaded_image(&self) -> Option<String> {
+        let sha256 = self.spec.base_image_sha256.as_deref().filter(|_| image::is_url(&self.spec.base_image))?;
+        Some(image::volume_name(&self.network_name, sha256))
     }
 
     fn overlay(&self) -> String {
@@ -261,13 +319,28 @@ fn delete_volume(pool: &StoragePool, name: &str) -> Result<(), ProviderError> {
     Ok(())
 }
 
-/// Writes `bytes` into volume `vol` from offset 0.
-fn upload(hv: &Hypervisor, vol: &StorageVol, bytes: &[u8], what: &str) -> Result<(), ProviderError> {
+/// Writes the `length` bytes `from` reads into volume `vol` from offset 0.
+fn upload(
+    hv: &Hypervisor,
+    vol: &StorageVol,
+    mut from: impl std::io::Read,
+    length: u64,
+    what: &str,
+) -> Result<(), ProviderError> {
     let stream = Stream::new(&hv.0, 0).map_err(failed(format!("opening a stream for {what}")))?;
-    vol.upload(&stream, 0, bytes.len() as u64, 0).map_err(failed(format!("uploading {what}")))?;
-    let mut sent = 0;
-    while sent < bytes.len() {
-        sent += stream.send(&bytes[sent..]).map_err(failed(format!("uploading {what}")))?;
+    vol.upload(&stream, 0, length, 0).map_err(failed(format!("uploading {what}")))?;
+    let mut buffer = vec![0; 1 << 20];
+    loop {
+        let read = from
+            .read(&mut buffer)
+            .map_err(|e| ProviderError::Transient(format!("reading {what} for its upload: {e}")))?;
+        if read == 0 {
+            break;
+        }
+        let mut sent = 0;
+        while sent < read {
+            sent += stream.send(&buffer[sent..read]).map_err(failed(format!("uploading {what}")))?;
+        }
     }
     stream.finish().map_err(failed(format!("finishing the upload of {what}")))
 }
@@ -294,6 +367,31 @@ fn wait_for_lease(domain: &Domain) -> Result<Instance, ProviderError> {
     }
 }
 
+/// The path on the hypervisor of the machine's base image: baseImage
+/// itself, the path of the pool's volume of that name, or that of the
+/// Network's copy of the URL's image (see [`image`]).
+fn base_image_path(pool: &StoragePool, place: &MachinePlace) -> Result<String, ProviderError> {
+    let base = &place.spec.base_image;
+    if base.starts_with('/') {
+        return Ok(base.clone());
+    }
+    if let Some(name) = place.downloaded_image() {
+        let volume = lookup_volume(pool, &name)?
+            .ok_or_else(|| ProviderError::Transient(format!("the base image's volume {name} is not uploaded yet")))?;
+        return volume.get_path().map_err(failed(format!("reading the path of volume {name}")));
+    }
+    let volume = lookup_volume(pool, base)?.ok_or_else(|| {
+        ProviderError::permanent(
+            "BaseImageNotFound",
+            format!(
+                "spec.provider.libvirt.baseImage {base}: storage pool {} has no such volume; upload the image (virsh vol-create-as {} {base} SIZE --format qcow2 && virsh vol-upload) or give an absolute path",
+                place.network.storage_pool, place.network.storage_pool
+            ),
+        )
+    })?;
+    volume.get_path().map_err(failed(format!("reading the path of volume {base}")))
+}
+
 /// Creates what a machine's domain needs and defines it (not started):
 /// the root disk overlay (kept if it exists: it may hold data), a new seed
 /// with a new host key, and the domain.
@@ -307,7 +405,8 @@ fn define_machine(
     let overlay = place.overlay();
     if lookup_volume(&pool, &overlay)?.is_none() {
         let capacity = u64::try_from(place.spec.disk_size_gib).unwrap_or(1) << 30;
-        let volume = xml::volume_xml(&overlay, capacity, "qcow2", Some(&place.spec.base_image))
+        let base = base_image_path(&pool, place)?;
+        let volume = xml::volume_xml(&overlay, capacity, "qcow2", Some(&base))
             .map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
         StorageVol::create_xml(&pool, &volume, 0).map_err(|e| {
             ProviderError::permanent(
@@ -338,7 +437,7 @@ fn define_machine(
         .map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
     let seed_vol =
         StorageVol::create_xml(&pool, &seed_xml, 0).map_err(failed(format!("creating seed volume {seed_name}")))?;
-    upload(hv, &seed_vol, &seed_bytes, "the seed")?;
+    upload(hv, &seed_vol, seed_bytes.as_slice(), seed_bytes.len() as u64, "the seed")?;
 
     let kernel = place.spec.direct_kernel_boot.clone();
     let spec = DomainSpec {
@@ -373,10 +472,10 @@ impl MachineProvider for Libvirt {
     }
 
     async fn observe(&self, target: &MachineTarget) -> Result<Option<Instance>, ProviderError> {
-        let place = MachinePlace::of(target)?;
+        let (_, conn) = MachinePlace::reached(target, self).await?;
         let uid = target.owner.uid.clone();
         self.call("observe", move || {
-            let hv = Hypervisor::open(&place.network.uri)?;
+            let hv = Hypervisor::open(&conn)?;
             lookup_domain(&hv, &uid)?.map(|d| instance_of(&d)).transpose()
         })
         .await
@@ -394,20 +493,23 @@ impl MachineProvider for Libvirt {
     }
 
     async fn create(&self, target: &MachineTarget) -> Result<Instance, ProviderError> {
-        let place = Arc::new(MachinePlace::of(target)?);
+        let (place, conn) = MachinePlace::reached(target, self).await?;
+        self.ensure_image(&place, &conn).await?;
+        let place = Arc::new(place);
         let owner = target.owner.clone();
         let key = target.authorized_key.clone();
         let defining = place.clone();
         let uid = owner.uid.clone();
+        let defining_conn = conn.clone();
         self.call("define", move || {
-            let hv = Hypervisor::open(&defining.network.uri)?;
+            let hv = Hypervisor::open(&defining_conn)?;
             define_machine(&hv, &defining, &owner, key).map(drop)
         })
         .await?;
         crate::fault::point(crate::fault::points::LIBVIRT_AFTER_DEFINE, None).await;
         let running = target.running;
         self.call("start", move || {
-            let hv = Hypervisor::open(&place.network.uri)?;
+            let hv = Hypervisor::open(&conn)?;
             let domain = lookup_domain(&hv, &uid)?.ok_or_else(|| {
                 ProviderError::Transient(format!("domain {} vanished after its define", place.domain))
             })?;
@@ -421,7 +523,6 @@ impl MachineProvider for Libvirt {
     }
 
     async fn update(&self, target: &MachineTarget, current: Instance) -> Result<Instance, ProviderError> {
-        let place = MachinePlace::of(target)?;
         let uid = target.owner.uid.clone();
         let running = target.running;
         if running && current.state == InstanceState::Running && !current.addresses.is_empty() {
@@ -430,8 +531,9 @@ impl MachineProvider for Libvirt {
         if !running && current.state == InstanceState::Stopped {
             return Ok(current);
         }
+        let (place, conn) = MachinePlace::reached(target, self).await?;
         self.call("update", move || {
-            let hv = Hypervisor::open(&place.network.uri)?;
+            let hv = Hypervisor::open(&conn)?;
             let Some(domain) = lookup_domain(&hv, &uid)? else { return Ok(current) };
             match (running, state_of(&domain)?) {
                 (true, InstanceState::Stopped) => {
@@ -459,11 +561,21 @@ impl MachineProvider for Libvirt {
         .await
     }
 
-    async fn delete(&self, target: &MachineTarget) -> Result<(), ProviderError> {
+    /// The hypervisor's own SSH session, where its network is reached only
+    /// through it (see [`remote::jumps_through_hypervisor`]).
+    async fn jump(&self, target: &MachineTarget) -> Result<Option<Arc<crate::ssh::Session>>, ProviderError> {
         let place = MachinePlace::of(target)?;
+        if !remote::jumps_through_hypervisor(&place.network) {
+            return Ok(None);
+        }
+        Ok(MachinePlace::reached(target, self).await?.1.session())
+    }
+
+    async fn delete(&self, target: &MachineTarget) -> Result<(), ProviderError> {
+        let (place, conn) = MachinePlace::reached(target, self).await?;
         let uid = target.owner.uid.clone();
         self.call("delete", move || {
-            let hv = Hypervisor::open(&place.network.uri)?;
+            let hv = Hypervisor::open(&conn)?;
             if let Some(domain) = lookup_domain(&hv, &uid)? {
                 if domain.is_active().map_err(failed("checking the domain"))? {
                     match domain.destroy() {
@@ -508,10 +620,11 @@ impl NetworkProvider for Libvirt {
     /// managementPolicy Observe), else the one whose UUID is the owner's UID.
     async fn find(&self, target: &CloudTarget, known: Option<&str>) -> Result<Option<String>, ProviderError> {
         let spec = network_spec(&target.network)?;
+        let conn = self.tunnels.connect(&target.network, &spec).await?;
         let uid = target.owner.uid.clone();
         let known = known.map(str::to_owned);
         self.call("find-network", move || {
-            let hv = Hypervisor::open(&spec.uri)?;
+            let hv = Hypervisor::open(&conn)?;
             let found = match &known {
                 Some(name) => match virt::network::Network::lookup_by_name(&hv.0, name) {
                     Ok(net) => Some(net),
@@ -527,9 +640,10 @@ impl NetworkProvider for Libvirt {
 
     async fn ensure(&self, target: &CloudTarget, _known: Option<&str>) -> Result<NetworkState, ProviderError> {
         let spec = network_spec(&target.network)?;
+        let conn = self.tunnels.connect(&target.network, &spec).await?;
         let uid = target.owner.uid.clone();
         self.call("ensure-network", move || {
-            let hv = Hypervisor::open(&spec.uri)?;
+            let hv = Hypervisor::open(&conn)?;
             let Some(net) = lookup_network(&hv, &uid)? else {
                 return Ok(NetworkState { missing: Some(NetworkPart::Vpc), ..Default::default() });
             };
@@ -558,8 +672,9 @@ impl NetworkProvider for Libvirt {
             .map_err(|e| ProviderError::permanent("InvalidCIDR", e))?;
         let network_xml = xml::network_xml(&name, &target.owner.uid, spec.mode, &cidr, spec.dhcp_range.as_ref())
             .map_err(|e| ProviderError::permanent("InvalidDhcpRange", e))?;
+        let conn = self.tunnels.connect(&target.network, &spec).await?;
         self.call("create-network", move || {
-            let hv = Hypervisor::open(&spec.uri)?;
+            let hv = Hypervisor::open(&conn)?;
             let net = virt::network::Network::define_xml(&hv.0, &network_xml)
                 .map_err(failed(format!("defining network {name}")))?;
             net.create().map_err(|e| {
@@ -579,9 +694,13 @@ impl NetworkProvider for Libvirt {
 
     async fn delete(&self, target: &CloudTarget, _known: Option<&str>) -> Result<(), ProviderError> {
         let spec = network_spec(&target.network)?;
+        let conn = self.tunnels.connect(&target.network, &spec).await?;
         let uid = target.owner.uid.clone();
+        let name = network_name(&target.network);
         self.call("delete-network", move || {
-            let hv = Hypervisor::open(&spec.uri)?;
+            let hv = Hypervisor::open(&conn)?;
+            // Its members are gone: no overlay uses its images any more.
+            image::delete_all(&hv.pool(&spec.storage_pool)?, &name)?;
             let Some(net) = lookup_network(&hv, &uid)? else { return Ok(()) };
             if net.is_active().map_err(failed("checking the network"))? {
                 net.destroy().map_err(failed("stopping the network"))?;
@@ -591,7 +710,9 @@ impl NetworkProvider for Libvirt {
                 _ => Ok(()),
             }
         })
-        .await
+        .await?;
+        self.tunnels.forget(&target.network);
+        Ok(())
     }
 }
 
@@ -611,7 +732,7 @@ mod tests {
     /// the owner's UID.
     #[test]
     fn test_driver_accepts_network_volume_and_domain_xml() {
-        let hv = Hypervisor::open("test:///default").unwrap();
+        let hv = Hypervisor::open(&Connection::direct("test:///default")).unwrap();
         let uid = "6f1c2a7e-4b7d-4c1e-9a51-1d2e3f405061";
         let cidr = Cidr::parse("10.77.1.0/24", "cidr").unwrap();
         let net_xml =

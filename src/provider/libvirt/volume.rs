@@ -9,6 +9,7 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::storage_vol::StorageVol;
 
+use super::remote::Connection;
 use super::xml::{DiskXml, DomainDescription};
 use super::{Hypervisor, Libvirt, failed, lookup_domain, lookup_volume, network_spec, object_name};
 use crate::api::volume::{LibvirtVolume, VolumeProvider as VolumeProviderSpec};
@@ -95,21 +96,34 @@ fn affect(domain: &Domain) -> u32 {
     flags
 }
 
+/// The domain UUID of a libvirt Machine's providerID.
+fn machine_id(provider_id: &str) -> Option<&str> {
+    provider_id.strip_prefix(super::PROVIDER_ID_PREFIX).filter(|id| !id.is_empty())
+}
+
 struct Place {
-    uri: String,
+    conn: Connection,
     pool: String,
     format: &'static str,
     name: String,
 }
 
-impl Place {
-    fn of(target: &CloudTarget, volume: Option<&LibvirtVolume>, id: Option<&str>) -> Result<Self, ProviderError> {
+impl Libvirt {
+    /// Where the volume is (`id`, else the name `volume`'s spec gives it),
+    /// and how to reach its hypervisor.
+    async fn volume_place(
+        &self,
+        target: &CloudTarget,
+        volume: Option<&LibvirtVolume>,
+        id: Option<&str>,
+    ) -> Result<Place, ProviderError> {
         let network = network_spec(&target.network)?;
         let format = volume.map_or("qcow2", |v| v.format.as_str());
         let name = id.map_or_else(|| volume_name(target, format), str::to_owned);
         // The recorded name tells the format of a volume whose spec is not at hand.
         let format = if name.ends_with(".img") { "raw" } else { format };
-        Ok(Self { uri: network.uri, pool: network.storage_pool, format, name })
+        let conn = self.tunnels.connect(&target.network, &network).await?;
+        Ok(Place { conn, pool: network.storage_pool, format, name })
     }
 }
 
@@ -120,9 +134,9 @@ impl VolumeProvider for Libvirt {
     }
 
     async fn find(&self, target: &CloudTarget, id: Option<&str>) -> Result<Option<VolumeState>, ProviderError> {
-        let place = Place::of(target, None, id)?;
+        let place = self.volume_place(target, None, id).await?;
         self.call("find-volume", move || {
-            let hv = Hypervisor::open(&place.uri)?;
+            let hv = Hypervisor::open(&place.conn)?;
             let pool = hv.pool(&place.pool)?;
             let Some(vol) = lookup_volume(&pool, &place.name)? else { return Ok(None) };
             state_of(&hv.0, &place.pool, &vol, &place.name, place.format).map(Some)
@@ -132,12 +146,12 @@ impl VolumeProvider for Libvirt {
 
     async fn create(&self, target: &CloudTarget, spec_: &VolumeProviderSpec) -> Result<VolumeState, ProviderError> {
         let volume = spec(spec_)?;
-        let place = Place::of(target, Some(volume), None)?;
+        let place = self.volume_place(target, Some(volume), None).await?;
         let bytes = u64::try_from(volume.size_gib).unwrap_or(1) * GIB;
         let xml = super::xml::volume_xml(&place.name, bytes, place.format, None)
             .map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
         self.call("create-volume", move || {
-            let hv = Hypervisor::open(&place.uri)?;
+            let hv = Hypervisor::open(&place.conn)?;
             let pool = hv.pool(&place.pool)?;
             let vol =
                 StorageVol::create_xml(&pool, &xml, 0).map_err(failed(format!("creating volume {}", place.name)))?;
@@ -152,10 +166,10 @@ impl VolumeProvider for Libvirt {
 
     async fn update(&self, target: &CloudTarget, id: &str, spec_: &VolumeProviderSpec) -> Result<(), ProviderError> {
         let volume = spec(spec_)?;
-        let place = Place::of(target, Some(volume), Some(id))?;
+        let place = self.volume_place(target, Some(volume), Some(id)).await?;
         let bytes = u64::try_from(volume.size_gib).unwrap_or(1) * GIB;
         self.call("resize-volume", move || {
-            let hv = Hypervisor::open(&place.uri)?;
+            let hv = Hypervisor::open(&place.conn)?;
             let pool = hv.pool(&place.pool)?;
             // A running guest's disk grows through QEMU (the guest sees the
             // new size at once); a disk no guest runs grows in the pool.
@@ -176,17 +190,17 @@ impl VolumeProvider for Libvirt {
     }
 
     fn machine_id<'a>(&self, provider_id: &'a str) -> Option<&'a str> {
-        provider_id.strip_prefix(super::PROVIDER_ID_PREFIX).filter(|id| !id.is_empty())
+        machine_id(provider_id)
     }
 
     async fn attach(&self, target: &CloudTarget, id: &str, instance: &str, device: &str) -> Result<(), ProviderError> {
-        let place = Place::of(target, None, Some(id))?;
+        let place = self.volume_place(target, None, Some(id)).await?;
         let dev = guest_dev(device)?.to_owned();
         let instance = instance.to_owned();
         // What /sys/block/<dev>/serial shows in the guest (virtio allows 20 bytes).
         let serial: String = target.owner.name.chars().take(20).collect();
         self.call("attach-volume", move || {
-            let hv = Hypervisor::open(&place.uri)?;
+            let hv = Hypervisor::open(&place.conn)?;
             let domain = lookup_domain(&hv, &instance)?
                 .ok_or_else(|| ProviderError::Transient(format!("domain {instance} is gone")))?;
             let disk = DiskXml::volume(&place.pool, &place.name, place.format, &dev, Some(&serial));
@@ -200,10 +214,10 @@ impl VolumeProvider for Libvirt {
     }
 
     async fn detach(&self, target: &CloudTarget, id: &str, instance: &str) -> Result<(), ProviderError> {
-        let place = Place::of(target, None, Some(id))?;
+        let place = self.volume_place(target, None, Some(id)).await?;
         let instance = instance.to_owned();
         self.call("detach-volume", move || {
-            let hv = Hypervisor::open(&place.uri)?;
+            let hv = Hypervisor::open(&place.conn)?;
             let Some(domain) = lookup_domain(&hv, &instance)? else { return Ok(()) };
             let xml = domain.get_xml_desc(0).map_err(failed("reading the domain's XML"))?;
             let described = DomainDescription::parse(&xml).map_err(ProviderError::Transient)?;
@@ -225,9 +239,9 @@ impl VolumeProvider for Libvirt {
     }
 
     async fn delete(&self, target: &CloudTarget, id: &str) -> Result<(), ProviderError> {
-        let place = Place::of(target, None, Some(id))?;
+        let place = self.volume_place(target, None, Some(id)).await?;
         self.call("delete-volume", move || {
-            let hv = Hypervisor::open(&place.uri)?;
+            let hv = Hypervisor::open(&place.conn)?;
             let pool = hv.pool(&place.pool)?;
             super::delete_volume(&pool, &place.name)
         })
@@ -276,9 +290,8 @@ mod tests {
 
     #[test]
     fn machine_ids_come_from_libvirt_provider_ids_only() {
-        let p = Libvirt { metrics: crate::metrics::Metrics::new().unwrap() };
-        assert_eq!(p.machine_id("libvirt:///6f1c2a7e-4b7d"), Some("6f1c2a7e-4b7d"));
-        assert_eq!(p.machine_id("aws:///eu-west-1a/i-0abc"), None);
-        assert_eq!(p.machine_id("libvirt:///"), None);
+        assert_eq!(machine_id("libvirt:///6f1c2a7e-4b7d"), Some("6f1c2a7e-4b7d"));
+        assert_eq!(machine_id("aws:///eu-west-1a/i-0abc"), None);
+        assert_eq!(machine_id("libvirt:///"), None);
     }
 }

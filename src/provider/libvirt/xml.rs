@@ -88,8 +88,60 @@ pub enum ResolvedDomainType {
     Qemu,
 }
 
+/// The parts of libvirt's capabilities XML `auto` looks at.
+#[derive(Debug, Default, Deserialize)]
+struct CapabilitiesXml {
+    #[serde(default)]
+    host: CapsHost,
+    #[serde(default)]
+    guest: Vec<CapsGuest>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CapsHost {
+    #[serde(default)]
+    cpu: CapsCpu,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CapsCpu {
+    #[serde(default)]
+    feature: Vec<CapsFeature>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CapsFeature {
+    #[serde(rename = "@name")]
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct CapsGuest {
+    arch: CapsArch,
+}
+
+#[derive(Debug, Deserialize)]
+struct CapsArch {
+    #[serde(rename = "@name")]
+    name: String,
+    #[serde(default)]
+    domain: Vec<Typed>,
+}
+
+/// Whether kvm domains work on the hypervisor whose capabilities XML this
+/// is: libvirt must offer them for x86_64, and the host must have hardware
+/// virtualisation. A host that is itself a guest (CPU feature `hypervisor`)
+/// without `vmx` or `svm` has a paravirtual /dev/kvm at best (PVM, on which
+/// stock guest kernels hang), so qemu it is there.
+pub fn kvm_works(capabilities: &str) -> bool {
+    let Ok(caps) = quick_xml::de::from_str::<CapabilitiesXml>(capabilities) else { return false };
+    let offered = caps.guest.iter().any(|g| g.arch.name == "x86_64" && g.arch.domain.iter().any(|d| d.kind == "kvm"));
+    let has = |name: &str| caps.host.cpu.feature.iter().any(|f| f.name == name);
+    offered && (!has("hypervisor") || has("vmx") || has("svm"))
+}
+
 impl ResolvedDomainType {
-    /// `auto` takes kvm when the hypervisor's capabilities offer it for x86_64.
+    /// `auto` takes kvm when [`kvm_works`] on the hypervisor.
     pub fn resolve(wanted: LibvirtDomainType, capabilities: impl FnOnce() -> bool) -> Self {
         match wanted {
             LibvirtDomainType::Kvm => Self::Kvm,
@@ -661,5 +713,27 @@ mod tests {
             "<disk type=\"volume\" device=\"disk\"><driver name=\"qemu\" type=\"qcow2\"/>\
              <source pool=\"default\" volume=\"data.qcow2\"/><target dev=\"vdb\" bus=\"virtio\"/><serial>pgdata</serial></disk>"
         );
+    }
+
+    /// Capabilities of a host with `features`, offering `domains` for x86_64.
+    fn capabilities(features: &[&str], domains: &[&str]) -> String {
+        let features: String = features.iter().map(|f| format!("<feature name='{f}'/>")).collect();
+        let domains: String = domains.iter().map(|d| format!("<domain type='{d}'/>")).collect();
+        format!(
+            "<capabilities><host><uuid>x</uuid><cpu><arch>x86_64</arch><model>Skylake-Client-IBRS</model>{features}</cpu></host>\
+             <guest><os_type>hvm</os_type><arch name='x86_64'><wordsize>64</wordsize>{domains}</arch></guest></capabilities>"
+        )
+    }
+
+    #[test]
+    fn kvm_is_used_only_with_hardware_virtualisation() {
+        // Bare metal, and a guest with nested virtualisation.
+        assert!(kvm_works(&capabilities(&["ds", "vmx"], &["qemu", "kvm"])));
+        assert!(kvm_works(&capabilities(&["hypervisor", "svm"], &["qemu", "kvm"])));
+        assert!(kvm_works(&capabilities(&["ds"], &["qemu", "kvm"])));
+        // A guest with a paravirtual /dev/kvm (this machine), or no kvm at all.
+        assert!(!kvm_works(&capabilities(&["hypervisor", "ss"], &["qemu", "kvm"])));
+        assert!(!kvm_works(&capabilities(&["vmx"], &["qemu"])));
+        assert!(!kvm_works("not xml"));
     }
 }
