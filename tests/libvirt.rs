@@ -114,9 +114,24 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
     let network_name = libvirt_network(&fleet).await;
     assert!(hv.networks().contains(&network_name), "libvirt network {network_name} in {:?}", hv.networks());
 
+    // A second libvirt network the machine is in too (isolated, DHCP).
+    let extra = format!("{}-extra", fleet.ns);
+    let extra_xml = format!(
+        "<network><name>{extra}</name><ip address='10.{o}.101.1' netmask='255.255.255.0'><dhcp>\
+         <range start='10.{o}.101.10' end='10.{o}.101.100'/></dhcp></ip></network>",
+        o = hv.octet
+    );
+    let extra_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(extra_file.path(), extra_xml).unwrap();
+    hv.virsh(&["net-create", &extra_file.path().to_string_lossy()]);
+
     let closure = system("web", &nonce(), &[("motd", "hello from a libvirt VM")], Activation::Ok);
+    let mut provider = hv.machine_provider();
+    provider["libvirt"]["networks"] = json!([extra]);
+    provider["libvirt"]["extraDevicesXML"] = json!("<watchdog model='i6300esb' action='reset'/>");
+    provider["libvirt"]["extraDomainXML"] = json!("<description>from extraDomainXML</description>");
     let applied = Instant::now();
-    create_machine(&fleet, hv, "web", Some(&closure)).await;
+    create_machine_with(&fleet, hv, "web", Some(&closure), json!({"provider": provider})).await;
     support::wait_for(&fleet.machines, "web", VM_TIMEOUT, "Ready with the system deployed", |m| {
         m.status
             .as_ref()
@@ -140,6 +155,21 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
 
     // The system is active inside the VM.
     assert_eq!(exec(&fleet, &machine, "readlink /run/current-system").await, closure);
+
+    // An interface in each network, SSH on the Network's own; the escape
+    // hatches are in the domain as written.
+    let in_net = |a: &str, subnet: u8| a.starts_with(&format!("10.{}.{subnet}.", hv.octet));
+    support::wait_for(&fleet.machines, "web", VM_TIMEOUT, "an address in each network", |m| {
+        let addresses: Vec<&str> = m.status.iter().flat_map(|s| &s.addresses).map(|a| a.address.as_str()).collect();
+        addresses.len() == 2 && in_net(addresses[0], 1) && in_net(addresses[1], 101)
+    })
+    .await;
+    let machine = fleet.machines.get("web").await.unwrap();
+    let second = machine.status.as_ref().unwrap().addresses[1].address.clone();
+    assert!(exec(&fleet, &machine, "busybox ip -4 -o addr show eth1").await.contains(&format!(" {second}/")));
+    let domain_xml = hv.virsh(&["dumpxml", &uid]);
+    assert!(domain_xml.contains("<watchdog model='i6300esb' action='reset'"), "{domain_xml}");
+    assert_eq!(hv.virsh(&["desc", &uid]).trim(), "from extraDomainXML");
     exec(&fleet, &machine, "echo kept > /root/marker && sync").await;
 
     // running: false stops the domain; true starts it with the same disk.
@@ -158,6 +188,7 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
     assert_eq!(owned_by(&hv.domains(), &fleet.ns), Vec::<String>::new(), "domains left");
     assert_eq!(owned_by(&hv.volumes(), &fleet.ns), Vec::<String>::new(), "volumes left");
     assert!(!hv.networks().contains(&network_name), "network left: {:?}", hv.networks());
+    hv.virsh(&["net-destroy", &extra]);
 }
 
 #[tokio::test]

@@ -104,6 +104,7 @@ cat >"$r/etc/inittab" <<'EOF'
 ::sysinit:/usr/lib/nixops-image/boot
 ::respawn:/usr/sbin/sshd -D -e
 ::respawn:/bin/busybox udhcpc -f -i eth0 -s /usr/lib/nixops-image/udhcpc
+::respawn:/usr/lib/nixops-image/dhcp eth1
 ::respawn:/bin/busybox acpid -f -c /etc/acpi -l /dev/null
 ::ctrlaltdel:/bin/busybox reboot
 ::shutdown:/bin/busybox sync
@@ -151,6 +152,13 @@ fi
 echo "$id" >/var/lib/nixops-seed/instance-id
 sync
 EOF
+# A second interface (a machine in more libvirt networks) gets DHCP too.
+cat >"$r/usr/lib/nixops-image/dhcp" <<'EOF'
+#!/bin/sh
+[ -e "/sys/class/net/$1" ] || exec busybox sleep 3600
+busybox ip link set "$1" up
+exec busybox udhcpc -f -i "$1" -s /usr/lib/nixops-image/udhcpc
+EOF
 cat >"$r/usr/lib/nixops-image/udhcpc" <<'EOF'
 #!/bin/busybox sh
 case $1 in
@@ -160,7 +168,8 @@ case $1 in
       busybox ip -4 addr flush dev "$interface"
       busybox ip addr add "$ip/${mask:-24}" dev "$interface"
     }
-    [ -n "$router" ] && busybox ip route replace default via "${router%% *}" dev "$interface"
+    # The default route is the first interface's: the Network's own.
+    [ -n "$router" ] && [ "$interface" = eth0 ] && busybox ip route replace default via "${router%% *}" dev "$interface"
     ;;
 esac
 exit 0

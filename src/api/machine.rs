@@ -252,6 +252,29 @@ pub struct LibvirtMachine {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_kernel_boot: Option<DirectKernelBoot>,
 
+    /// More libvirt networks on the hypervisor, by name (e.g. `default`):
+    /// the machine gets an interface in each, after its interface in the
+    /// Network's own network, which SSH uses (NixOps's
+    /// `deployment.libvirtd.networks`). Applied when the domain is defined.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    pub networks: Vec<String>,
+
+    /// Raw XML put inside the domain's `<devices>`, e.g. `<watchdog
+    /// model='i6300esb' action='reset'/>` (NixOps's `extraDevicesXML`).
+    /// It must be whole elements; libvirt checks the rest. Applied when
+    /// the domain is defined.
+    #[serde(rename = "extraDevicesXML", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub extra_devices_xml: Option<String>,
+
+    /// Raw XML put inside `<domain>`, e.g. `<cputune>…</cputune>` (NixOps's
+    /// `extraDomainXML`). Whole elements only; applied when the domain is
+    /// defined.
+    #[serde(rename = "extraDomainXML", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub extra_domain_xml: Option<String>,
+
     /// `qemu` emulates the CPU (TCG; works everywhere, slowly), `kvm` uses
     /// hardware virtualisation, `auto` uses kvm where it works: where the
     /// hypervisor's libvirt offers it and its CPU has hardware

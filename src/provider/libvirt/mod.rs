@@ -205,6 +205,8 @@ pub fn network_name(network: &crate::api::Network) -> String {
 /// The hypervisor a Machine's Network names, and the machine's spec.
 struct MachinePlace {
     network: LibvirtNetwork,
+    /// The Network's own libvirt network's range.
+    cidr: Cidr,
     network_name: String,
     spec: LibvirtMachine,
     domain: String,
@@ -219,8 +221,12 @@ impl MachinePlace {
             .libvirt
             .clone()
             .ok_or_else(|| ProviderError::permanent("NoProvider", "spec.provider.libvirt is not set"))?;
+        let network_spec = network_spec(network)?;
+        let cidr = Cidr::parse(&network_spec.cidr, "spec.provider.libvirt.cidr")
+            .map_err(|e| ProviderError::permanent("InvalidCIDR", e))?;
         Ok(Self {
-            network: network_spec(network)?,
+            network: network_spec,
+            cidr,
             network_name: network_name(network),
             spec,
             domain: object_name(&target.owner),
@@ -261,9 +267,10 @@ fn state_of(domain: &Domain) -> Result<InstanceState, ProviderError> {
     })
 }
 
-/// The domain as the provider reports it: state, leased addresses, and the
-/// host key its seed installed (from the domain's metadata).
-fn instance_of(domain: &Domain) -> Result<Instance, ProviderError> {
+/// The domain as the provider reports it: state, leased addresses (those
+/// in `primary`, the Network's own network, first: SSH uses the first), and
+/// the host key its seed installed (from the domain's metadata).
+fn instance_of(domain: &Domain, primary: Option<&Cidr>) -> Result<Instance, ProviderError> {
     let uuid = domain.get_uuid_string().map_err(failed("reading the domain's UUID"))?;
     let state = state_of(domain)?;
     let owner = domain
@@ -283,9 +290,14 @@ fn instance_of(domain: &Domain) -> Result<Instance, ProviderError> {
             }
         }
     }
+    let in_primary = |a: &MachineAddress| {
+        primary.is_none_or(|cidr| a.address.parse().is_ok_and(|ip: std::net::Ipv4Addr| cidr.contains(ip)))
+    };
+    // Stable: the other networks' addresses keep their interface order.
+    addresses.sort_by_key(|a| !in_primary(a));
     Ok(Instance {
         provider_id: Some(format!("{PROVIDER_ID_PREFIX}{uuid}")),
-        ssh_host: addresses.first().map(|a| a.address.clone()).unwrap_or_default(),
+        ssh_host: addresses.first().filter(|a| in_primary(a)).map(|a| a.address.clone()).unwrap_or_default(),
         ssh_port: SSH_PORT,
         addresses,
         state,
@@ -355,12 +367,13 @@ fn start(domain: &Domain, name: &str) -> Result<(), ProviderError> {
     }
 }
 
-/// Waits up to [`LEASE_WAIT`] for a running domain's first leased address.
-fn wait_for_lease(domain: &Domain) -> Result<Instance, ProviderError> {
+/// Waits up to [`LEASE_WAIT`] for a running domain's lease in the
+/// Network's own network (`primary`).
+fn wait_for_lease(domain: &Domain, primary: &Cidr) -> Result<Instance, ProviderError> {
     let deadline = Instant::now() + LEASE_WAIT;
     loop {
-        let instance = instance_of(domain)?;
-        if instance.state != InstanceState::Running || !instance.addresses.is_empty() || Instant::now() > deadline {
+        let instance = instance_of(domain, Some(primary))?;
+        if instance.state != InstanceState::Running || !instance.ssh_host.is_empty() || Instant::now() > deadline {
             return Ok(instance);
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -458,7 +471,9 @@ fn define_machine(
         pool: place.network.storage_pool.clone(),
         root_volume: overlay,
         seed_volume: seed_name,
-        network: place.network_name.clone(),
+        networks: std::iter::once(place.network_name.clone()).chain(place.spec.networks.iter().cloned()).collect(),
+        extra_domain_xml: place.spec.extra_domain_xml.clone(),
+        extra_devices_xml: place.spec.extra_devices_xml.clone(),
         console_log: Some(format!("/var/log/libvirt/qemu/{}-console.log", place.domain)),
     };
     let domain_xml = xml::domain_xml(&spec).map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
@@ -472,11 +487,11 @@ impl MachineProvider for Libvirt {
     }
 
     async fn observe(&self, target: &MachineTarget) -> Result<Option<Instance>, ProviderError> {
-        let (_, conn) = MachinePlace::reached(target, self).await?;
+        let (place, conn) = MachinePlace::reached(target, self).await?;
         let uid = target.owner.uid.clone();
         self.call("observe", move || {
             let hv = Hypervisor::open(&conn)?;
-            lookup_domain(&hv, &uid)?.map(|d| instance_of(&d)).transpose()
+            lookup_domain(&hv, &uid)?.map(|d| instance_of(&d, Some(&place.cidr))).transpose()
         })
         .await
     }
@@ -515,9 +530,9 @@ impl MachineProvider for Libvirt {
             })?;
             if running {
                 start(&domain, &place.domain)?;
-                return wait_for_lease(&domain);
+                return wait_for_lease(&domain, &place.cidr);
             }
-            instance_of(&domain)
+            instance_of(&domain, Some(&place.cidr))
         })
         .await
     }
@@ -538,10 +553,10 @@ impl MachineProvider for Libvirt {
             match (running, state_of(&domain)?) {
                 (true, InstanceState::Stopped) => {
                     start(&domain, &place.domain)?;
-                    wait_for_lease(&domain)
+                    wait_for_lease(&domain, &place.cidr)
                 }
-                (true, _) => wait_for_lease(&domain),
-                (false, InstanceState::Stopped) => instance_of(&domain),
+                (true, _) => wait_for_lease(&domain, &place.cidr),
+                (false, InstanceState::Stopped) => instance_of(&domain, Some(&place.cidr)),
                 (false, _) => {
                     // ACPI first, so the guest shuts down cleanly; then the plug.
                     let _ = domain.shutdown();
@@ -554,7 +569,7 @@ impl MachineProvider for Libvirt {
                             .destroy()
                             .map_err(failed(format!("stopping domain {} (spec.running: false)", place.domain)))?;
                     }
-                    instance_of(&domain)
+                    instance_of(&domain, Some(&place.cidr))
                 }
             }
         })
@@ -760,13 +775,15 @@ mod tests {
             pool: "default-pool".into(),
             root_volume: "t.img".into(),
             seed_volume: "t.img".into(),
-            network: "t-net".into(),
+            networks: vec!["t-net".into()],
+            extra_domain_xml: None,
+            extra_devices_xml: None,
             console_log: None,
         };
         let xml = xml::domain_xml(&spec).unwrap();
         Domain::define_xml(&hv.0, &xml).unwrap();
         let found = lookup_domain(&hv, uid).unwrap().expect("domain found by the owner's UID");
-        let instance = instance_of(&found).unwrap();
+        let instance = instance_of(&found, None).unwrap();
         assert_eq!(instance.provider_id.as_deref(), Some(format!("libvirt:///{uid}").as_str()));
         assert_eq!(instance.host_key.as_deref(), Some("ssh-ed25519 AAAA"));
         assert_eq!(instance.state, InstanceState::Stopped);

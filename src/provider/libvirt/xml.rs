@@ -75,8 +75,12 @@ pub struct DomainSpec {
     pub root_volume: String,
     /// The NoCloud seed volume (raw).
     pub seed_volume: String,
-    /// The libvirt network of the one interface.
-    pub network: String,
+    /// The libvirt networks of its interfaces, the Network's own first.
+    pub networks: Vec<String>,
+    /// Raw XML for inside `<domain>` and `<devices>`, the escape hatches
+    /// (`extraDomainXML`, `extraDevicesXML`).
+    pub extra_domain_xml: Option<String>,
+    pub extra_devices_xml: Option<String>,
     /// Where QEMU writes the serial console, on the hypervisor.
     pub console_log: Option<String>,
 }
@@ -383,17 +387,59 @@ pub fn domain_xml(spec: &DomainSpec) -> Result<String, String> {
                     ..DiskXml::volume(&spec.pool, &spec.seed_volume, "raw", SEED_DEVICE, None)
                 },
             ],
-            interface: vec![InterfaceXml {
-                kind: "network",
-                source: NetworkSourceXml { network: spec.network.clone() },
-                model: Typed::new("virtio"),
-            }],
+            interface: spec
+                .networks
+                .iter()
+                .map(|network| InterfaceXml {
+                    kind: "network",
+                    source: NetworkSourceXml { network: network.clone() },
+                    model: Typed::new("virtio"),
+                })
+                .collect(),
             serial: SerialXml { kind: "pty", log: spec.console_log.clone().map(|file| LogXml { file, append: "on" }) },
             console: Typed::new("pty"),
             rng: RngXml { model: "virtio", backend: RngBackendXml { model: "random", device: "/dev/urandom" } },
         },
     };
-    to_xml("domain", &domain)
+    let mut xml = to_xml("domain", &domain)?;
+    // The escape hatches go in as the user wrote them, once they are known
+    // to be well-formed elements: libvirt judges the rest.
+    if let Some(extra) = &spec.extra_devices_xml {
+        check_fragment(extra, "spec.provider.libvirt.extraDevicesXML")?;
+        let at = xml.rfind("</devices>").ok_or("the domain XML has no </devices>")?;
+        xml.insert_str(at, extra);
+    }
+    if let Some(extra) = &spec.extra_domain_xml {
+        check_fragment(extra, "spec.provider.libvirt.extraDomainXML")?;
+        let at = xml.rfind("</domain>").ok_or("the domain XML has no </domain>")?;
+        xml.insert_str(at, extra);
+    }
+    Ok(xml)
+}
+
+/// Whether `fragment` is a sequence of complete, well-formed elements (and
+/// whitespace or comments), so spliced into a document it ends where it
+/// began.
+fn check_fragment(fragment: &str, field: &str) -> Result<(), String> {
+    use quick_xml::events::Event;
+    let invalid = |why: String| format!("{field} is not well-formed XML elements: {why}");
+    let mut reader = quick_xml::Reader::from_str(fragment);
+    reader.config_mut().check_end_names = true;
+    let mut depth = 0usize;
+    loop {
+        match reader.read_event().map_err(|e| invalid(e.to_string()))? {
+            Event::Start(_) => depth += 1,
+            Event::End(_) if depth == 0 => return Err(invalid("a closing tag without its opening one".into())),
+            Event::End(_) => depth -= 1,
+            Event::Empty(_) | Event::Comment(_) => {}
+            Event::Text(t) if depth > 0 || t.iter().all(u8::is_ascii_whitespace) => {}
+            Event::Text(_) => return Err(invalid("text outside an element".into())),
+            Event::CData(_) | Event::GeneralRef(_) if depth > 0 => {}
+            Event::Eof if depth == 0 => return Ok(()),
+            Event::Eof => return Err(invalid("an element is not closed".into())),
+            other => return Err(invalid(format!("{other:?} is not allowed here"))),
+        }
+    }
 }
 
 /// What the operator reads back from a domain's XML.
@@ -611,7 +657,9 @@ mod tests {
             pool: "default".into(),
             root_volume: "prod-web-1-0123abcd.qcow2".into(),
             seed_volume: "prod-web-1-0123abcd-seed.img".into(),
-            network: "prod-lan".into(),
+            networks: vec!["prod-lan".into()],
+            extra_domain_xml: None,
+            extra_devices_xml: None,
             console_log: None,
         }
     }
@@ -735,5 +783,28 @@ mod tests {
         assert!(!kvm_works(&capabilities(&["hypervisor", "ss"], &["qemu", "kvm"])));
         assert!(!kvm_works(&capabilities(&["vmx"], &["qemu"])));
         assert!(!kvm_works("not xml"));
+    }
+
+    #[test]
+    fn more_networks_are_more_interfaces_and_extra_xml_goes_inside() {
+        let mut spec = spec();
+        spec.networks.push("default".into());
+        spec.extra_devices_xml = Some("<watchdog model='i6300esb' action='reset'/>".into());
+        spec.extra_domain_xml = Some("<description>from extraDomainXML</description>\n".into());
+        let xml = domain_xml(&spec).unwrap();
+        assert_eq!(xml.matches("<interface type=\"network\">").count(), 2, "{xml}");
+        assert!(xml.find("source network=\"prod-lan\"") < xml.find("source network=\"default\""), "{xml}");
+        assert!(xml.contains("<watchdog model='i6300esb' action='reset'/></devices>"), "{xml}");
+        assert!(xml.ends_with("<description>from extraDomainXML</description>\n</domain>"), "{xml}");
+    }
+
+    #[test]
+    fn extra_xml_that_is_not_whole_elements_is_refused_naming_the_field() {
+        for bad in ["<a>", "</devices><evil/>", "text", "<a></b>", "<a/><b>"] {
+            let mut spec = spec();
+            spec.extra_devices_xml = Some(bad.into());
+            let err = domain_xml(&spec).unwrap_err();
+            assert!(err.contains("spec.provider.libvirt.extraDevicesXML"), "{bad}: {err}");
+        }
     }
 }
