@@ -225,8 +225,7 @@ async fn killed_between_define_and_status_write_leaves_one_domain() {
 }
 
 /// The guest's view of the disk whose serial is `serial`: "<dev> <512-byte sectors>".
-const FIND_DISK: &str =
-    "for d in /sys/block/vd*; do [ \"$(cat $d/serial 2>/dev/null)\" = data ] && echo ${d##*/} $(cat $d/size); done";
+const FIND_DISK: &str = "for d in /sys/block/vd*; do [ \"$(cat $d/serial 2>/dev/null)\" = data ] && echo ${d##*/} $(cat $d/size); done; true";
 
 #[tokio::test]
 async fn volume_is_a_block_device_of_its_size_grows_in_place_and_survives_a_power_cycle() {
@@ -272,7 +271,28 @@ async fn volume_is_a_block_device_of_its_size_grows_in_place_and_survives_a_powe
     let found = exec(&fleet, &machine, FIND_DISK).await;
     assert!(found.ends_with(&format!(" {}", 2u64 << 30 >> 9)), "{found}");
 
-    // Powered off and on again: the disk is part of the domain, data intact.
+    // More memory: the domain is defined anew (keeping the hot-plugged
+    // volume) and says it needs a power cycle; the guest still has the old.
+    let mem_total = |text: String| -> u64 {
+        text.split_whitespace().nth(1).and_then(|kib| kib.parse().ok()).unwrap_or_else(|| panic!("MemTotal: {text}"))
+    };
+    let before = mem_total(exec(&fleet, &machine, "grep MemTotal /proc/meminfo").await);
+    let patch = json!({"spec": {"provider": {"libvirt": {"memoryMiB": 384}}}});
+    fleet.machines.patch("db", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let restart_required = |m: &Machine| {
+        m.status.as_ref().and_then(|s| support::condition(&s.conditions, "RestartRequired")) == Some("True".into())
+    };
+    support::wait_for(&fleet.machines, "db", VM_TIMEOUT, "RestartRequired", restart_required).await;
+    let uid = machine.metadata.uid.clone().unwrap();
+    let defined = hv.virsh(&["dumpxml", "--inactive", &uid]);
+    assert!(defined.contains("<memory unit='KiB'>393216</memory>"), "{defined}");
+    let volume_id = volumes.get("data").await.unwrap().status.unwrap().volume_id.unwrap();
+    assert!(defined.contains(&format!("volume='{volume_id}'")), "the volume left the definition: {defined}");
+    let live = hv.virsh(&["dumpxml", &uid]);
+    assert!(live.contains("<memory unit='KiB'>262144</memory>"), "{live}");
+
+    // Powered off and on again: the disk is part of the domain, data intact,
+    // and the new definition runs.
     for running in [false, true] {
         let patch = json!({"spec": {"running": running}});
         fleet.machines.patch("db", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
@@ -285,6 +305,9 @@ async fn volume_is_a_block_device_of_its_size_grows_in_place_and_survives_a_powe
     assert_eq!(sectors, (2u64 << 30 >> 9).to_string());
     let head = exec(&fleet, &machine, &format!("head -c 14 /dev/{dev}")).await;
     assert_eq!(head, "kept-on-volume");
+    assert!(!restart_required(&machine), "RestartRequired after the power cycle");
+    let after = mem_total(exec(&fleet, &machine, "grep MemTotal /proc/meminfo").await);
+    assert!(after > before + 100 * 1024, "MemTotal {before} KiB -> {after} KiB");
 
     // Deleting the Machine, the Volume and the Network leaves nothing.
     fleet.machines.delete("db", &DeleteParams::default()).await.unwrap();

@@ -208,13 +208,15 @@ pub struct Ec2Instance {
     .message("a baseImage URL needs baseImageSha256 (sha256sum IMAGE): the operator checks what it downloads")
     .field_path(".baseImageSha256"))]
 pub struct LibvirtMachine {
-    /// Virtual CPUs. Applied when the domain is defined: a change reaches
-    /// an existing machine only when it is created anew.
+    /// Virtual CPUs. A change of this, memoryMiB, networks,
+    /// directKernelBoot or the extra XML defines the domain anew; a running
+    /// machine gets it when powered off and started again (spec.running
+    /// false, then true), and says so in its RestartRequired condition.
     #[serde(default = "default_vcpus")]
     #[schemars(range(min = 1, max = 64))]
     pub vcpus: i32,
 
-    /// Memory in MiB. Applied when the domain is defined, like vcpus.
+    /// Memory in MiB. Changes apply like those of vcpus.
     #[serde(rename = "memoryMiB", default = "default_memory_mib")]
     #[schemars(range(min = 128, max = 1048576))]
     pub memory_mib: i32,
@@ -255,22 +257,22 @@ pub struct LibvirtMachine {
     /// More libvirt networks on the hypervisor, by name (e.g. `default`):
     /// the machine gets an interface in each, after its interface in the
     /// Network's own network, which SSH uses (NixOps's
-    /// `deployment.libvirtd.networks`). Applied when the domain is defined.
+    /// `deployment.libvirtd.networks`). Changes apply like those of vcpus.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
     pub networks: Vec<String>,
 
     /// Raw XML put inside the domain's `<devices>`, e.g. `<watchdog
     /// model='i6300esb' action='reset'/>` (NixOps's `extraDevicesXML`).
-    /// It must be whole elements; libvirt checks the rest. Applied when
-    /// the domain is defined.
+    /// It must be whole elements; libvirt checks the rest. Changes apply
+    /// like those of vcpus.
     #[serde(rename = "extraDevicesXML", default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub extra_devices_xml: Option<String>,
 
     /// Raw XML put inside `<domain>`, e.g. `<cputune>…</cputune>` (NixOps's
-    /// `extraDomainXML`). Whole elements only; applied when the domain is
-    /// defined.
+    /// `extraDomainXML`). Whole elements only; changes apply like those of
+    /// vcpus.
     #[serde(rename = "extraDomainXML", default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub extra_domain_xml: Option<String>,

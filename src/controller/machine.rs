@@ -29,6 +29,9 @@ object_status!(MachineStatus, failed = MachinePhase::Failed, deleting = MachineP
 pub mod conditions {
     /// The machine exists and answers SSH with the expected host key.
     pub const PROVISIONED: &str = "Provisioned";
+    /// The machine runs an older definition than its spec asks for until
+    /// it is powered off and started again (a libvirt domain defined anew).
+    pub const RESTART_REQUIRED: &str = "RestartRequired";
 }
 
 /// The machine's settings after Network defaults are applied.
@@ -294,6 +297,11 @@ impl Reconciler for Machine {
         status.provider = Some(provider.name().to_owned());
         status.provider_id = instance.provider_id.clone();
         status.addresses = instance.addresses.clone();
+        let mut conds = Conditions::new(&mut status.conditions, generation);
+        match &instance.restart_pending {
+            Some(why) => conds.set(conditions::RESTART_REQUIRED, true, "DefinitionChanged", why.clone()),
+            None => conds.remove(conditions::RESTART_REQUIRED),
+        };
 
         if instance.state == InstanceState::Stopped && !self.spec.running {
             status.phase = Some(MachinePhase::Stopped);

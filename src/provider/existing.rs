@@ -31,6 +31,7 @@ impl ExistingHosts {
             ssh_port: port,
             state: InstanceState::Running,
             host_key: None,
+            restart_pending: None,
         })
     }
 }

@@ -111,6 +111,10 @@ pub struct Instance {
     /// injects one it generated at first boot), pinned from the first
     /// connection; None where the provider cannot know it.
     pub host_key: Option<String>,
+    /// Set when the machine runs an older definition than its spec asks
+    /// for until it is powered off and on (libvirt domains defined anew):
+    /// why, for the Machine's RestartRequired condition.
+    pub restart_pending: Option<String>,
 }
 
 impl Instance {

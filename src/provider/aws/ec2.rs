@@ -68,6 +68,7 @@ fn instance(i: &aws_sdk_ec2::types::Instance, ssh_port: u16) -> Instance {
         addresses,
         state: state(i.state().and_then(|s| s.name())),
         host_key: None,
+        restart_pending: None,
     }
 }
 

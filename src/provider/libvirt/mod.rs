@@ -302,6 +302,7 @@ fn instance_of(domain: &Domain, primary: Option<&Cidr>) -> Result<Instance, Prov
         addresses,
         state,
         host_key: owner.map(|o| o.host_key).filter(|k| !k.is_empty()),
+        restart_pending: None,
     })
 }
 
@@ -405,6 +406,99 @@ fn base_image_path(pool: &StoragePool, place: &MachinePlace) -> Result<String, P
     volume.get_path().map_err(failed(format!("reading the path of volume {base}")))
 }
 
+/// The definition of the machine's domain: from its spec, with the host
+/// key its seed installs and the volumes attached to it so far.
+fn domain_spec(
+    hv: &Hypervisor,
+    place: &MachinePlace,
+    owner: &Owner,
+    host_key: String,
+    data_disks: Vec<xml::DiskXml>,
+) -> DomainSpec {
+    let kernel = place.spec.direct_kernel_boot.clone();
+    DomainSpec {
+        name: place.domain.clone(),
+        uuid: owner.uid.clone(),
+        owner: DomainOwner {
+            namespace: owner.namespace.clone(),
+            name: owner.name.clone(),
+            uid: owner.uid.clone(),
+            host_key,
+            spec_digest: String::new(),
+        },
+        domain_type: ResolvedDomainType::resolve(place.spec.domain_type, || hv.offers_kvm()),
+        vcpus: u32::try_from(place.spec.vcpus).unwrap_or(1),
+        memory_mib: u64::try_from(place.spec.memory_mib).unwrap_or(512),
+        kernel: kernel.as_ref().map(|k| k.kernel.clone()),
+        initrd: kernel.as_ref().and_then(|k| k.initrd.clone()),
+        cmdline: kernel.as_ref().and_then(|k| k.cmdline.clone()),
+        pool: place.network.storage_pool.clone(),
+        root_volume: place.overlay(),
+        seed_volume: place.seed(),
+        networks: std::iter::once(place.network_name.clone()).chain(place.spec.networks.iter().cloned()).collect(),
+        extra_domain_xml: place.spec.extra_domain_xml.clone(),
+        extra_devices_xml: place.spec.extra_devices_xml.clone(),
+        console_log: Some(format!("/var/log/libvirt/qemu/{}-console.log", place.domain)),
+        data_disks,
+    }
+}
+
+/// The operator's metadata of the domain's persistent definition
+/// (`VIR_DOMAIN_AFFECT_CONFIG`) or of the running one (`AFFECT_LIVE`).
+fn owner_metadata(domain: &Domain, flags: u32) -> Option<DomainOwner> {
+    let text =
+        domain.get_metadata(virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(xml::METADATA_NS), flags).ok()?;
+    xml::parse_owner(&text).ok()
+}
+
+/// Defines the domain anew when what the Machine's spec puts in its
+/// definition (vcpus, memory, networks, kernel, extra XML) changed, keeping
+/// its host key and the volumes attached since. Returns the definition's
+/// digest. A running domain goes on with its old definition until it is
+/// powered off and started again.
+fn converge_definition(
+    hv: &Hypervisor,
+    domain: &Domain,
+    place: &MachinePlace,
+    owner: &Owner,
+) -> Result<String, ProviderError> {
+    let Some(defined) = owner_metadata(domain, virt::sys::VIR_DOMAIN_AFFECT_CONFIG) else {
+        return Ok(String::new());
+    };
+    let inactive =
+        domain.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE).map_err(failed("reading the domain's definition"))?;
+    let described = xml::DomainDescription::parse(&inactive).map_err(ProviderError::Transient)?;
+    let (root, seed) = (place.overlay(), place.seed());
+    let data_disks = described
+        .devices
+        .disk
+        .into_iter()
+        .filter(|d| {
+            d.source_volume()
+                .is_some_and(|(pool, volume)| pool == place.network.storage_pool && volume != root && volume != seed)
+        })
+        .collect();
+    let spec = domain_spec(hv, place, owner, defined.host_key.clone(), data_disks);
+    let digest = spec.digest();
+    if defined.spec_digest != digest {
+        let domain_xml = xml::domain_xml(&spec).map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
+        Domain::define_xml(&hv.0, &domain_xml).map_err(failed(format!("defining domain {} anew", place.domain)))?;
+        tracing::info!(domain = %place.domain, "defined the domain anew after a change of its spec");
+    }
+    Ok(digest)
+}
+
+/// Why a running domain does not run its current definition, if it does not.
+fn restart_pending(domain: &Domain, digest: &str) -> Option<String> {
+    let live = owner_metadata(domain, virt::sys::VIR_DOMAIN_AFFECT_LIVE)?;
+    // A domain defined before digests were recorded is taken as current.
+    (!live.spec_digest.is_empty() && !digest.is_empty() && live.spec_digest != digest).then(|| {
+        "the domain was defined anew after a change of vcpus, memoryMiB, networks, directKernelBoot or the extra XML; \
+         it runs the old definition until it is powered off and started again (spec.running false, then true)"
+            .to_owned()
+    })
+}
+
 /// Creates what a machine's domain needs and defines it (not started):
 /// the root disk overlay (kept if it exists: it may hold data), a new seed
 /// with a new host key, and the domain.
@@ -452,30 +546,7 @@ fn define_machine(
         StorageVol::create_xml(&pool, &seed_xml, 0).map_err(failed(format!("creating seed volume {seed_name}")))?;
     upload(hv, &seed_vol, seed_bytes.as_slice(), seed_bytes.len() as u64, "the seed")?;
 
-    let kernel = place.spec.direct_kernel_boot.clone();
-    let spec = DomainSpec {
-        name: place.domain.clone(),
-        uuid: owner.uid.clone(),
-        owner: DomainOwner {
-            namespace: owner.namespace.clone(),
-            name: owner.name.clone(),
-            uid: owner.uid.clone(),
-            host_key: host_key.public_openssh.clone(),
-        },
-        domain_type: ResolvedDomainType::resolve(place.spec.domain_type, || hv.offers_kvm()),
-        vcpus: u32::try_from(place.spec.vcpus).unwrap_or(1),
-        memory_mib: u64::try_from(place.spec.memory_mib).unwrap_or(512),
-        kernel: kernel.as_ref().map(|k| k.kernel.clone()),
-        initrd: kernel.as_ref().and_then(|k| k.initrd.clone()),
-        cmdline: kernel.as_ref().and_then(|k| k.cmdline.clone()),
-        pool: place.network.storage_pool.clone(),
-        root_volume: overlay,
-        seed_volume: seed_name,
-        networks: std::iter::once(place.network_name.clone()).chain(place.spec.networks.iter().cloned()).collect(),
-        extra_domain_xml: place.spec.extra_domain_xml.clone(),
-        extra_devices_xml: place.spec.extra_devices_xml.clone(),
-        console_log: Some(format!("/var/log/libvirt/qemu/{}-console.log", place.domain)),
-    };
+    let spec = domain_spec(hv, place, owner, host_key.public_openssh.clone(), Vec::new());
     let domain_xml = xml::domain_xml(&spec).map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
     Domain::define_xml(&hv.0, &domain_xml).map_err(failed(format!("defining domain {}", place.domain)))
 }
@@ -538,22 +609,20 @@ impl MachineProvider for Libvirt {
     }
 
     async fn update(&self, target: &MachineTarget, current: Instance) -> Result<Instance, ProviderError> {
-        let uid = target.owner.uid.clone();
+        let owner = target.owner.clone();
         let running = target.running;
-        if running && current.state == InstanceState::Running && !current.addresses.is_empty() {
-            return Ok(current);
-        }
-        if !running && current.state == InstanceState::Stopped {
-            return Ok(current);
-        }
         let (place, conn) = MachinePlace::reached(target, self).await?;
         self.call("update", move || {
             let hv = Hypervisor::open(&conn)?;
-            let Some(domain) = lookup_domain(&hv, &uid)? else { return Ok(current) };
-            match (running, state_of(&domain)?) {
+            let Some(domain) = lookup_domain(&hv, &owner.uid)? else { return Ok(current) };
+            let digest = converge_definition(&hv, &domain, &place, &owner)?;
+            let mut instance = match (running, state_of(&domain)?) {
                 (true, InstanceState::Stopped) => {
                     start(&domain, &place.domain)?;
                     wait_for_lease(&domain, &place.cidr)
+                }
+                (true, InstanceState::Running) if !current.ssh_host.is_empty() => {
+                    instance_of(&domain, Some(&place.cidr))
                 }
                 (true, _) => wait_for_lease(&domain, &place.cidr),
                 (false, InstanceState::Stopped) => instance_of(&domain, Some(&place.cidr)),
@@ -571,7 +640,11 @@ impl MachineProvider for Libvirt {
                     }
                     instance_of(&domain, Some(&place.cidr))
                 }
+            }?;
+            if instance.state == InstanceState::Running {
+                instance.restart_pending = restart_pending(&domain, &digest);
             }
+            Ok(instance)
         })
         .await
     }
@@ -765,6 +838,7 @@ mod tests {
                 name: "m".into(),
                 uid: uid.into(),
                 host_key: "ssh-ed25519 AAAA".into(),
+                spec_digest: String::new(),
             },
             domain_type: ResolvedDomainType::resolve(crate::api::machine::LibvirtDomainType::Auto, || hv.offers_kvm()),
             vcpus: 1,
@@ -779,6 +853,7 @@ mod tests {
             extra_domain_xml: None,
             extra_devices_xml: None,
             console_log: None,
+            data_disks: Vec::new(),
         };
         let xml = xml::domain_xml(&spec).unwrap();
         Domain::define_xml(&hv.0, &xml).unwrap();

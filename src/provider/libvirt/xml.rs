@@ -55,6 +55,10 @@ pub struct DomainOwner {
     /// The public SSH host key injected through the seed (OpenSSH format).
     #[serde(rename = "@hostKey", default)]
     pub host_key: String,
+    /// A digest of what the Machine's spec put in the definition
+    /// ([`DomainSpec::digest`]): a different one means it must be defined anew.
+    #[serde(rename = "@specDigest", default)]
+    pub spec_digest: String,
 }
 
 /// What a machine's domain is made of.
@@ -83,6 +87,32 @@ pub struct DomainSpec {
     pub extra_devices_xml: Option<String>,
     /// Where QEMU writes the serial console, on the hypervisor.
     pub console_log: Option<String>,
+    /// Volumes attached since the domain was defined (libvirt Volumes),
+    /// kept when it is defined anew.
+    pub data_disks: Vec<DiskXml>,
+}
+
+impl DomainSpec {
+    /// A digest of what comes from the Machine's spec (not the owner, disks
+    /// or attached volumes), stable for the same spec.
+    pub fn digest(&self) -> String {
+        let inputs = format!(
+            "{:?}",
+            (
+                self.domain_type,
+                self.vcpus,
+                self.memory_mib,
+                &self.kernel,
+                &self.initrd,
+                &self.cmdline,
+                &self.networks,
+                &self.extra_domain_xml,
+                &self.extra_devices_xml
+            )
+        );
+        let digest = ring::digest::digest(&ring::digest::SHA256, inputs.as_bytes());
+        digest.as_ref()[..12].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 /// The domain type after `auto` is resolved on the hypervisor.
@@ -360,13 +390,15 @@ pub const SEED_DEVICE: &str = "vdz";
 
 /// The domain XML of a machine.
 pub fn domain_xml(spec: &DomainSpec) -> Result<String, String> {
+    let mut owner = spec.owner.clone();
+    owner.spec_digest = spec.digest();
     let tcg = (spec.domain_type == ResolvedDomainType::Qemu)
         .then(|| TcgXml { tb_cache: Sized { unit: "MiB".into(), value: 64 } });
     let domain = DomainXml {
         kind: spec.domain_type.as_str(),
         name: spec.name.clone(),
         uuid: spec.uuid.clone(),
-        metadata: DomainMetadataXml { machine: MetadataElement { xmlns: METADATA_NS, owner: spec.owner.clone() } },
+        metadata: DomainMetadataXml { machine: MetadataElement { xmlns: METADATA_NS, owner } },
         memory: Sized { unit: "MiB".into(), value: spec.memory_mib },
         vcpu: spec.vcpus,
         os: OsXml {
@@ -380,13 +412,16 @@ pub fn domain_xml(spec: &DomainSpec) -> Result<String, String> {
         on_reboot: "restart",
         on_crash: "destroy",
         devices: DevicesXml {
-            disk: vec![
+            disk: [
                 DiskXml::volume(&spec.pool, &spec.root_volume, "qcow2", "vda", None),
                 DiskXml {
                     readonly: Some(()),
                     ..DiskXml::volume(&spec.pool, &spec.seed_volume, "raw", SEED_DEVICE, None)
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(spec.data_disks.iter().cloned())
+            .collect(),
             interface: spec
                 .networks
                 .iter()
@@ -647,6 +682,7 @@ mod tests {
                 name: "web-1".into(),
                 uid: "0123abcd-0000-4000-8000-000000000001".into(),
                 host_key: "ssh-ed25519 AAAAC3Nza k".into(),
+                spec_digest: String::new(),
             },
             domain_type: ResolvedDomainType::Qemu,
             vcpus: 2,
@@ -661,6 +697,7 @@ mod tests {
             extra_domain_xml: None,
             extra_devices_xml: None,
             console_log: None,
+            data_disks: Vec::new(),
         }
     }
 
