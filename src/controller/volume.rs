@@ -1,4 +1,5 @@
-//! Volume controller: an EBS volume in the Network's account, attached to
+//! Volume controller: an EBS volume in the Network's account (or a libvirt
+//! volume in its hypervisor's storage pool), attached to
 //! the Machine whose spec.volumes names it; detached before deletion.
 
 use std::collections::{BTreeSet, HashMap};
@@ -62,7 +63,7 @@ fn desired_attachment<'a>(
         several => Err(Error::stalled(
             "AttachedBySeveral",
             format!(
-                "machines {} all list this volume in spec.volumes; an EBS volume attaches to one machine, remove it from the others",
+                "machines {} all list this volume in spec.volumes; a volume attaches to one machine, remove it from the others",
                 several.iter().map(|(m, _)| m.name_any()).collect::<Vec<_>>().join(", ")
             ),
         )),
@@ -135,7 +136,7 @@ impl Reconciler for Volume {
                     &*self,
                     EventType::Normal,
                     "Created",
-                    format!("created EBS volume {} in {}", created.id, created.zone),
+                    format!("created {} {} in {}", provider.noun(), created.id, created.zone),
                 )
                 .await;
                 created
@@ -150,8 +151,11 @@ impl Reconciler for Volume {
             Conditions::new(&mut status.conditions, generation).ready(
                 "Observing",
                 format!(
-                    "observing EBS volume {} ({} GiB, {}); managementPolicy Observe never changes or deletes it",
-                    volume.id, volume.size_gib, volume.state
+                    "observing {} {} ({} GiB, {}); managementPolicy Observe never changes or deletes it",
+                    provider.noun(),
+                    volume.id,
+                    volume.size_gib,
+                    volume.state
                 ),
             );
             return Ok(None);
@@ -227,7 +231,7 @@ impl Reconciler for Volume {
                 conds.set(conditions::ATTACHED, false, "NotAttached", "no Machine lists this volume in spec.volumes");
             }
         }
-        conds.ready("Ready", format!("EBS volume {} ({} GiB, {})", volume.id, volume.size_gib, volume.state));
+        conds.ready("Ready", format!("{} {} ({} GiB, {})", provider.noun(), volume.id, volume.size_gib, volume.state));
         status.phase = Some(ResourcePhase::Ready);
         Ok(None)
     }

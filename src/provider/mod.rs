@@ -243,6 +243,10 @@ pub enum BucketHolder {
 #[async_trait]
 pub trait VolumeProvider: Send + Sync {
     fn name(&self) -> &'static str;
+    /// What its volumes are called in messages ("EBS volume").
+    fn noun(&self) -> &'static str {
+        "volume"
+    }
     /// The volume recorded as `id`, else the one tagged with the owner's UID.
     async fn find(&self, target: &CloudTarget, id: Option<&str>) -> Result<Option<VolumeState>, ProviderError>;
     /// Creates the volume, tagged with its owner in the same call.

@@ -46,6 +46,10 @@ impl VolumeProvider for Aws {
         "ec2"
     }
 
+    fn noun(&self) -> &'static str {
+        "EBS volume"
+    }
+
     fn machine_id<'a>(&self, provider_id: &'a str) -> Option<&'a str> {
         instance_id(provider_id)
     }

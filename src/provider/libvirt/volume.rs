@@ -133,6 +133,10 @@ impl VolumeProvider for Libvirt {
         "libvirt"
     }
 
+    fn noun(&self) -> &'static str {
+        "libvirt volume"
+    }
+
     async fn find(&self, target: &CloudTarget, id: Option<&str>) -> Result<Option<VolumeState>, ProviderError> {
         let place = self.volume_place(target, None, id).await?;
         self.call("find-volume", move || {
