@@ -336,6 +336,9 @@ async fn reboot_of_a_network_goes_max_unavailable_machines_at_a_time() {
     }
     // maxUnavailable 1: the second began after the first was back.
     assert!(reboots[0].1 <= reboots[1].0, "{reboots:?}");
+    // Each settled once: a settle from a stale copy would say Rebooted again.
+    let reasons = fleet.event_reasons().await;
+    assert_eq!(reasons.iter().filter(|r| *r == "Rebooted").count(), nodes.len(), "{reasons:?}");
 }
 
 /// The krew manifest names the binary this crate builds, at its version.

@@ -89,6 +89,17 @@ pub async fn carry_out(
         return Ok(());
     }
     let action = Action { machine, ctx, target };
+    if requests.reboot.is_some() {
+        // A reboot under way is recorded in status; a copy of the Machine
+        // older than the operator's own last write (the cache lags it) would
+        // ask for a second reboot, or settle a settled one again. Wait for
+        // the fresh copy.
+        let api: Api<Machine> = Api::namespaced(ctx.client.clone(), &machine.namespace().unwrap_or_default());
+        let stored = api.get(&machine.name_any()).await?;
+        if stored.metadata.resource_version != machine.metadata.resource_version {
+            return Err(super::Error::Stale);
+        }
+    }
     if let Some(request) = &requests.reboot {
         if !requests.settle_reboot {
             action.start_reboot(request, status).await?;
