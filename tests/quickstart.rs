@@ -1,4 +1,4 @@
-//! `make quickstart`, end to end: the script a new user runs starts a
+//! `make quickstart`, end to end (and with PROVIDER=libvirt, on a VM): the script a new user runs starts a
 //! control plane, a NixOS-like node and the operator, deploys the demo
 //! system from examples/quickstart/, redeploys a changed one, survives being
 //! run again, and stops everything.
@@ -75,4 +75,26 @@ fn quickstart_deploys_redeploys_reruns_and_stops() {
     qs.run(&["down"]);
     assert!(!Path::new(&qs.dir).exists(), "down removes the state directory");
     assert!(!listening(qs.port), "down stops the node");
+}
+
+/// `make quickstart PROVIDER=libvirt`: the same demo on a real QEMU VM
+/// (libvirtd started by the script from hack/libvirt), and `down` stops it.
+#[test]
+fn quickstart_with_libvirt_deploys_the_demo_to_a_vm() {
+    let parent = tempfile::tempdir().unwrap();
+    let qs = Quickstart { dir: parent.path().join("quickstart"), port: support::free_port() };
+    let out = Command::new(support::repo_root().join("hack/quickstart/quickstart.sh"))
+        .arg("up")
+        .env("QUICKSTART_PROVIDER", "libvirt")
+        .env("QUICKSTART_DIR", &qs.dir)
+        .env("QUICKSTART_PORT", qs.port.to_string())
+        .env("NIXOPS_OPERATOR_BIN", env!("CARGO_BIN_EXE_nixops-operator"))
+        .output()
+        .expect("run hack/quickstart/quickstart.sh");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "quickstart.sh up (libvirt) failed:\n{text}");
+    assert!(text.contains("In the VM, /run/current-system -> /nix/store/"), "{text}");
+    assert!(text.contains("/run/motd says: hello from nixops-operator"), "{text}");
+    qs.run(&["down"]);
+    assert!(!Path::new(&qs.dir).exists(), "down removes the state directory");
 }

@@ -9,10 +9,11 @@
 #
 #   start.sh DIR --watch-pid PID
 #
-# Prints `KEY=value` lines: URI (the libvirt URI to connect to), CIDR (the
+# Prints `KEY=value` lines (values without spaces: the output is sourced by
+# the quickstart): URI (the libvirt URI to connect to), CIDR (the
 # routed /16), NS_PID (a process in the namespaces, for nsenter), and what a
 # remote hypervisor's login needs: SSH_HOST (sshd in the namespace, port
-# 22), SSH_HOST_KEY (its ed25519 public key), SSH_KEY (a private key root
+# 22), SSH_HOST_KEY_FILE (its ed25519 public key), SSH_KEY (a private key root
 # there accepts) and SOCKET (libvirtd's socket, for the URI's socket=). When PID
 # exits, however it exits, the namespaces' init is killed: the kernel kills
 # libvirtd, virtlogd, dnsmasq and every QEMU with it, the network namespace
@@ -161,7 +162,7 @@ for _ in $(seq 300); do
     echo "NS_PID=$ns_pid"
     echo "POOL_DIR=$dir/pool"
     echo "SSH_HOST=$ns_ip"
-    echo "SSH_HOST_KEY=$(cut -d' ' -f1,2 "$dir/ssh_host_ed25519_key.pub")"
+    echo "SSH_HOST_KEY_FILE=$dir/ssh_host_ed25519_key.pub"
     echo "SSH_KEY=$dir/login"
     echo "SOCKET=$dir/sock/libvirt-sock"
     exit 0

@@ -77,7 +77,12 @@ pub fn hypervisor() -> &'static Hypervisor {
         let octet = cidr.split('.').nth(1).and_then(|o| o.parse().ok()).expect("CIDR 10.X.0.0/16");
         let remote = Remote {
             host: vars["SSH_HOST"].clone(),
-            host_key: vars["SSH_HOST_KEY"].clone(),
+            host_key: std::fs::read_to_string(&vars["SSH_HOST_KEY_FILE"])
+                .expect("the hypervisor's host key")
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" "),
             private_key: std::fs::read_to_string(&vars["SSH_KEY"]).expect("the hypervisor's login key"),
             socket: vars["SOCKET"].clone(),
             ns_pid: vars["NS_PID"].clone(),
