@@ -530,6 +530,10 @@ async fn base_image_from_a_url_is_checked_uploaded_once_and_deleted_with_the_net
     assert!(message.contains("baseImageSha256") && message.contains(&sha256), "{message}");
     assert_eq!(image_volumes(), Vec::<String>::new(), "uploaded despite the wrong checksum");
     assert_eq!(owned_by(&hv.domains(), &fleet.ns), Vec::<String>::new(), "defined despite the wrong checksum");
+    // Retried at every resync (2 s here) without downloading it again.
+    let refused = server.served("/base.qcow2");
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    assert_eq!(server.served("/base.qcow2"), refused, "the refused image was downloaded again");
     fleet.machines.delete("bad", &DeleteParams::default()).await.unwrap();
     support::wait_gone(&fleet.machines, "bad", VM_TIMEOUT).await;
 

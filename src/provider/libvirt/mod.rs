@@ -56,7 +56,8 @@ const LEASE_WAIT: Duration = Duration::from_secs(20);
 /// `ssh_timeout` bounds the SSH connection to them.
 pub fn register(providers: &mut Providers, client: kube::Client, metrics: Metrics, ssh_timeout: Duration) {
     let tunnels = remote::Tunnels::new(client, metrics.clone(), ssh_timeout);
-    let libvirt = Arc::new(Libvirt { metrics, tunnels, images: Default::default() });
+    let libvirt =
+        Arc::new(Libvirt { metrics, tunnels, images: Default::default(), refused_images: Default::default() });
     providers.add_machine_provider(libvirt.clone());
     providers.networks.insert("libvirt", libvirt.clone());
     providers.volumes.insert("libvirt", libvirt);
@@ -68,7 +69,16 @@ pub struct Libvirt {
     tunnels: remote::Tunnels,
     /// One upload at a time per downloaded image volume.
     images: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Image URLs and checksums refused lately (wrong checksum, 4xx), with why.
+    refused_images: std::sync::Mutex<std::collections::HashMap<String, RefusedImage>>,
 }
+
+/// When an image URL was refused, and the Stalled reason and message.
+type RefusedImage = (Instant, &'static str, String);
+
+/// How long a refused image URL and checksum are answered from memory
+/// instead of being downloaded again.
+const REFUSED_IMAGE_MEMORY: Duration = Duration::from_secs(30 * 60);
 
 impl Libvirt {
     /// Runs `work` (blocking libvirt calls) on a blocking thread, counted in
@@ -106,8 +116,24 @@ impl Libvirt {
         }
         let url = place.spec.base_image.clone();
         let sha256 = place.spec.base_image_sha256.clone().unwrap_or_default();
+        // A Machine stalled on a wrong checksum is retried at every resync:
+        // the same URL and checksum are not downloaded again for a while.
+        let key = format!("{url}#{sha256}");
+        if let Some((at, reason, message)) = self.refused_images.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+            && at.elapsed() < REFUSED_IMAGE_MEMORY
+        {
+            return Err(ProviderError::permanent(reason, message.clone()));
+        }
         let started = Instant::now();
-        let (file, length) = image::download(&url, &sha256).await?;
+        let (file, length) = match image::download(&url, &sha256).await {
+            Ok(downloaded) => downloaded,
+            Err(ProviderError::Permanent { reason, message }) => {
+                let remembered = (Instant::now(), reason, message.clone());
+                self.refused_images.lock().unwrap_or_else(|e| e.into_inner()).insert(key, remembered);
+                return Err(ProviderError::Permanent { reason, message });
+            }
+            Err(other) => return Err(other),
+        };
         tracing::info!(%url, length, seconds = started.elapsed().as_secs_f64(), "downloaded a base image");
         let (pool_name, conn) = (place.network.storage_pool.clone(), conn.clone());
         self.call("upload-image", move || {
