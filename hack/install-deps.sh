@@ -17,7 +17,7 @@ if (( ${#need_apt[@]} )); then
   echo "install-deps: apt-get install ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${need_apt[@]}"
+  apt-get install -y -qq -o DPkg::Lock::Timeout=300 "${need_apt[@]}"
 fi
 
 # Nix creates the host store's database on first use, and parallel first

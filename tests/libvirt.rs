@@ -124,10 +124,18 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
     let extra_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(extra_file.path(), extra_xml).unwrap();
     hv.virsh(&["net-create", &extra_file.path().to_string_lossy()]);
+    // And a third without DHCP, where only the guest knows its address.
+    let static_net = format!("{}-static", fleet.ns);
+    let static_xml = format!(
+        "<network><name>{static_net}</name><ip address='10.{o}.102.1' netmask='255.255.255.0'/></network>",
+        o = hv.octet
+    );
+    std::fs::write(extra_file.path(), static_xml).unwrap();
+    hv.virsh(&["net-create", &extra_file.path().to_string_lossy()]);
 
     let closure = system("web", &nonce(), &[("motd", "hello from a libvirt VM")], Activation::Ok);
     let mut provider = hv.machine_provider();
-    provider["libvirt"]["networks"] = json!([extra]);
+    provider["libvirt"]["networks"] = json!([extra, static_net]);
     provider["libvirt"]["extraDevicesXML"] = json!("<watchdog model='i6300esb' action='reset'/>");
     provider["libvirt"]["extraDomainXML"] = json!("<description>from extraDomainXML</description>");
     let applied = Instant::now();
@@ -167,6 +175,16 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
     let machine = fleet.machines.get("web").await.unwrap();
     let second = machine.status.as_ref().unwrap().addresses[1].address.clone();
     assert!(exec(&fleet, &machine, "busybox ip -4 -o addr show eth1").await.contains(&format!(" {second}/")));
+    // An address set inside the guest on the network without DHCP has no
+    // lease: the machine's guest agent reports it.
+    let static_address = format!("10.{}.102.5", hv.octet);
+    exec(&fleet, &machine, &format!("busybox ip link set eth2 up && busybox ip addr add {static_address}/24 dev eth2"))
+        .await;
+    support::wait_for(&fleet.machines, "web", VM_TIMEOUT, "the guest agent's address on the third network", |m| {
+        let addresses: Vec<&str> = m.status.iter().flat_map(|s| &s.addresses).map(|a| a.address.as_str()).collect();
+        addresses.len() == 3 && addresses[2] == static_address
+    })
+    .await;
     let domain_xml = hv.virsh(&["dumpxml", &uid]);
     assert!(domain_xml.contains("<watchdog model='i6300esb' action='reset'"), "{domain_xml}");
     assert_eq!(hv.virsh(&["desc", &uid]).trim(), "from extraDomainXML");
@@ -189,6 +207,7 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
     assert_eq!(owned_by(&hv.volumes(), &fleet.ns), Vec::<String>::new(), "volumes left");
     assert!(!hv.networks().contains(&network_name), "network left: {:?}", hv.networks());
     hv.virsh(&["net-destroy", &extra]);
+    hv.virsh(&["net-destroy", &static_net]);
 }
 
 #[tokio::test]

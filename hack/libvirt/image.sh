@@ -4,7 +4,8 @@
 #
 #   base.qcow2   root file system (ext4 on the whole disk, no partitions):
 #                Debian with sshd, Nix (Debian's nix-bin, root uses the store
-#                directly), zstd, jq, busybox as init and DHCP client
+#                directly), zstd, jq, busybox as init and DHCP client, and
+#                the QEMU guest agent on its virtio-serial port
 #   vmlinuz      Debian's kernel, booted directly by QEMU (no boot loader)
 #   initrd.img   a small initramfs: busybox, the virtio/ext4/vfat modules,
 #                mounts /dev/vda and switches to it
@@ -48,8 +49,9 @@ initrd=$work/initrd
 mkdir -p "$initrd/bin" "$initrd/modules"
 cp /bin/busybox "$initrd/bin/busybox"
 : >"$initrd/modules/order"
-# button and evdev: the ACPI power button as an input device for acpid.
-for mod in virtio_pci virtio_blk virtio_net ext4 vfat isofs nls_cp437 nls_ascii nls_utf8 button evdev; do
+# button and evdev: the ACPI power button as an input device for acpid;
+# virtio_console: the guest agent's virtio-serial port.
+for mod in virtio_pci virtio_blk virtio_net virtio_console ext4 vfat isofs nls_cp437 nls_ascii nls_utf8 button evdev; do
   modprobe -d "$work/kernel" -S "$kver" --show-depends "$mod" | sed -n 's/^insmod \([^ ]*\).*/\1/p' |
     while read -r ko; do
       name=$(basename "$ko")
@@ -105,6 +107,7 @@ cat >"$r/etc/inittab" <<'EOF'
 ::respawn:/usr/sbin/sshd -D -e
 ::respawn:/bin/busybox udhcpc -f -i eth0 -s /usr/lib/nixops-image/udhcpc
 ::respawn:/usr/lib/nixops-image/dhcp eth1
+::respawn:/usr/lib/nixops-image/guest-agent
 ::respawn:/bin/busybox acpid -f -c /etc/acpi -l /dev/null
 ::ctrlaltdel:/bin/busybox reboot
 ::shutdown:/bin/busybox sync
@@ -174,6 +177,16 @@ case $1 in
 esac
 exit 0
 EOF
+# The QEMU guest agent (addresses for interfaces without a DHCP lease), on
+# the port libvirt names; there is no udev to link /dev/virtio-ports/.
+cat >"$r/usr/lib/nixops-image/guest-agent" <<'EOF'
+#!/bin/sh
+for port in /sys/class/virtio-ports/*; do
+  [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
+  exec /usr/sbin/qemu-ga -m virtio-serial -p "/dev/${port##*/}" -t /run
+done
+exec busybox sleep 3600
+EOF
 # libvirt's shutdown presses the ACPI power button: power off cleanly.
 mkdir -p "$r/etc/acpi/PWRF"
 printf '#!/bin/sh\nexec /bin/busybox poweroff\n' >"$r/etc/acpi/PWRF/00000080"
@@ -181,7 +194,7 @@ chmod +x "$r"/usr/lib/nixops-image/* "$r/etc/acpi/PWRF/00000080"
 EOS
 chmod +x "$customize"
 mmdebstrap --quiet --variant=essential \
-  --include=openssh-server,nix-bin,zstd,jq,busybox-static,e2fsprogs,procps \
+  --include=openssh-server,nix-bin,zstd,jq,busybox-static,e2fsprogs,procps,qemu-guest-agent \
   --customize-hook="$customize \"\$1\"" \
   "$suite" "$rootfs" >&2
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*

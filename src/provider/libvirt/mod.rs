@@ -293,9 +293,10 @@ fn state_of(domain: &Domain) -> Result<InstanceState, ProviderError> {
     })
 }
 
-/// The domain as the provider reports it: state, leased addresses (those
-/// in `primary`, the Network's own network, first: SSH uses the first), and
-/// the host key its seed installed (from the domain's metadata).
+/// The domain as the provider reports it: state, addresses (those in
+/// `primary`, the Network's own network, first: SSH uses the first; see
+/// [`interface_addresses`]), and the host key its seed installed (from the
+/// domain's metadata).
 fn instance_of(domain: &Domain, primary: Option<&Cidr>) -> Result<Instance, ProviderError> {
     let uuid = domain.get_uuid_string().map_err(failed("reading the domain's UUID"))?;
     let state = state_of(domain)?;
@@ -305,16 +306,27 @@ fn instance_of(domain: &Domain, primary: Option<&Cidr>) -> Result<Instance, Prov
         .and_then(|text| xml::parse_owner(&text).ok());
     let mut addresses = Vec::new();
     if state == InstanceState::Running {
-        // No lease yet is no address yet, not an error.
-        let interfaces =
+        let macs = domain
+            .get_xml_desc(0)
+            .ok()
+            .and_then(|text| xml::DomainDescription::parse(&text).ok())
+            .map(|d| d.interface_macs())
+            .unwrap_or_default();
+        // No lease yet is no address yet, not an error; nor is an image
+        // without a guest agent.
+        let leased =
             domain.interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0).unwrap_or_default();
-        for interface in interfaces {
-            for addr in interface.addrs {
-                if addr.typed == virt::sys::VIR_IP_ADDR_TYPE_IPV4 as i64 {
-                    addresses.push(MachineAddress { address_type: "InternalIP".into(), address: addr.addr });
-                }
+        let agent = || match domain.interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, 0) {
+            Ok(interfaces) => interfaces,
+            Err(e) => {
+                tracing::debug!(domain = %uuid, error = %e, "no addresses from the guest agent");
+                Vec::new()
             }
-        }
+        };
+        addresses = interface_addresses(&macs, leased, agent)
+            .into_iter()
+            .map(|address| MachineAddress { address_type: "InternalIP".into(), address: address.to_string() })
+            .collect();
     }
     let in_primary = |a: &MachineAddress| {
         primary.is_none_or(|cidr| a.address.parse().is_ok_and(|ip: std::net::Ipv4Addr| cidr.contains(ip)))
@@ -330,6 +342,50 @@ fn instance_of(domain: &Domain, primary: Option<&Cidr>) -> Result<Instance, Prov
         host_key: owner.map(|o| o.host_key).filter(|k| !k.is_empty()),
         restart_pending: None,
     })
+}
+
+/// The IPv4 addresses of a domain's interfaces (`macs`, lowercase, in the
+/// domain's order): each interface's DHCP leases from libvirt's own
+/// dnsmasq, or, for an interface without one (a network without libvirt's
+/// DHCP, an address configured inside the guest), what the QEMU guest
+/// agent reports for it. The agent is asked only then, so a guest without
+/// one costs nothing; it is the guest's word, which is why leases come
+/// first (and SSH checks the pinned host key whichever address it uses).
+/// Loopback, link-local and other interfaces the guest made itself (bridges,
+/// containers' veths) are left out. With no MACs known, every lease counts.
+fn interface_addresses(
+    macs: &[String],
+    leased: Vec<virt::domain::Interface>,
+    agent: impl FnOnce() -> Vec<virt::domain::Interface>,
+) -> Vec<std::net::Ipv4Addr> {
+    fn ipv4(interface: &virt::domain::Interface) -> impl Iterator<Item = std::net::Ipv4Addr> + '_ {
+        interface
+            .addrs
+            .iter()
+            .filter(|a| a.typed == virt::sys::VIR_IP_ADDR_TYPE_IPV4 as i64)
+            .filter_map(|a| a.addr.parse::<std::net::Ipv4Addr>().ok())
+            .filter(|ip| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified())
+    }
+    let of = |interfaces: &[virt::domain::Interface], mac: &str| -> Vec<std::net::Ipv4Addr> {
+        interfaces.iter().filter(|i| i.hwaddr.eq_ignore_ascii_case(mac)).flat_map(ipv4).collect()
+    };
+    if macs.is_empty() {
+        return leased.iter().flat_map(ipv4).collect();
+    }
+    let mut agent = Some(agent);
+    let mut reported: Vec<virt::domain::Interface> = Vec::new();
+    let mut addresses = Vec::new();
+    for mac in macs {
+        let mut found = of(&leased, mac);
+        if found.is_empty() {
+            if let Some(ask) = agent.take() {
+                reported = ask();
+            }
+            found = of(&reported, mac);
+        }
+        addresses.extend(found);
+    }
+    addresses
 }
 
 fn lookup_domain(hv: &Hypervisor, uid: &str) -> Result<Option<Domain>, ProviderError> {
@@ -895,5 +951,54 @@ mod tests {
         assert_eq!(count, 1);
         vol.delete(0).unwrap();
         assert!(lookup_volume(&pool, "t.img").unwrap().is_none());
+    }
+
+    fn interface(hwaddr: &str, addrs: &[&str]) -> virt::domain::Interface {
+        let addrs: Vec<virt::domain::IPAddress> = addrs
+            .iter()
+            .map(|a| virt::domain::IPAddress {
+                typed: i64::from(if a.contains(':') {
+                    virt::sys::VIR_IP_ADDR_TYPE_IPV6
+                } else {
+                    virt::sys::VIR_IP_ADDR_TYPE_IPV4
+                }),
+                addr: (*a).into(),
+                prefix: 24,
+            })
+            .collect();
+        virt::domain::Interface { name: "x".into(), hwaddr: hwaddr.into(), naddrs: addrs.len() as u64, addrs }
+    }
+
+    fn ips(list: &[&str]) -> Vec<std::net::Ipv4Addr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn leases_first_the_guest_agent_only_for_interfaces_without_one() {
+        let macs = ["52:54:00:00:00:01".to_owned(), "52:54:00:00:00:02".to_owned()];
+        let leased = || vec![interface("52:54:00:00:00:01", &["10.1.1.10"])];
+        // The agent knows eth1's static address, and things to leave out:
+        // a second address on eth0 (its lease wins), loopback, link-local,
+        // IPv6 and a bridge of the guest's own.
+        let agent = || {
+            vec![
+                interface("00:00:00:00:00:00", &["127.0.0.1", "::1"]),
+                interface("52:54:00:00:00:01", &["10.1.1.10", "10.1.1.99"]),
+                interface("52:54:00:00:00:02", &["10.1.2.5", "169.254.3.4", "fe80::1"]),
+                interface("02:42:ac:11:00:01", &["172.17.0.1"]),
+            ]
+        };
+        assert_eq!(interface_addresses(&macs, leased(), agent), ips(&["10.1.1.10", "10.1.2.5"]));
+
+        // With every interface leased, the agent is not asked.
+        let both = vec![interface("52:54:00:00:00:01", &["10.1.1.10"]), interface("52:54:00:00:00:02", &["10.1.2.11"])];
+        let unasked = || -> Vec<virt::domain::Interface> { panic!("the agent was asked") };
+        assert_eq!(interface_addresses(&macs, both, unasked), ips(&["10.1.1.10", "10.1.2.11"]));
+
+        // No agent, no lease on eth1: eth0's lease only. Unknown MACs (the
+        // domain XML unreadable): every lease.
+        assert_eq!(interface_addresses(&macs, leased(), Vec::new), ips(&["10.1.1.10"]));
+        let upper = vec![interface("52:54:00:00:00:0A", &["10.1.1.12"])];
+        assert_eq!(interface_addresses(&[], upper, agent), ips(&["10.1.1.12"]));
     }
 }

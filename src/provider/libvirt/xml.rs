@@ -265,6 +265,7 @@ struct DevicesXml {
     interface: Vec<InterfaceXml>,
     serial: SerialXml,
     console: Typed,
+    channel: ChannelXml,
     rng: RngXml,
 }
 
@@ -369,6 +370,27 @@ struct LogXml {
     append: &'static str,
 }
 
+/// A virtio-serial port; here the QEMU guest agent's, which libvirt
+/// connects to a socket of its own.
+#[derive(Serialize)]
+struct ChannelXml {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    target: ChannelTargetXml,
+}
+
+#[derive(Serialize)]
+struct ChannelTargetXml {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    #[serde(rename = "@name")]
+    name: &'static str,
+}
+
+/// The port name QEMU guest agents listen on (NixOS:
+/// `services.qemuGuest.enable`).
+pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
+
 #[derive(Serialize)]
 struct RngXml {
     #[serde(rename = "@model")]
@@ -433,6 +455,7 @@ pub fn domain_xml(spec: &DomainSpec) -> Result<String, String> {
                 .collect(),
             serial: SerialXml { kind: "pty", log: spec.console_log.clone().map(|file| LogXml { file, append: "on" }) },
             console: Typed::new("pty"),
+            channel: ChannelXml { kind: "unix", target: ChannelTargetXml { kind: "virtio", name: GUEST_AGENT_PORT } },
             rng: RngXml { model: "virtio", backend: RngBackendXml { model: "random", device: "/dev/urandom" } },
         },
     };
@@ -488,11 +511,30 @@ pub struct DomainDescription {
 pub struct DomainDevices {
     #[serde(default)]
     pub disk: Vec<DiskXml>,
+    #[serde(default)]
+    interface: Vec<InterfaceDescription>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+struct InterfaceDescription {
+    mac: Option<MacXml>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+struct MacXml {
+    #[serde(rename = "@address")]
+    address: String,
 }
 
 impl DomainDescription {
     pub fn parse(xml: &str) -> Result<Self, String> {
         quick_xml::de::from_str(xml).map_err(|e| format!("cannot read domain XML: {e}"))
+    }
+
+    /// The MAC addresses of the domain's interfaces, in its order,
+    /// lowercase (libvirt assigns them at define).
+    pub fn interface_macs(&self) -> Vec<String> {
+        self.devices.interface.iter().filter_map(|i| i.mac.as_ref()).map(|m| m.address.to_ascii_lowercase()).collect()
     }
 }
 
@@ -717,6 +759,7 @@ mod tests {
             "<target dev=\"vdz\" bus=\"virtio\"/><readonly/>",
             "<interface type=\"network\"><source network=\"prod-lan\"/><model type=\"virtio\"/></interface>",
             "<tcg><tb-cache unit=\"MiB\">64</tb-cache></tcg>",
+            "<channel type=\"unix\"><target type=\"virtio\" name=\"org.qemu.guest_agent.0\"/></channel>",
         ] {
             assert!(xml.contains(part), "{part} missing from {xml}");
         }
@@ -753,9 +796,11 @@ mod tests {
             "<domain type='qemu'><name>x</name><devices><emulator>/usr/bin/qemu</emulator>\
              <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='p' volume='v'/>\
              <backingStore/><target dev='vdb' bus='virtio'/><alias name='virtio-disk1'/></disk>\
-             <interface type='network'/></devices></domain>",
+             <interface type='network'/><interface type='network'><mac address='52:54:00:AB:cd:01'/></interface>\
+             </devices></domain>",
         )
         .unwrap();
+        assert_eq!(described.interface_macs(), ["52:54:00:ab:cd:01"]);
         assert_eq!(described.devices.disk.len(), 1);
         assert_eq!(described.devices.disk[0].source_volume(), Some(("p", "v")));
         assert_eq!(described.devices.disk[0].target_dev(), "vdb");
