@@ -281,7 +281,8 @@ pub struct LibvirtMachine {
     /// hardware virtualisation, `auto` uses kvm where it works: where the
     /// hypervisor's libvirt offers it and its CPU has hardware
     /// virtualisation (vmx or svm, or is not itself a guest), and qemu
-    /// elsewhere, such as on a paravirtual /dev/kvm.
+    /// elsewhere, such as on a paravirtual /dev/kvm; decided when the
+    /// domain is first defined, which then keeps its type.
     #[serde(default)]
     pub domain_type: LibvirtDomainType,
 }

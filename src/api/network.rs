@@ -142,8 +142,10 @@ pub struct LibvirtNetwork {
     pub dhcp_range: Option<DhcpRange>,
 
     /// The storage pool (it must exist) holding machines' root disk
-    /// overlays, their seeds and libvirt Volumes.
+    /// overlays, their seeds and libvirt Volumes. Immutable: what is in
+    /// the pool stays there.
     #[serde(default = "default_storage_pool")]
+    #[x_kube(validation = rules::immutable("the storage pool"))]
     #[schemars(length(min = 1, max = 253))]
     pub storage_pool: String,
 

@@ -277,7 +277,9 @@ impl Reconciler for Machine {
                 // instead of launching a second instance.
                 let api = Api::<Machine>::namespaced(ctx.client.clone(), &ns);
                 let id_of = |c: &crate::provider::Instance| c.cloud_id().map(str::to_owned);
-                let created = create_once(&api, &*self, &ctx, "instance", id_of, || provider.create(&target)).await?;
+                let created =
+                    create_once(&api, &*self, &ctx, "instance", provider.lookup(), id_of, || provider.create(&target))
+                        .await?;
                 ctx.event(
                     &*self,
                     EventType::Normal,

@@ -38,7 +38,7 @@ use serde::de::DeserializeOwned;
 use crate::api::{Condition, FINALIZER, PAUSED_ANNOTATION, condition};
 use crate::metrics::Metrics;
 use crate::provider::aws::AwsAccounts;
-use crate::provider::{ProviderError, Providers};
+use crate::provider::{Lookup, ProviderError, Providers};
 use status::Conditions;
 
 /// Bytes of path records kept for concurrent pushes of the same closure
@@ -561,11 +561,16 @@ pub async fn resolve_network(ctx: &Context, ns: &str, name: &str, field: &str) -
 /// - A create the cloud refused is remembered here, not on the object, so
 ///   the next try waits for its backoff whatever wakes the object: writing
 ///   the object would wake it at once.
+/// - With a [`Lookup::Immediate`] backend (libvirt) the lookup that found
+///   nothing is the answer: a mark without the resource is a create that
+///   never reached it, so the intent is recorded anew and the create runs
+///   at once, neither waiting nor stalling.
 pub async fn create_once<K, T, F, Fut>(
     api: &Api<K>,
     obj: &K,
     ctx: &Context,
     what: &str,
+    lookup: Lookup,
     id_of: impl Fn(&T) -> Option<String>,
     create: F,
 ) -> Result<T>
@@ -574,7 +579,8 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = std::result::Result<T, ProviderError>>,
 {
-    let (created, marked) = create_with_intent(api, obj, ctx, what, what, None, create).await?;
+    let intent = Intent { kind: what, what, part: None, lookup };
+    let (created, marked) = create_with_intent(api, obj, ctx, intent, create).await?;
     match id_of(&created) {
         Some(id) => record_external_name(api, &marked, &id).await?,
         None => clear_create_pending(api, &marked).await?,
@@ -602,7 +608,8 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = std::result::Result<T, ProviderError>>,
 {
-    create_with_intent(api, obj, ctx, kind, part, Some(part), create).await
+    let intent = Intent { kind, what: part, part: Some(part), lookup: Lookup::Lagging };
+    create_with_intent(api, obj, ctx, intent, create).await
 }
 
 /// The `nixops.io/create-pending` mark: when the intent to create was
@@ -662,6 +669,16 @@ pub async fn clear_create_pending<K: Reconciler>(api: &Api<K>, obj: &K) -> Resul
     Ok(())
 }
 
+/// What [`create_with_intent`] creates: `kind` of resource (`subnet`, for
+/// the fault points), `what` in messages, which `part` of its object (None:
+/// the object's one resource), and how soon a lookup sees it.
+struct Intent<'a> {
+    kind: &'a str,
+    what: &'a str,
+    part: Option<&'a str>,
+    lookup: Lookup,
+}
+
 /// The create-pending flow of [`create_once`] and [`create_part_once`]:
 /// checks the mark, records the intent, creates. Returns what was created
 /// and the object as last written. The fault points are evaluated as
@@ -670,9 +687,7 @@ async fn create_with_intent<K, T, F, Fut>(
     api: &Api<K>,
     obj: &K,
     ctx: &Context,
-    kind: &str,
-    what: &str,
-    part: Option<&str>,
+    intent: Intent<'_>,
     create: F,
 ) -> Result<(T, K)>
 where
@@ -680,6 +695,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = std::result::Result<T, ProviderError>>,
 {
+    let Intent { kind, what, part, lookup } = intent;
     let uid = obj.meta().uid.clone().unwrap_or_default();
     let pending = PendingCreate::of(obj);
     let refused = ctx.refused_creates.lock().unwrap_or_else(|e| e.into_inner()).get(&uid).cloned();
@@ -697,7 +713,7 @@ where
                 // A refusal that needs a spec change stays what it was until then.
                 return Err(Error::stalled(reason, message.clone()));
             }
-            if !r.answered && now < r.at + window {
+            if !r.answered && now < r.at + window && lookup == Lookup::Lagging {
                 return Err(ProviderError::Transient(format!(
                     "creating the {what} failed without an answer ({}); looking for it by its nixops.io/uid tag \
                      for {} s more before creating again",
@@ -708,6 +724,8 @@ where
             }
             known_unmade = true;
         }
+        // The lookup would have found it: the create never reached the backend.
+        (Some(_), _) if lookup == Lookup::Immediate => {}
         (Some(p), _) => {
             let pending_what = p.part.as_deref().unwrap_or(what);
             let at = p.mark.split_once(' ').map_or(p.mark.as_str(), |(at, _)| at);

@@ -238,6 +238,7 @@ impl Reconciler for S3Bucket {
                     &*self,
                     &ctx,
                     "bucket",
+                    crate::provider::Lookup::Lagging,
                     |_: &()| Some(name.clone()),
                     || provider.create(&target, &spec),
                 )

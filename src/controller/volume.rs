@@ -130,8 +130,10 @@ impl Reconciler for Volume {
             None => {
                 let api = Api::<Volume>::namespaced(ctx.client.clone(), &ns);
                 let id_of = |v: &crate::provider::VolumeState| Some(v.id.clone());
-                let created =
-                    create_once(&api, &*self, &ctx, "volume", id_of, || provider.create(&target, spec)).await?;
+                let created = create_once(&api, &*self, &ctx, "volume", provider.lookup(), id_of, || {
+                    provider.create(&target, spec)
+                })
+                .await?;
                 ctx.event(
                     &*self,
                     EventType::Normal,

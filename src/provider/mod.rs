@@ -135,6 +135,19 @@ pub enum InstanceState {
     Stopped,
 }
 
+/// How soon a provider's lookup sees what it created, which decides what a
+/// create-pending mark left by a crash means (`controller::create_once`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Reads may lag a create by seconds (EC2, S3): with the mark and
+    /// nothing found, the create may still have happened; wait, then stall.
+    Lagging,
+    /// A lookup sees every create that reached the backend (libvirt: a
+    /// domain by its UUID, a volume by its name): with the mark and nothing
+    /// found, nothing was made, and the create runs again at once.
+    Immediate,
+}
+
 /// Provisions machines.
 #[async_trait]
 pub trait MachineProvider: Send + Sync {
@@ -147,6 +160,12 @@ pub trait MachineProvider: Send + Sync {
     /// needs must not look like a create with an unknown outcome after a crash.
     fn check_create(&self, _target: &MachineTarget) -> Result<(), ProviderError> {
         Ok(())
+    }
+    /// Whether `observe` sees a create at once (a libvirt domain looked up
+    /// by its UUID), so that a create-pending mark without a machine means
+    /// the create never reached the backend. See [`Lookup`].
+    fn lookup(&self) -> Lookup {
+        Lookup::Lagging
     }
     /// Creates the machine; called only when `observe` found none.
     async fn create(&self, target: &MachineTarget) -> Result<Instance, ProviderError>;
@@ -246,6 +265,10 @@ pub trait VolumeProvider: Send + Sync {
     /// What its volumes are called in messages ("EBS volume").
     fn noun(&self) -> &'static str {
         "volume"
+    }
+    /// Whether `find` sees a create at once (see [`Lookup`]).
+    fn lookup(&self) -> Lookup {
+        Lookup::Lagging
     }
     /// The volume recorded as `id`, else the one tagged with the owner's UID.
     async fn find(&self, target: &CloudTarget, id: Option<&str>) -> Result<Option<VolumeState>, ProviderError>;

@@ -94,8 +94,26 @@ pub(super) fn install(
         super::xml::volume_xml(&part, length, "raw", None).map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
     let part_vol = StorageVol::create_xml(pool, &part_xml, 0).map_err(failed(format!("creating volume {part}")))?;
     upload(hv, &part_vol, file, length, "the base image")?;
-    // libvirt reads the .part volume as the qcow2 image it is, so the
-    // clone is a qcow2 copy of the same disk (qemu-img convert).
+    // libvirt probes the .part volume's format when it refreshes the pool,
+    // which it starts by itself after an upload but without waiting for
+    // it: refresh here, so the clone reads it as the qcow2 image it is
+    // (qemu-img convert from qcow2), never as raw bytes to wrap.
+    pool.refresh(0).map_err(failed("refreshing the storage pool after the upload"))?;
+    let part_vol = lookup_volume(pool, &part)?
+        .ok_or_else(|| ProviderError::Transient(format!("volume {part} vanished after its upload")))?;
+    let described = part_vol.get_xml_desc(0).map_err(failed(format!("reading volume {part}")))?;
+    let format = super::xml::volume_format(&described).map_err(ProviderError::Transient)?;
+    if format != "qcow2" {
+        delete_volume(pool, &part)?;
+        return Err(ProviderError::permanent(
+            "BaseImageNotQcow2",
+            format!(
+                "spec.provider.libvirt.baseImage is a {} image, not qcow2; convert it (qemu-img convert -O qcow2) \
+                 and give its new URL and sha256",
+                if format.is_empty() { "unknown" } else { format.as_str() }
+            ),
+        ));
+    }
     let final_xml =
         super::xml::volume_xml(name, length, "qcow2", None).map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
     let volume = match StorageVol::create_xml_from(pool, &final_xml, &part_vol, 0) {

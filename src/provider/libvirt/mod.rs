@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use virt::connect::Connect;
 use virt::domain::Domain;
-use virt::error::ErrorNumber;
+use virt::error::{ErrorDomain, ErrorNumber};
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 
 use super::{
-    CloudTarget, Instance, InstanceState, MachineProvider, MachineTarget, NetworkPart, NetworkProvider,
+    CloudTarget, Instance, InstanceState, Lookup, MachineProvider, MachineTarget, NetworkPart, NetworkProvider,
     NetworkResources, NetworkState, Owner, ProviderError, Providers,
 };
 use crate::api::machine::{LibvirtMachine, MachineAddress};
@@ -178,9 +178,22 @@ impl Hypervisor {
         Ok(pool)
     }
 
+    /// The storage pool, or None when the hypervisor has no pool of that
+    /// name: for deletions, which have nothing to delete there then (a
+    /// pool that never existed must not keep a Network from going).
+    fn pool_if_exists(&self, name: &str) -> Result<Option<StoragePool>, ProviderError> {
+        match self.pool(name) {
+            Ok(pool) => Ok(Some(pool)),
+            Err(ProviderError::Permanent { reason: "StoragePoolNotFound", .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Whether kvm domains work on the hypervisor ([`xml::kvm_works`]).
-    fn offers_kvm(&self) -> bool {
-        self.0.get_capabilities().is_ok_and(|caps| xml::kvm_works(&caps))
+    fn offers_kvm(&self) -> Result<bool, ProviderError> {
+        let caps =
+            self.0.get_capabilities().map_err(failed("reading the hypervisor's capabilities (domainType auto)"))?;
+        Ok(xml::kvm_works(&caps))
     }
 }
 
@@ -198,6 +211,23 @@ fn failed(doing: impl std::fmt::Display) -> impl FnOnce(virt::error::Error) -> P
         }
         _ => ProviderError::Transient(format!("libvirt: {doing}: {}", e.message())),
     }
+}
+
+/// Whether libvirt failed to answer rather than refused: the connection
+/// (RPC, a remote tunnel) or the hypervisor's own resources (a system call
+/// failing: a full disk, permissions). Such an error is retried and never
+/// taken as a verdict on the spec.
+fn is_unanswered(e: &virt::error::Error) -> bool {
+    matches!(e.domain(), ErrorDomain::Rpc | ErrorDomain::Remote)
+        || matches!(
+            e.code(),
+            ErrorNumber::SystemError
+                | ErrorNumber::Rpc
+                | ErrorNumber::NoConnect
+                | ErrorNumber::OperationTimeout
+                | ErrorNumber::OperationAborted
+                | ErrorNumber::NoMemory
+        )
 }
 
 fn is_not_found(e: &virt::error::Error) -> bool {
@@ -491,9 +521,9 @@ fn base_image_path(pool: &StoragePool, place: &MachinePlace) -> Result<String, P
 /// The definition of the machine's domain: from its spec, with the host
 /// key its seed installs and the volumes attached to it so far.
 fn domain_spec(
-    hv: &Hypervisor,
     place: &MachinePlace,
     owner: &Owner,
+    domain_type: ResolvedDomainType,
     host_key: String,
     data_disks: Vec<xml::DiskXml>,
 ) -> DomainSpec {
@@ -508,7 +538,7 @@ fn domain_spec(
             host_key,
             spec_digest: String::new(),
         },
-        domain_type: ResolvedDomainType::resolve(place.spec.domain_type, || hv.offers_kvm()),
+        domain_type,
         vcpus: u32::try_from(place.spec.vcpus).unwrap_or(1),
         memory_mib: u64::try_from(place.spec.memory_mib).unwrap_or(512),
         kernel: kernel.as_ref().map(|k| k.kernel.clone()),
@@ -550,6 +580,12 @@ fn converge_definition(
     let inactive =
         domain.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE).map_err(failed("reading the domain's definition"))?;
     let described = xml::DomainDescription::parse(&inactive).map_err(ProviderError::Transient)?;
+    // auto keeps the type the domain was defined with: the hypervisor's
+    // answer does not move a defined machine between kvm and emulation.
+    let domain_type = match (place.spec.domain_type, described.domain_type()) {
+        (crate::api::machine::LibvirtDomainType::Auto, Some(defined)) => defined,
+        (wanted, _) => ResolvedDomainType::resolve(wanted, || hv.offers_kvm())?,
+    };
     let (root, seed) = (place.overlay(), place.seed());
     let data_disks = described
         .devices
@@ -560,7 +596,7 @@ fn converge_definition(
                 .is_some_and(|(pool, volume)| pool == place.network.storage_pool && volume != root && volume != seed)
         })
         .collect();
-    let spec = domain_spec(hv, place, owner, defined.host_key.clone(), data_disks);
+    let spec = domain_spec(place, owner, domain_type, defined.host_key.clone(), data_disks);
     let digest = spec.digest();
     if defined.spec_digest != digest {
         let domain_xml = xml::domain_xml(&spec).map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
@@ -598,6 +634,9 @@ fn define_machine(
         let volume = xml::volume_xml(&overlay, capacity, "qcow2", Some(&base))
             .map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
         StorageVol::create_xml(&pool, &volume, 0).map_err(|e| {
+            if is_unanswered(&e) {
+                return failed(format!("creating root disk {overlay} over the base image {base}"))(e);
+            }
             ProviderError::permanent(
                 "BaseImageUnusable",
                 format!(
@@ -628,7 +667,8 @@ fn define_machine(
         StorageVol::create_xml(&pool, &seed_xml, 0).map_err(failed(format!("creating seed volume {seed_name}")))?;
     upload(hv, &seed_vol, seed_bytes.as_slice(), seed_bytes.len() as u64, "the seed")?;
 
-    let spec = domain_spec(hv, place, owner, host_key.public_openssh.clone(), Vec::new());
+    let domain_type = ResolvedDomainType::resolve(place.spec.domain_type, || hv.offers_kvm())?;
+    let spec = domain_spec(place, owner, domain_type, host_key.public_openssh.clone(), Vec::new());
     let domain_xml = xml::domain_xml(&spec).map_err(|e| ProviderError::permanent("InvalidSpec", e))?;
     Domain::define_xml(&hv.0, &domain_xml).map_err(failed(format!("defining domain {}", place.domain)))
 }
@@ -647,6 +687,12 @@ impl MachineProvider for Libvirt {
             lookup_domain(&hv, &uid)?.map(|d| instance_of(&d, Some(&place.cidr))).transpose()
         })
         .await
+    }
+
+    /// A domain is looked up by its UUID, the Machine's UID: libvirtd
+    /// answers from the definitions it holds.
+    fn lookup(&self) -> Lookup {
+        Lookup::Immediate
     }
 
     fn check_create(&self, target: &MachineTarget) -> Result<(), ProviderError> {
@@ -764,7 +810,7 @@ impl MachineProvider for Libvirt {
             }
             // Also when the domain is gone already: a crash may have come
             // between the undefine and these.
-            let pool = hv.pool(&place.network.storage_pool)?;
+            let Some(pool) = hv.pool_if_exists(&place.network.storage_pool)? else { return Ok(()) };
             delete_volume(&pool, &place.overlay())?;
             delete_volume(&pool, &place.seed())
         })
@@ -848,10 +894,15 @@ impl NetworkProvider for Libvirt {
             let net = virt::network::Network::define_xml(&hv.0, &network_xml)
                 .map_err(failed(format!("defining network {name}")))?;
             net.create().map_err(|e| {
+                if is_unanswered(&e) {
+                    return failed(format!("starting network {name}"))(e);
+                }
                 ProviderError::permanent(
                     "NetworkNotStarted",
                     format!(
-                        "libvirt defined network {name} but cannot start it ({}); check that spec.provider.libvirt.cidr does not overlap a network the hypervisor has",
+                        "libvirt defined network {name} but cannot start it: {}. The usual cause is a \
+                         spec.provider.libvirt.cidr overlapping a network the hypervisor has; the CIDR is \
+                         immutable, so recreate the Network with another one",
                         e.message()
                     ),
                 )
@@ -870,7 +921,9 @@ impl NetworkProvider for Libvirt {
         self.call("delete-network", move || {
             let hv = Hypervisor::open(&conn)?;
             // Its members are gone: no overlay uses its images any more.
-            image::delete_all(&hv.pool(&spec.storage_pool)?, &name)?;
+            if let Some(pool) = hv.pool_if_exists(&spec.storage_pool)? {
+                image::delete_all(&pool, &name)?;
+            }
             let Some(net) = lookup_network(&hv, &uid)? else { return Ok(()) };
             if net.is_active().map_err(failed("checking the network"))? {
                 net.destroy().map_err(failed("stopping the network"))?;
@@ -922,7 +975,8 @@ mod tests {
                 host_key: "ssh-ed25519 AAAA".into(),
                 spec_digest: String::new(),
             },
-            domain_type: ResolvedDomainType::resolve(crate::api::machine::LibvirtDomainType::Auto, || hv.offers_kvm()),
+            domain_type: ResolvedDomainType::resolve(crate::api::machine::LibvirtDomainType::Auto, || hv.offers_kvm())
+                .unwrap(),
             vcpus: 1,
             memory_mib: 128,
             kernel: None,

@@ -14,7 +14,7 @@ use super::xml::{DiskXml, DomainDescription};
 use super::{Hypervisor, Libvirt, failed, lookup_domain, lookup_volume, network_spec, object_name};
 use crate::api::volume::{LibvirtVolume, VolumeProvider as VolumeProviderSpec};
 use crate::provider::{
-    AttachmentState, CloudTarget, ProviderError, SnapshotState, VolumeAttachment, VolumeProvider, VolumeState,
+    AttachmentState, CloudTarget, Lookup, ProviderError, SnapshotState, VolumeAttachment, VolumeProvider, VolumeState,
 };
 
 const GIB: u64 = 1 << 30;
@@ -137,13 +137,30 @@ impl VolumeProvider for Libvirt {
         "libvirt volume"
     }
 
+    /// A volume is looked up by its name in the pool, which libvirtd knows
+    /// as soon as it is created.
+    fn lookup(&self) -> Lookup {
+        Lookup::Immediate
+    }
+
     async fn find(&self, target: &CloudTarget, id: Option<&str>) -> Result<Option<VolumeState>, ProviderError> {
         let place = self.volume_place(target, None, id).await?;
+        // Without a recorded ID the format is not known here: the volume
+        // is either name (qcow2 or raw).
+        let names: Vec<(String, &'static str)> = match id {
+            Some(_) => vec![(place.name.clone(), place.format)],
+            None => ["qcow2", "raw"].into_iter().map(|format| (volume_name(target, format), format)).collect(),
+        };
         self.call("find-volume", move || {
             let hv = Hypervisor::open(&place.conn)?;
-            let pool = hv.pool(&place.pool)?;
-            let Some(vol) = lookup_volume(&pool, &place.name)? else { return Ok(None) };
-            state_of(&hv.0, &place.pool, &vol, &place.name, place.format).map(Some)
+            // No pool, no volume: a create says what is missing.
+            let Some(pool) = hv.pool_if_exists(&place.pool)? else { return Ok(None) };
+            for (name, format) in &names {
+                if let Some(vol) = lookup_volume(&pool, name)? {
+                    return state_of(&hv.0, &place.pool, &vol, name, format).map(Some);
+                }
+            }
+            Ok(None)
         })
         .await
     }
@@ -246,7 +263,7 @@ impl VolumeProvider for Libvirt {
         let place = self.volume_place(target, None, Some(id)).await?;
         self.call("delete-volume", move || {
             let hv = Hypervisor::open(&place.conn)?;
-            let pool = hv.pool(&place.pool)?;
+            let Some(pool) = hv.pool_if_exists(&place.pool)? else { return Ok(()) };
             super::delete_volume(&pool, &place.name)
         })
         .await

@@ -175,14 +175,15 @@ pub fn kvm_works(capabilities: &str) -> bool {
 }
 
 impl ResolvedDomainType {
-    /// `auto` takes kvm when [`kvm_works`] on the hypervisor.
-    pub fn resolve(wanted: LibvirtDomainType, capabilities: impl FnOnce() -> bool) -> Self {
-        match wanted {
+    /// `auto` takes kvm when [`kvm_works`] on the hypervisor (`offers_kvm`,
+    /// asked only for `auto`; failing to tell is an error, not "no kvm").
+    pub fn resolve<E>(wanted: LibvirtDomainType, offers_kvm: impl FnOnce() -> Result<bool, E>) -> Result<Self, E> {
+        Ok(match wanted {
             LibvirtDomainType::Kvm => Self::Kvm,
             LibvirtDomainType::Qemu => Self::Qemu,
-            LibvirtDomainType::Auto if capabilities() => Self::Kvm,
+            LibvirtDomainType::Auto if offers_kvm()? => Self::Kvm,
             LibvirtDomainType::Auto => Self::Qemu,
-        }
+        })
     }
 
     fn as_str(self) -> &'static str {
@@ -270,14 +271,20 @@ struct DevicesXml {
 }
 
 /// A disk from a storage pool volume; also the device XML of an attach.
+/// Read leniently: other domains on a shared hypervisor have disks of
+/// every kind (an empty CD-ROM has no source), and none may stop the
+/// operator from reading the rest.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DiskXml {
-    #[serde(rename = "@type")]
+    #[serde(rename = "@type", default)]
     kind: String,
-    #[serde(rename = "@device")]
+    #[serde(rename = "@device", default)]
     device: String,
+    #[serde(default)]
     driver: DriverXml,
+    #[serde(default)]
     source: DiskSourceXml,
+    #[serde(default)]
     target: DiskTargetXml,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     serial: Option<String>,
@@ -285,11 +292,11 @@ pub struct DiskXml {
     readonly: Option<()>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 struct DriverXml {
-    #[serde(rename = "@name")]
+    #[serde(rename = "@name", default)]
     name: String,
-    #[serde(rename = "@type")]
+    #[serde(rename = "@type", default)]
     format: String,
 }
 
@@ -301,9 +308,9 @@ struct DiskSourceXml {
     volume: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 struct DiskTargetXml {
-    #[serde(rename = "@dev")]
+    #[serde(rename = "@dev", default)]
     dev: String,
     #[serde(rename = "@bus", default)]
     bus: String,
@@ -503,6 +510,8 @@ fn check_fragment(fragment: &str, field: &str) -> Result<(), String> {
 /// What the operator reads back from a domain's XML.
 #[derive(Debug, Default, Deserialize, PartialEq)]
 pub struct DomainDescription {
+    #[serde(rename = "@type", default)]
+    kind: String,
     #[serde(default)]
     pub devices: DomainDevices,
 }
@@ -529,6 +538,15 @@ struct MacXml {
 impl DomainDescription {
     pub fn parse(xml: &str) -> Result<Self, String> {
         quick_xml::de::from_str(xml).map_err(|e| format!("cannot read domain XML: {e}"))
+    }
+
+    /// The domain's type, when it is one the operator defines.
+    pub fn domain_type(&self) -> Option<ResolvedDomainType> {
+        match self.kind.as_str() {
+            "kvm" => Some(ResolvedDomainType::Kvm),
+            "qemu" => Some(ResolvedDomainType::Qemu),
+            _ => None,
+        }
     }
 
     /// The MAC addresses of the domain's interfaces, in its order,
@@ -699,6 +717,20 @@ struct BackingStoreXml {
     format: Typed,
 }
 
+/// The format libvirt gives a volume (`qcow2`, `raw`), from its XML.
+pub fn volume_format(xml: &str) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Volume {
+        target: Target,
+    }
+    #[derive(Deserialize)]
+    struct Target {
+        format: Option<Typed>,
+    }
+    let volume: Volume = quick_xml::de::from_str(xml).map_err(|e| format!("cannot read volume XML: {e}"))?;
+    Ok(volume.target.format.map(|f| f.kind).unwrap_or_default())
+}
+
 /// A storage volume of `capacity_bytes` in `format` (qcow2, raw); a qcow2
 /// volume may be an overlay of the qcow2 image `backing`.
 pub fn volume_xml(name: &str, capacity_bytes: u64, format: &str, backing: Option<&str>) -> Result<String, String> {
@@ -778,10 +810,15 @@ mod tests {
 
     #[test]
     fn auto_takes_kvm_only_where_offered() {
-        assert_eq!(ResolvedDomainType::resolve(LibvirtDomainType::Auto, || true), ResolvedDomainType::Kvm);
-        assert_eq!(ResolvedDomainType::resolve(LibvirtDomainType::Auto, || false), ResolvedDomainType::Qemu);
-        assert_eq!(ResolvedDomainType::resolve(LibvirtDomainType::Qemu, || true), ResolvedDomainType::Qemu);
-        assert_eq!(ResolvedDomainType::resolve(LibvirtDomainType::Kvm, || false), ResolvedDomainType::Kvm);
+        let resolve = |wanted, kvm: Result<bool, &'static str>| ResolvedDomainType::resolve(wanted, || kvm);
+        assert_eq!(resolve(LibvirtDomainType::Auto, Ok(true)), Ok(ResolvedDomainType::Kvm));
+        assert_eq!(resolve(LibvirtDomainType::Auto, Ok(false)), Ok(ResolvedDomainType::Qemu));
+        assert_eq!(resolve(LibvirtDomainType::Qemu, Ok(true)), Ok(ResolvedDomainType::Qemu));
+        assert_eq!(resolve(LibvirtDomainType::Kvm, Ok(false)), Ok(ResolvedDomainType::Kvm));
+        // Capabilities that cannot be read are an error, never a quiet qemu;
+        // an explicit type does not ask.
+        assert_eq!(resolve(LibvirtDomainType::Auto, Err("no answer")), Err("no answer"));
+        assert_eq!(resolve(LibvirtDomainType::Qemu, Err("no answer")), Ok(ResolvedDomainType::Qemu));
     }
 
     #[test]
@@ -796,13 +833,19 @@ mod tests {
             "<domain type='qemu'><name>x</name><devices><emulator>/usr/bin/qemu</emulator>\
              <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='p' volume='v'/>\
              <backingStore/><target dev='vdb' bus='virtio'/><alias name='virtio-disk1'/></disk>\
+             <disk type='file' device='cdrom'><driver name='qemu'/><target dev='sda' bus='sata'/><readonly/></disk>\
+             <disk type='block' device='lun'><source dev='/dev/sdx'/></disk>\
              <interface type='network'/><interface type='network'><mac address='52:54:00:AB:cd:01'/></interface>\
              </devices></domain>",
         )
         .unwrap();
         assert_eq!(described.interface_macs(), ["52:54:00:ab:cd:01"]);
-        assert_eq!(described.devices.disk.len(), 1);
+        assert_eq!(described.domain_type(), Some(ResolvedDomainType::Qemu));
+        // Disks of other kinds are read too, and are no pool's volumes.
+        assert_eq!(described.devices.disk.len(), 3);
         assert_eq!(described.devices.disk[0].source_volume(), Some(("p", "v")));
+        assert_eq!(described.devices.disk[1].source_volume(), None);
+        assert_eq!(described.devices.disk[2].source_volume(), None);
         assert_eq!(described.devices.disk[0].target_dev(), "vdb");
     }
 
@@ -826,6 +869,14 @@ mod tests {
         let small = Cidr::parse("192.168.1.16/28", "cidr").unwrap();
         assert_eq!(small.default_dhcp(), ("192.168.1.18".parse().unwrap(), "192.168.1.30".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/30", "spec.cidr").unwrap_err().contains("/28"));
+    }
+
+    #[test]
+    fn volume_format_is_read_back() {
+        let xml = "<volume type='file'><name>a</name><target><path>/p/a</path><format type='qcow2'/>\
+                   <permissions><mode>0600</mode></permissions></target></volume>";
+        assert_eq!(volume_format(xml).unwrap(), "qcow2");
+        assert_eq!(volume_format("<volume><target><path>/p</path></target></volume>").unwrap(), "");
     }
 
     #[test]
