@@ -344,6 +344,34 @@ async fn volume_is_a_block_device_of_its_size_grows_in_place_and_survives_a_powe
     let after = mem_total(exec(&fleet, &machine, "grep MemTotal /proc/meminfo").await);
     assert!(after > before + 100 * 1024, "MemTotal {before} KiB -> {after} KiB");
 
+    // Detached while the guest is paused: libvirt drops the disk from the
+    // definition at once but the guest holds it until it runs again. The
+    // Volume waits for that unplug (Detaching), instead of asking again and
+    // failing on the definition that no longer has the disk.
+    hv.virsh(&["suspend", &uid]);
+    let patch = json!({"spec": {"volumes": []}});
+    fleet.machines.patch("db", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let unplugging = Instant::now();
+    let mut seen = Vec::new();
+    while unplugging.elapsed() < std::time::Duration::from_secs(20) {
+        let conditions = volumes.get("data").await.unwrap().status.map(|s| s.conditions).unwrap_or_default();
+        seen.extend(conditions.into_iter().filter(|c| c.status != "True").map(|c| (c.reason, c.message)));
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(!seen.iter().any(|(reason, _)| reason == "Retrying"), "the unplug under way failed: {seen:?}");
+    assert!(
+        seen.iter().any(|(reason, message)| reason == "Detaching" && message.contains("detaching from")),
+        "{seen:?}"
+    );
+    assert!(hv.virsh(&["dumpxml", &uid]).contains(&format!("volume='{volume_id}'")), "the guest let go while paused");
+    hv.virsh(&["resume", &uid]);
+    support::wait_for(&volumes, "data", VM_TIMEOUT, "detached once the guest runs", |v| {
+        v.status.as_ref().is_some_and(|s| s.attached_to.is_none() && support::is_ready(&s.conditions))
+    })
+    .await;
+    assert!(!hv.virsh(&["dumpxml", &uid]).contains(&format!("volume='{volume_id}'")));
+    assert_eq!(exec(&fleet, &machine, FIND_DISK).await, "", "the guest still has the disk");
+
     // Deleting the Machine, the Volume and the Network leaves nothing.
     fleet.machines.delete("db", &DeleteParams::default()).await.unwrap();
     support::wait_gone(&fleet.machines, "db", VM_TIMEOUT).await;

@@ -181,8 +181,11 @@ impl Reconciler for Volume {
         let mut pending = None;
         for a in volume.attachments.iter().filter(|a| a.state != AttachmentState::Detached) {
             if desired.as_ref().and_then(|d| d.instance_id.as_deref()) != Some(a.instance_id.as_str()) {
-                provider.detach(&target, &volume.id, &a.instance_id).await?;
-                ctx.event(&*self, EventType::Normal, "Detached", format!("detached from {}", a.instance_id)).await;
+                // A detach under way is waited for, not asked again.
+                if a.state != AttachmentState::Detaching {
+                    provider.detach(&target, &volume.id, &a.instance_id).await?;
+                    ctx.event(&*self, EventType::Normal, "Detached", format!("detached from {}", a.instance_id)).await;
+                }
                 pending = Some(format!("detaching from {}", a.instance_id));
             }
         }
@@ -216,8 +219,9 @@ impl Reconciler for Volume {
         let mut conds = Conditions::new(&mut status.conditions, generation);
         match (&pending, &desired) {
             (Some(what), _) => {
-                conds.set(conditions::ATTACHED, false, "Attaching", what.clone());
-                conds.reconciling("Attaching", format!("volume {}: {what}", volume.id));
+                let reason = if what.starts_with("detaching") { "Detaching" } else { "Attaching" };
+                conds.set(conditions::ATTACHED, false, reason, what.clone());
+                conds.reconciling(reason, format!("volume {}: {what}", volume.id));
                 status.phase = Some(ResourcePhase::Provisioning);
                 return Ok(Some(Duration::from_secs(2)));
             }

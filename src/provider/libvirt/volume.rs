@@ -44,14 +44,55 @@ fn guest_dev(device: &str) -> Result<&str, ProviderError> {
     Ok(dev)
 }
 
+/// Where a domain has a volume's disk: in its persistent definition, in
+/// the running guest, or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Presence {
+    config: bool,
+    live: bool,
+}
+
+impl Presence {
+    /// A disk the running guest still has but the definition no longer
+    /// does is an unplug asked for that the guest has not done yet (libvirt
+    /// waits 5 s for it, then returns): detaching, not attached.
+    fn state(self) -> AttachmentState {
+        if self.live && !self.config { AttachmentState::Detaching } else { AttachmentState::Attached }
+    }
+
+    /// The flags of a detach: each side that still has the disk, or None
+    /// while an unplug is pending (asking again fails on the definition).
+    fn detach_flags(self) -> Option<u32> {
+        let mut flags = 0;
+        if self.config {
+            flags |= virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+            if self.live {
+                flags |= virt::sys::VIR_DOMAIN_AFFECT_LIVE;
+            }
+        }
+        (flags != 0).then_some(flags)
+    }
+}
+
+/// The disk of `domain` that shows volume `name` of `pool`, and where.
+fn disk_of(domain: &Domain, pool: &str, name: &str) -> Result<Option<(DiskXml, Presence)>, ProviderError> {
+    let find = |flags: u32| -> Result<Option<DiskXml>, ProviderError> {
+        let xml = domain.get_xml_desc(flags).map_err(failed("reading a domain's XML"))?;
+        let described = DomainDescription::parse(&xml).map_err(ProviderError::Transient)?;
+        Ok(described.devices.disk.into_iter().find(|d| d.source_volume() == Some((pool, name))))
+    };
+    let in_config = find(virt::sys::VIR_DOMAIN_XML_INACTIVE)?;
+    let in_live = if domain.is_active().map_err(failed("checking a domain"))? { find(0)? } else { None };
+    let presence = Presence { config: in_config.is_some(), live: in_live.is_some() };
+    Ok(in_live.or(in_config).map(|disk| (disk, presence)))
+}
+
 /// The disks of every domain on the hypervisor that show volume `name` of `pool`.
-fn attachments(conn: &Connect, pool: &str, name: &str) -> Result<Vec<(Domain, DiskXml)>, ProviderError> {
+fn attachments(conn: &Connect, pool: &str, name: &str) -> Result<Vec<(Domain, DiskXml, Presence)>, ProviderError> {
     let mut found = Vec::new();
     for domain in conn.list_all_domains(0).map_err(failed("listing domains"))? {
-        let xml = domain.get_xml_desc(0).map_err(failed("reading a domain's XML"))?;
-        let described = DomainDescription::parse(&xml).map_err(ProviderError::Transient)?;
-        if let Some(disk) = described.devices.disk.into_iter().find(|d| d.source_volume() == Some((pool, name))) {
-            found.push((domain, disk));
+        if let Some((disk, presence)) = disk_of(&domain, pool, name)? {
+            found.push((domain, disk, presence));
         }
     }
     Ok(found)
@@ -67,11 +108,11 @@ fn state_of(
     let info = vol.get_info().map_err(failed(format!("reading volume {name}")))?;
     let attached = attachments(conn, pool, name)?
         .into_iter()
-        .map(|(domain, disk)| {
+        .map(|(domain, disk, presence)| {
             Ok(VolumeAttachment {
                 instance_id: domain.get_uuid_string().map_err(failed("reading a domain's UUID"))?,
                 device: format!("/dev/{}", disk.target_dev()),
-                state: AttachmentState::Attached,
+                state: presence.state(),
             })
         })
         .collect::<Result<Vec<_>, ProviderError>>()?;
@@ -194,7 +235,7 @@ impl VolumeProvider for Libvirt {
             let pool = hv.pool(&place.pool)?;
             // A running guest's disk grows through QEMU (the guest sees the
             // new size at once); a disk no guest runs grows in the pool.
-            for (domain, disk) in attachments(&hv.0, &place.pool, &place.name)? {
+            for (domain, disk, _) in attachments(&hv.0, &place.pool, &place.name)? {
                 if domain.is_active().unwrap_or(false) {
                     domain
                         .block_resize(disk.target_dev(), bytes, virt::sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
@@ -240,20 +281,11 @@ impl VolumeProvider for Libvirt {
         self.call("detach-volume", move || {
             let hv = Hypervisor::open(&place.conn)?;
             let Some(domain) = lookup_domain(&hv, &instance)? else { return Ok(()) };
-            let xml = domain.get_xml_desc(0).map_err(failed("reading the domain's XML"))?;
-            let described = DomainDescription::parse(&xml).map_err(ProviderError::Transient)?;
-            let Some(disk) = described
-                .devices
-                .disk
-                .iter()
-                .find(|d| d.source_volume() == Some((place.pool.as_str(), place.name.as_str())))
-            else {
-                return Ok(());
-            };
+            let Some((disk, presence)) = disk_of(&domain, &place.pool, &place.name)? else { return Ok(()) };
+            // An unplug already asked for is the guest's to finish.
+            let Some(flags) = presence.detach_flags() else { return Ok(()) };
             let xml = disk.to_xml().map_err(ProviderError::Transient)?;
-            domain
-                .detach_device_flags(&xml, affect(&domain))
-                .map_err(failed(format!("detaching volume {}", place.name)))?;
+            domain.detach_device_flags(&xml, flags).map_err(failed(format!("detaching volume {}", place.name)))?;
             Ok(())
         })
         .await
@@ -307,6 +339,20 @@ mod tests {
             let err = guest_dev(bad).unwrap_err().to_string();
             assert!(err.contains(bad) && err.contains("/dev/vdb"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_disk_only_the_running_guest_has_is_an_unplug_under_way() {
+        use virt::sys::{VIR_DOMAIN_AFFECT_CONFIG as CONFIG, VIR_DOMAIN_AFFECT_LIVE as LIVE};
+        let both = Presence { config: true, live: true };
+        let defined = Presence { config: true, live: false };
+        let unplugging = Presence { config: false, live: true };
+        assert_eq!(both.state(), AttachmentState::Attached);
+        assert_eq!(defined.state(), AttachmentState::Attached);
+        assert_eq!(unplugging.state(), AttachmentState::Detaching);
+        assert_eq!(both.detach_flags(), Some(CONFIG | LIVE));
+        assert_eq!(defined.detach_flags(), Some(CONFIG));
+        assert_eq!(unplugging.detach_flags(), None);
     }
 
     #[test]
