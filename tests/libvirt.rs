@@ -106,6 +106,18 @@ fn owned_by(names: &[String], ns: &str) -> Vec<String> {
     names.iter().filter(|n| n.starts_with(&format!("{ns}-"))).cloned().collect()
 }
 
+/// Inside the test VM: replaces the QEMU guest agent with one that answers
+/// `guest-sync` and nothing else, in the background.
+const HUNG_AGENT: &str = r#"mv /usr/sbin/qemu-ga /usr/sbin/qemu-ga.off && pkill -x qemu-ga; sleep 1
+for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}; done
+cat > /run/hung-agent <<'EOF'
+exec 3<>"$1"
+while read -r line <&3; do
+  case $line in *guest-sync*) printf '{"return": %s}\n' "$(printf %s "${line##*id}" | tr -dc 0-9)" >&3 ;; esac
+done
+EOF
+setsid sh /run/hung-agent "$port" </dev/null >/dev/null 2>&1 &"#;
+
 #[tokio::test]
 async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes() {
     let _vm = ONE_AT_A_TIME.lock().await;
@@ -185,6 +197,12 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
         addresses.len() == 3 && addresses[2] == static_address
     })
     .await;
+    // An agent that answers libvirt's sync and then never answers the
+    // query (libvirt waits for it without limit): the real agent is put
+    // away and a stand-in holds its port. Looking at the machine must still
+    // end, so the stop below happens.
+    exec(&fleet, &machine, HUNG_AGENT).await;
+
     let domain_xml = hv.virsh(&["dumpxml", &uid]);
     assert!(domain_xml.contains("<watchdog model='i6300esb' action='reset'"), "{domain_xml}");
     assert_eq!(hv.virsh(&["desc", &uid]).trim(), "from extraDomainXML");
@@ -195,6 +213,12 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
     fleet.machines.patch("web", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     wait_phase(&fleet, "web", MachinePhase::Stopped).await;
     assert_eq!(hv.domain_state(&uid), "shut off");
+    let logs = fleet.operator.logs();
+    assert!(logs.contains("the guest agent has not answered"), "the stand-in agent was not asked:\n{logs}");
+    // The guest powered itself off (the ACPI button), it was not pulled
+    // out (destroyed) after the grace period.
+    let reason = hv.virsh(&["domstate", "--reason", &uid]);
+    assert!(reason.contains("(shutdown)"), "stopped as {reason:?}, not by the guest's clean shutdown");
     let patch = json!({"spec": {"running": true}});
     fleet.machines.patch("web", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let restarted = wait_phase(&fleet, "web", MachinePhase::Running).await;

@@ -51,6 +51,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// returns and tries again later.
 const LEASE_WAIT: Duration = Duration::from_secs(20);
 
+/// How long a look at a domain waits for its guest agent's addresses.
+const AGENT_WAIT: Duration = Duration::from_secs(5);
+
 /// The providers of this module, registered for `provider.libvirt` blocks.
 /// `client` reads the credentials Secrets of remote hypervisors, and
 /// `ssh_timeout` bounds the SSH connection to them.
@@ -346,14 +349,7 @@ fn instance_of(domain: &Domain, primary: Option<&Cidr>) -> Result<Instance, Prov
         // without a guest agent.
         let leased =
             domain.interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0).unwrap_or_default();
-        let agent = || match domain.interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, 0) {
-            Ok(interfaces) => interfaces,
-            Err(e) => {
-                tracing::debug!(domain = %uuid, error = %e, "no addresses from the guest agent");
-                Vec::new()
-            }
-        };
-        addresses = interface_addresses(&macs, leased, agent)
+        addresses = interface_addresses(&macs, leased, || agent_interfaces(domain, &uuid))
             .into_iter()
             .map(|address| MachineAddress { address_type: "InternalIP".into(), address: address.to_string() })
             .collect();
@@ -372,6 +368,45 @@ fn instance_of(domain: &Domain, primary: Option<&Cidr>) -> Result<Instance, Prov
         host_key: owner.map(|o| o.host_key).filter(|k| !k.is_empty()),
         restart_pending: None,
     })
+}
+
+/// Domains (by UUID) whose guest agent has a query in flight.
+static AGENT_QUERIES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The interfaces the domain's QEMU guest agent reports; none from a guest
+/// without one. libvirt waits for an agent's answer without limit once it
+/// has answered its sync, so the query runs on a thread of its own and is
+/// waited for [`AGENT_WAIT`]; a domain whose agent has not answered yet is
+/// not asked again until it does (or the domain stops, which ends the
+/// query), so a hung agent holds one thread, never a reconcile.
+fn agent_interfaces(domain: &Domain, uuid: &str) -> Vec<virt::domain::Interface> {
+    let queries = || AGENT_QUERIES.lock().unwrap_or_else(|e| e.into_inner());
+    if !queries().insert(uuid.to_owned()) {
+        return Vec::new();
+    }
+    let (answer, answered) = std::sync::mpsc::channel();
+    let (asked, asking) = (domain.clone(), uuid.to_owned());
+    std::thread::spawn(move || {
+        let result = asked.interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, 0);
+        queries().remove(&asking);
+        let _ = answer.send(result);
+    });
+    match answered.recv_timeout(AGENT_WAIT) {
+        Ok(Ok(interfaces)) => interfaces,
+        Ok(Err(e)) => {
+            tracing::debug!(domain = %uuid, error = %e, "no addresses from the guest agent");
+            Vec::new()
+        }
+        Err(_) => {
+            tracing::warn!(
+                domain = %uuid,
+                "the guest agent has not answered in {} s; its addresses are left out until it does",
+                AGENT_WAIT.as_secs()
+            );
+            Vec::new()
+        }
+    }
 }
 
 /// The IPv4 addresses of a domain's interfaces (`macs`, lowercase, in the
@@ -756,7 +791,10 @@ impl MachineProvider for Libvirt {
                 (false, InstanceState::Stopped) => instance_of(&domain, Some(&place.cidr)),
                 (false, _) => {
                     // ACPI first, so the guest shuts down cleanly; then the plug.
-                    let _ = domain.shutdown();
+                    // The power button, not libvirt's default of the guest
+                    // agent first: an agent that does not answer holds that
+                    // up for half a minute.
+                    let _ = domain.shutdown_flags(virt::sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN);
                     let deadline = Instant::now() + SHUTDOWN_GRACE;
                     while state_of(&domain)? != InstanceState::Stopped && Instant::now() < deadline {
                         std::thread::sleep(Duration::from_millis(500));
