@@ -126,12 +126,7 @@ fn stalled_with(reason: &'static str) -> impl Fn(&KeyPair) -> bool {
 fn other_private_key() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("key");
-    let out = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    support::ssh_keygen(&file);
     std::fs::read(&file).unwrap()
 }
 

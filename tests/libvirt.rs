@@ -152,13 +152,7 @@ async fn machine_boots_with_injected_host_key_deploys_stops_starts_and_deletes()
     provider["libvirt"]["extraDomainXML"] = json!("<description>from extraDomainXML</description>");
     let applied = Instant::now();
     create_machine_with(&fleet, hv, "web", Some(&closure), json!({"provider": provider})).await;
-    support::wait_for(&fleet.machines, "web", VM_TIMEOUT, "Ready with the system deployed", |m| {
-        m.status
-            .as_ref()
-            .is_some_and(|s| s.closure.as_deref() == Some(closure.as_str()) && support::is_ready(&s.conditions))
-    })
-    .await;
-    let machine = fleet.machines.get("web").await.unwrap();
+    let machine = fleet.wait_running_within("web", &closure, VM_TIMEOUT).await;
     eprintln!("figure: kubectl apply -> Ready with a deployed system, one VM: {:?}", applied.elapsed());
     eprintln!("figure: QEMU RSS per VM (KiB): {:?}", hv.qemu_rss_kib());
     let status = machine.status.clone().unwrap();
@@ -435,12 +429,7 @@ async fn an_orphaned_volume_stays_in_the_pool() {
 fn stranger_key() -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("k");
-    let out = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    support::ssh_keygen(&path);
     std::fs::read_to_string(path.with_extension("pub")).unwrap().trim().to_owned()
 }
 
@@ -503,12 +492,7 @@ async fn remote_hypervisor_over_ssh_with_a_pinned_host_key() {
     provider["libvirt"]["baseImage"] = json!(hv.base_volume());
     let applied = Instant::now();
     create_machine_with(&fleet, hv, "web", Some(&closure), json!({"provider": provider})).await;
-    support::wait_for(&fleet.machines, "web", VM_TIMEOUT, "Ready with the system deployed", |m| {
-        m.status
-            .as_ref()
-            .is_some_and(|s| s.closure.as_deref() == Some(closure.as_str()) && support::is_ready(&s.conditions))
-    })
-    .await;
+    fleet.wait_running_within("web", &closure, VM_TIMEOUT).await;
     eprintln!("figure: kubectl apply -> Ready, one VM on a remote hypervisor: {:?}", applied.elapsed());
     let status = fleet.machines.get("web").await.unwrap().status.unwrap();
     let address = status.addresses.first().expect("an address").address.clone();

@@ -15,8 +15,14 @@ struct Quickstart {
 
 impl Quickstart {
     fn run(&self, args: &[&str]) -> String {
+        self.run_with(args, &[])
+    }
+
+    /// [`Quickstart::run`] with more environment (`QUICKSTART_PROVIDER`).
+    fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> String {
         let out = Command::new(support::repo_root().join("hack/quickstart/quickstart.sh"))
             .args(args)
+            .envs(env.iter().copied())
             .env("QUICKSTART_DIR", &self.dir)
             .env("QUICKSTART_PORT", self.port.to_string())
             .env("NIXOPS_OPERATOR_BIN", env!("CARGO_BIN_EXE_nixops-operator"))
@@ -83,16 +89,7 @@ fn quickstart_deploys_redeploys_reruns_and_stops() {
 fn quickstart_with_libvirt_deploys_the_demo_to_a_vm() {
     let parent = tempfile::tempdir().unwrap();
     let qs = Quickstart { dir: parent.path().join("quickstart"), port: support::free_port() };
-    let out = Command::new(support::repo_root().join("hack/quickstart/quickstart.sh"))
-        .arg("up")
-        .env("QUICKSTART_PROVIDER", "libvirt")
-        .env("QUICKSTART_DIR", &qs.dir)
-        .env("QUICKSTART_PORT", qs.port.to_string())
-        .env("NIXOPS_OPERATOR_BIN", env!("CARGO_BIN_EXE_nixops-operator"))
-        .output()
-        .expect("run hack/quickstart/quickstart.sh");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "quickstart.sh up (libvirt) failed:\n{text}");
+    let text = qs.run_with(&["up"], &[("QUICKSTART_PROVIDER", "libvirt")]);
     assert!(text.contains("In the VM, /run/current-system -> /nix/store/"), "{text}");
     assert!(text.contains("/run/motd says: hello from nixops-operator"), "{text}");
     qs.run(&["down"]);

@@ -75,7 +75,12 @@ impl Fleet {
     }
 
     pub async fn wait_running(&self, name: &str, closure: &str) -> Machine {
-        super::wait_for(&self.machines, name, TIMEOUT, &format!("Ready on {closure}"), |m| {
+        self.wait_running_within(name, closure, TIMEOUT).await
+    }
+
+    /// [`Fleet::wait_running`] with its own deadline (VMs boot slowly).
+    pub async fn wait_running_within(&self, name: &str, closure: &str, timeout: Duration) -> Machine {
+        super::wait_for(&self.machines, name, timeout, &format!("Ready on {closure}"), |m| {
             m.status.as_ref().is_some_and(|s| {
                 s.closure.as_deref() == Some(closure)
                     && super::is_ready(&s.conditions)

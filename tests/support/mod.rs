@@ -327,6 +327,17 @@ pub struct SshHost {
     pub dir: tempfile::TempDir,
 }
 
+/// Writes a new ed25519 key pair with ssh-keygen: the private key (OpenSSH
+/// format) at `path`, the public key line at `path`.pub.
+pub fn ssh_keygen(path: &Path) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .output()
+        .expect("run ssh-keygen");
+    assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 impl SshHost {
     /// Starts sshd on 127.0.0.1 at a free port.
     pub fn start() -> Self {
@@ -337,12 +348,7 @@ impl SshHost {
     pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("sshd dir");
         let key = dir.path().join("ssh_host_ed25519_key");
-        let status = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&key)
-            .status()
-            .expect("run ssh-keygen");
-        assert!(status.success(), "ssh-keygen failed");
+        ssh_keygen(&key);
         let host_key = std::fs::read_to_string(key.with_extension("pub")).expect("read host key").trim().to_owned();
         let port = free_port();
         let config = dir.path().join("sshd_config");
