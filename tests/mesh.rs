@@ -232,6 +232,8 @@ async fn members_talk_over_an_encrypted_mesh() {
         [&nodes[0], &nodes[2]].iter().all(|n| n.exec_ok("wg show nixops0 peers").contains(&new_key))
     })
     .await;
+    // And b itself runs it: until then a's handshakes with the new key fail.
+    until("b runs its new key", || nodes[1].exec_ok("wg show nixops0 public-key").trim() == new_key).await;
     nodes[0].exec_ok(&format!("ping -c 2 -W 2 {}", mesh_address("b")));
     nodes[2].exec_ok(&format!("ping -c 2 -W 2 {}", mesh_address("b")));
     private_keys.push(
