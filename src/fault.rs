@@ -21,6 +21,11 @@ pub mod points {
     /// A build script was started on a builder (its credentials sent);
     /// the operator has not seen it end.
     pub const BUILD_AFTER_START: &str = "build-after-start";
+    /// A build was started or found; the reconcile is about to look whether
+    /// it ended. `return(hold)` makes the reconcile wait there until the
+    /// build has ended, as when a build fails faster than the reconcile
+    /// that started it gets to look.
+    pub const BUILD_BEFORE_OUTCOME: &str = "build-before-outcome";
     /// A reboot is recorded as under way (status.lastReboot Rebooting, the
     /// marker on the machine); systemctl reboot is not asked for yet.
     pub const REBOOT_BEFORE_REQUEST: &str = "reboot-before-request";
@@ -65,6 +70,24 @@ pub fn lookup_lags() -> bool {
     }
     #[cfg(not(feature = "fault-injection"))]
     false
+}
+
+/// Whether point `name` is set to `return(hold)`: the step there is to
+/// wait for what the point's documentation names.
+pub fn holds(name: &str) -> bool {
+    #[cfg(feature = "fault-injection")]
+    {
+        let holds = fail::eval(name, |arg| arg.unwrap_or_default()).is_some_and(|action| action == "hold");
+        if holds {
+            tracing::warn!(point = name, "fault point: holding");
+        }
+        holds
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        let _ = name;
+        false
+    }
 }
 
 /// Reads `FAILPOINTS` (fault-injection builds only).

@@ -253,7 +253,7 @@ async fn a_failed_build_keeps_the_old_system_and_unsigned_commits_are_refused() 
     let repo = Repo::new();
     let rev1 = repo.commit(json!({"t": {"message": "t v1"}}), false);
     // No builder in the Network: the machine builds its own system.
-    let fleet = Fleet::start("build-target", json!({})).await;
+    let mut fleet = Fleet::start("build-target", json!({})).await;
     let node = offline(fleet.node());
     let nixos = json!({"build": {"git": {"url": repo.url(), "ref": "main"}, "file": "default.nix"}});
     create(&fleet, "t", &node, nixos).await;
@@ -264,6 +264,9 @@ async fn a_failed_build_keeps_the_old_system_and_unsigned_commits_are_refused() 
     let v1 = node.current_system().unwrap();
 
     // A commit that does not build: the machine stays on v1 and says why.
+    // The reconcile that starts the build looks at it only once it has
+    // ended, as when it fails at once: Built must not stay True from v1.
+    fleet.restart_operator(&[("FAILPOINTS", "build-before-outcome=return(hold)")]);
     let rev2 = repo.commit(json!({"t": {"message": "t v2", "fail": true}}), false);
     let m = fleet.wait_stalled("t", "BuildFailed").await;
     let record = m.status.as_ref().unwrap().build.clone().unwrap();

@@ -295,7 +295,9 @@ pub async fn reconcile(
                 return Ok(deploy);
             }
             (BuildResult::Failed | BuildResult::Refused, _) if previous.spec_generation == generation => {
-                return Err(failed_error(previous, &name));
+                let err = failed_error(previous, &name);
+                not_built(status, generation, &err);
+                return Err(err);
             }
             _ => {}
         }
@@ -366,6 +368,12 @@ pub async fn reconcile(
         log_path: Some(script::log_path(&job.id)),
         spec_generation: generation,
     };
+    if fault::holds(fault::points::BUILD_BEFORE_OUTCOME) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while job.outcome().is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     match job.outcome() {
         None => {
             status.build = Some(record);
@@ -413,8 +421,19 @@ pub async fn reconcile(
             ctx.event(machine, EventType::Warning, reason, format!("{headline}: …{}", &log[start..])).await;
             let err = failed_error(&record, &name);
             status.build = Some(record);
+            not_built(status, generation, &err);
             Err(err)
         }
+    }
+}
+
+/// Says in the Built condition that the wanted commit was not built. A
+/// build can end before the reconcile that started it looks at it, so the
+/// condition may still speak of an earlier commit's success: it must not
+/// stay True beside a failure.
+fn not_built(status: &mut MachineStatus, generation: Option<i64>, err: &Error) {
+    if let Error::Stalled { reason, message } = err {
+        Conditions::new(&mut status.conditions, generation).set(conditions::BUILT, false, reason, message.clone());
     }
 }
 
