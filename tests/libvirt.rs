@@ -575,7 +575,7 @@ impl Drop for FileServer {
 /// backed by; deleting the Network deletes it. The machines stay powered
 /// off (running: false): no VM boots here.
 #[tokio::test]
-async fn base_image_from_a_url_is_checked_uploaded_once_and_deleted_with_the_network() {
+async fn base_image_from_a_url_is_checked_uploaded_once_and_kept_only_for_orphaned_overlays() {
     let hv = hypervisor();
     let server = FileServer::start(&hv.image);
     let out = std::process::Command::new("sha256sum").arg(hv.image.join("base.qcow2")).output().unwrap();
@@ -608,11 +608,13 @@ async fn base_image_from_a_url_is_checked_uploaded_once_and_deleted_with_the_net
     fleet.machines.delete("bad", &DeleteParams::default()).await.unwrap();
     support::wait_gone(&fleet.machines, "bad", VM_TIMEOUT).await;
 
-    // The right one: two machines, one download, one volume behind both overlays.
+    // The right one: two machines, one download, one volume behind both
+    // overlays. b's domain is to be kept when b is deleted.
     let before = server.served("/base.qcow2");
-    for name in ["a", "b"] {
-        create_machine_with(&fleet, hv, name, None, provider(&sha256)).await;
-    }
+    create_machine_with(&fleet, hv, "a", None, provider(&sha256)).await;
+    let mut orphan = provider(&sha256);
+    orphan["deletionPolicy"] = json!("Orphan");
+    create_machine_with(&fleet, hv, "b", None, orphan).await;
     for name in ["a", "b"] {
         wait_phase(&fleet, name, MachinePhase::Stopped).await;
     }
@@ -627,6 +629,7 @@ async fn base_image_from_a_url_is_checked_uploaded_once_and_deleted_with_the_net
         .output()
         .unwrap();
     assert!(compared.status.success(), "the pool's copy differs: {}", support::plugin::text(&compared));
+    let mut overlays = Vec::new();
     for name in ["a", "b"] {
         let uid = fleet.machines.get(name).await.unwrap().metadata.uid.unwrap();
         let overlay = owned_by(&hv.volumes(), &fleet.ns)
@@ -635,9 +638,26 @@ async fn base_image_from_a_url_is_checked_uploaded_once_and_deleted_with_the_net
             .unwrap_or_else(|| panic!("no overlay of {name} in {:?}", hv.volumes()));
         let xml = hv.virsh(&["vol-dumpxml", &overlay, "--pool", "default"]);
         assert!(xml.contains(&format!("<path>{image_path}</path>")), "{overlay} is not backed by {image_path}: {xml}");
+        overlays.push(overlay);
     }
 
+    // Deleting the Network keeps the image while b's kept overlay needs it:
+    // qemu-img still reads the orphaned disk to its end.
     delete_all(&fleet, &["a", "b"]).await;
+    assert_eq!(image_volumes(), images, "the image behind the orphaned domain's disk was deleted");
+    let volumes = hv.volumes();
+    assert!(!volumes.contains(&overlays[0]) && volumes.contains(&overlays[1]), "{volumes:?}");
+    let orphan_disk = hv.virsh(&["vol-path", &overlays[1], "--pool", "default"]).trim().to_owned();
+    let read = std::process::Command::new("qemu-img").args(["compare", &image_path, &orphan_disk]).output().unwrap();
+    assert!(read.status.success(), "the orphaned disk cannot be read: {}", support::plugin::text(&read));
+    let domains = owned_by(&hv.domains(), &fleet.ns);
+    assert_eq!(domains.len(), 1, "only b's domain is kept: {domains:?}");
+
+    // What the orphaned domain held is the user's to delete; then nothing is left.
+    hv.virsh(&["undefine", &domains[0]]);
+    for volume in owned_by(&hv.volumes(), &fleet.ns) {
+        hv.virsh(&["vol-delete", &volume, "--pool", "default"]);
+    }
     assert_eq!(owned_by(&hv.volumes(), &fleet.ns), Vec::<String>::new(), "volumes left");
     assert_eq!(owned_by(&hv.domains(), &fleet.ns), Vec::<String>::new(), "domains left");
 }

@@ -2,7 +2,8 @@
 //! the Machine's `baseImageSha256`, and uploaded into the Network's storage
 //! pool through libvirt (so a remote hypervisor needs no access to the URL)
 //! as one volume per Network and image, which all its machines' overlays
-//! share and which is deleted with the Network.
+//! share and which is deleted with the Network, unless overlays of domains
+//! kept by `deletionPolicy: Orphan` still need it.
 //!
 //! The upload goes to a `.part` volume first and becomes the image's volume
 //! by a clone inside libvirtd, so a volume of the final name is always
@@ -14,6 +15,7 @@ use futures::StreamExt;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
+use super::xml::VolumeDescription;
 use super::{Hypervisor, delete_volume, failed, lookup_volume, upload};
 use crate::provider::ProviderError;
 
@@ -102,7 +104,8 @@ pub(super) fn install(
     let part_vol = lookup_volume(pool, &part)?
         .ok_or_else(|| ProviderError::Transient(format!("volume {part} vanished after its upload")))?;
     let described = part_vol.get_xml_desc(0).map_err(failed(format!("reading volume {part}")))?;
-    let format = super::xml::volume_format(&described).map_err(ProviderError::Transient)?;
+    let described = VolumeDescription::parse(&described).map_err(ProviderError::Transient)?;
+    let format = described.format();
     if format != "qcow2" {
         delete_volume(pool, &part)?;
         return Err(ProviderError::permanent(
@@ -110,7 +113,7 @@ pub(super) fn install(
             format!(
                 "spec.provider.libvirt.baseImage is a {} image, not qcow2; convert it (qemu-img convert -O qcow2) \
                  and give its new URL and sha256",
-                if format.is_empty() { "unknown" } else { format.as_str() }
+                if format.is_empty() { "unknown" } else { format }
             ),
         ));
     }
@@ -125,14 +128,38 @@ pub(super) fn install(
     volume.get_path().map_err(failed(format!("reading the path of volume {name}")))
 }
 
-/// Deletes every downloaded image volume of `network` (and any `.part`).
-pub fn delete_all(pool: &StoragePool, network: &str) -> Result<(), ProviderError> {
+/// Deletes every downloaded image volume of `network` (and any `.part`)
+/// that no other volume in the pool is an overlay of. Overlays left are
+/// those of domains kept by `deletionPolicy: Orphan`: without their backing
+/// image their disks could not be read, so the image is kept with them.
+/// Returns the names of the images kept.
+pub fn delete_all(pool: &StoragePool, network: &str) -> Result<Vec<String>, ProviderError> {
     let prefix = prefix(network);
     let volumes = pool.list_volumes().map_err(failed("listing the storage pool's volumes"))?;
-    for name in volumes.iter().filter(|n| n.starts_with(&prefix)) {
-        delete_volume(pool, name)?;
+    let (images, others): (Vec<&String>, Vec<&String>) = volumes.iter().partition(|n| n.starts_with(&prefix));
+    if images.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(())
+    let mut backing = std::collections::HashSet::new();
+    for name in others {
+        let Some(vol) = lookup_volume(pool, name)? else { continue };
+        let xml = vol.get_xml_desc(0).map_err(failed(format!("reading volume {name}")))?;
+        // Only overlays matter: a volume libvirt describes oddly is none.
+        if let Some(path) = VolumeDescription::parse(&xml).ok().as_ref().and_then(VolumeDescription::backing) {
+            backing.insert(path.to_owned());
+        }
+    }
+    let mut kept = Vec::new();
+    for name in images {
+        let Some(vol) = lookup_volume(pool, name)? else { continue };
+        let path = vol.get_path().map_err(failed(format!("reading the path of volume {name}")))?;
+        if backing.contains(&path) {
+            kept.push(name.clone());
+        } else {
+            delete_volume(pool, name)?;
+        }
+    }
+    Ok(kept)
 }
 
 #[cfg(test)]

@@ -958,9 +958,15 @@ impl NetworkProvider for Libvirt {
         let name = network_name(&target.network);
         self.call("delete-network", move || {
             let hv = Hypervisor::open(&conn)?;
-            // Its members are gone: no overlay uses its images any more.
+            // Its members are gone; only domains they orphaned may still use its images.
             if let Some(pool) = hv.pool_if_exists(&spec.storage_pool)? {
-                image::delete_all(&pool, &name)?;
+                for kept in image::delete_all(&pool, &name)? {
+                    tracing::info!(
+                        network = %name,
+                        volume = %kept,
+                        "kept the base image: overlays of domains kept by deletionPolicy Orphan use it"
+                    );
+                }
             }
             let Some(net) = lookup_network(&hv, &uid)? else { return Ok(()) };
             if net.is_active().map_err(failed("checking the network"))? {

@@ -717,18 +717,39 @@ struct BackingStoreXml {
     format: Typed,
 }
 
-/// The format libvirt gives a volume (`qcow2`, `raw`), from its XML.
-pub fn volume_format(xml: &str) -> Result<String, String> {
-    #[derive(Deserialize)]
-    struct Volume {
-        target: Target,
+/// What the operator reads back from a storage volume's XML.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+pub struct VolumeDescription {
+    #[serde(default)]
+    target: VolumeTargetDescription,
+    #[serde(rename = "backingStore", default)]
+    backing_store: Option<BackingStoreDescription>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+struct VolumeTargetDescription {
+    format: Option<Typed>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+struct BackingStoreDescription {
+    path: Option<String>,
+}
+
+impl VolumeDescription {
+    pub fn parse(xml: &str) -> Result<Self, String> {
+        quick_xml::de::from_str(xml).map_err(|e| format!("cannot read volume XML: {e}"))
     }
-    #[derive(Deserialize)]
-    struct Target {
-        format: Option<Typed>,
+
+    /// The format libvirt gives the volume (`qcow2`, `raw`); empty if none.
+    pub fn format(&self) -> &str {
+        self.target.format.as_ref().map(|f| f.kind.as_str()).unwrap_or_default()
     }
-    let volume: Volume = quick_xml::de::from_str(xml).map_err(|e| format!("cannot read volume XML: {e}"))?;
-    Ok(volume.target.format.map(|f| f.kind).unwrap_or_default())
+
+    /// The path of the image this volume is an overlay of.
+    pub fn backing(&self) -> Option<&str> {
+        self.backing_store.as_ref().and_then(|b| b.path.as_deref())
+    }
 }
 
 /// A storage volume of `capacity_bytes` in `format` (qcow2, raw); a qcow2
@@ -872,11 +893,16 @@ mod tests {
     }
 
     #[test]
-    fn volume_format_is_read_back() {
+    fn volume_format_and_backing_file_are_read_back() {
         let xml = "<volume type='file'><name>a</name><target><path>/p/a</path><format type='qcow2'/>\
                    <permissions><mode>0600</mode></permissions></target></volume>";
-        assert_eq!(volume_format(xml).unwrap(), "qcow2");
-        assert_eq!(volume_format("<volume><target><path>/p</path></target></volume>").unwrap(), "");
+        let described = VolumeDescription::parse(xml).unwrap();
+        assert_eq!((described.format(), described.backing()), ("qcow2", None));
+        let bare =
+            VolumeDescription::parse("<volume><target><path>/p</path></target><backingStore/></volume>").unwrap();
+        assert_eq!((bare.format(), bare.backing()), ("", None));
+        let overlay = VolumeDescription::parse(&volume_xml("o.qcow2", 1 << 20, "qcow2", Some("/img/b.qcow2")).unwrap());
+        assert_eq!((overlay.unwrap().backing()), Some("/img/b.qcow2"));
     }
 
     #[test]
