@@ -195,7 +195,9 @@ impl Context {
         let recorder = Recorder::new(client.clone(), reporter.clone());
         let deployments = deploy::Deployments::new(RECORD_CACHE_BYTES, settings.ssh_keep);
         let aws = AwsAccounts::new(client.clone(), metrics.clone());
+        #[cfg_attr(not(feature = "libvirt"), allow(unused_mut))]
         let mut providers = Providers::builtin(aws.clone());
+        #[cfg(feature = "libvirt")]
         crate::provider::libvirt::register(&mut providers, client.clone(), metrics.clone(), settings.ssh_timeout);
         Self {
             client,

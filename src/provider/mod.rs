@@ -4,7 +4,16 @@
 
 pub mod aws;
 pub mod existing;
+#[cfg(feature = "libvirt")]
 pub mod libvirt;
+/// Built without the `libvirt` feature: no libvirt provider (libvirt
+/// objects stall with `ProviderUnavailable`), only how a remote hypervisor
+/// is reached, which the kubectl plugin needs for machines behind it.
+#[cfg(not(feature = "libvirt"))]
+pub mod libvirt {
+    #[path = "remote.rs"]
+    pub mod remote;
+}
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
