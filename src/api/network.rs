@@ -484,7 +484,9 @@ pub struct NetworkStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<NetworkMember>,
 
-    /// ID of the VPC.
+    /// The physical network the operator made for this Network: the VPC's
+    /// ID (ec2), or the libvirt network's name (libvirt). `kubectl get
+    /// networks -o wide` shows it as VPC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vpc_id: Option<String>,
 
