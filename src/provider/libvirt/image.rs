@@ -133,7 +133,7 @@ pub(super) fn install(
 /// those of domains kept by `deletionPolicy: Orphan`: without their backing
 /// image their disks could not be read, so the image is kept with them.
 /// Returns the names of the images kept.
-pub fn delete_all(pool: &StoragePool, network: &str) -> Result<Vec<String>, ProviderError> {
+pub fn delete_unused(pool: &StoragePool, network: &str) -> Result<Vec<String>, ProviderError> {
     let prefix = prefix(network);
     let volumes = pool.list_volumes().map_err(failed("listing the storage pool's volumes"))?;
     let (images, others): (Vec<&String>, Vec<&String>) = volumes.iter().partition(|n| n.starts_with(&prefix));

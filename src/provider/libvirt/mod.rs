@@ -960,7 +960,7 @@ impl NetworkProvider for Libvirt {
             let hv = Hypervisor::open(&conn)?;
             // Its members are gone; only domains they orphaned may still use its images.
             if let Some(pool) = hv.pool_if_exists(&spec.storage_pool)? {
-                for kept in image::delete_all(&pool, &name)? {
+                for kept in image::delete_unused(&pool, &name)? {
                     tracing::info!(
                         network = %name,
                         volume = %kept,
