@@ -1,5 +1,5 @@
 # nixops-operator — see README.md.
-.PHONY: quickstart quickstart-down quickstart-redeploy quickstart-build test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale bench-push image plugin
+.PHONY: quickstart quickstart-down quickstart-redeploy quickstart-build test deps controlplane crds lint dev-cluster dev-cluster-down bench-scale bench-push bench-libvirt image plugin
 
 # Sets up everything the tests need (Debian packages, the Go-built control
 # plane) and runs every test, including those against the real API server.
@@ -62,6 +62,11 @@ bench-scale: deps
 # incremental, fan-out to 10 nodes); prints push_ratio_* figures.
 bench-push: deps
 	cargo bench --locked --bench push
+
+# Real QEMU VMs on the tests' private libvirtd: apply -> address and apply ->
+# Ready for one VM and for three at once, the guest's boot time, QEMU RSS.
+bench-libvirt: deps
+	cargo bench --locked --bench libvirt
 
 # The operator image without a registry (hack/image/build.sh: umoci, from
 # the release binary); writes target/image/ (README: loading into kind/k3d).

@@ -15,18 +15,11 @@ use nixops_operator::api::machine::MachinePhase;
 use nixops_operator::api::{Machine, Network, Volume};
 use serde_json::json;
 use support::fleet::{Fleet, nonce, system};
-use support::libvirt::{Hypervisor, ONE_AT_A_TIME, VM_TIMEOUT, hypervisor, ssh};
+use support::libvirt::{
+    Hypervisor, ONE_AT_A_TIME, VM_TIMEOUT, create_machine_with, delete_all, exec, hypervisor, private_key, ssh,
+    start_fleet,
+};
 use support::node::Activation;
-
-async fn start_fleet(prefix: &str, hv: &Hypervisor, subnet: u8) -> Fleet {
-    let fleet = Fleet::start(prefix, json!({"provider": hv.network_provider(subnet)})).await;
-    let networks: Api<Network> = Api::namespaced(fleet.client.clone(), &fleet.ns);
-    support::wait_for(&networks, "net", VM_TIMEOUT, "Network Ready", |n| {
-        n.status.as_ref().is_some_and(|s| support::is_ready(&s.conditions) && s.vpc_id.is_some())
-    })
-    .await;
-    fleet
-}
 
 /// The name of the Network's libvirt network (its status.vpcId).
 async fn libvirt_network(fleet: &Fleet) -> String {
@@ -38,31 +31,6 @@ async fn create_machine(fleet: &Fleet, hv: &Hypervisor, name: &str, nixos: Optio
     create_machine_with(fleet, hv, name, nixos, json!({})).await
 }
 
-async fn create_machine_with(
-    fleet: &Fleet,
-    hv: &Hypervisor,
-    name: &str,
-    nixos: Option<&str>,
-    extra: serde_json::Value,
-) {
-    let mut spec = json!({
-        "networkRef": {"name": "net"},
-        "provider": hv.machine_provider(),
-        "ssh": {"keyPairRef": {"name": "deployer"}},
-    });
-    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-        spec.extend(extra.clone());
-    }
-    if let Some(closure) = nixos {
-        spec["nixos"] = json!({"closure": closure});
-    }
-    let machine: Machine = serde_json::from_value(json!({
-        "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name}, "spec": spec
-    }))
-    .unwrap();
-    fleet.machines.create(&PostParams::default(), &machine).await.unwrap();
-}
-
 async fn wait_phase(fleet: &Fleet, name: &str, phase: MachinePhase) -> Machine {
     support::wait_for(&fleet.machines, name, VM_TIMEOUT, &format!("phase {phase:?} and Ready"), |m| {
         m.status.as_ref().is_some_and(|s| {
@@ -71,35 +39,6 @@ async fn wait_phase(fleet: &Fleet, name: &str, phase: MachinePhase) -> Machine {
     })
     .await;
     fleet.machines.get(name).await.unwrap()
-}
-
-async fn private_key(fleet: &Fleet) -> String {
-    let secret = Api::<Secret>::namespaced(fleet.client.clone(), &fleet.ns).get("deployer-ssh").await.unwrap();
-    let data = secret.data.unwrap();
-    String::from_utf8(data["ssh-privatekey"].0.clone()).unwrap()
-}
-
-/// Runs `command` in the machine over SSH, pinning the host key its status records.
-async fn exec(fleet: &Fleet, machine: &Machine, command: &str) -> String {
-    let status = machine.status.clone().unwrap();
-    let address = status.addresses.first().expect("an address").address.clone();
-    let host_key = status.host_key.expect("status.hostKey");
-    let out = ssh(&address, &private_key(fleet).await, &host_key, command);
-    assert!(out.status.success(), "ssh {address} {command:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// Deletes the Machines and the Network and waits until they are gone.
-async fn delete_all(fleet: &Fleet, machines: &[&str]) {
-    for name in machines {
-        fleet.machines.delete(name, &DeleteParams::default()).await.unwrap();
-    }
-    let networks: Api<Network> = Api::namespaced(fleet.client.clone(), &fleet.ns);
-    networks.delete("net", &DeleteParams::default()).await.unwrap();
-    for name in machines {
-        support::wait_gone(&fleet.machines, name, VM_TIMEOUT).await;
-    }
-    support::wait_gone(&networks, "net", VM_TIMEOUT).await;
 }
 
 fn owned_by(names: &[String], ns: &str) -> Vec<String> {

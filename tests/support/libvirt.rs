@@ -13,7 +13,12 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, PostParams};
+use nixops_operator::api::{Machine, Network};
 use serde_json::json;
+
+use super::fleet::Fleet;
 
 /// TCG VMs are slow, more so on a shared machine: generous deadlines.
 pub const VM_TIMEOUT: Duration = Duration::from_secs(300);
@@ -232,4 +237,73 @@ pub fn ssh_from(
         .arg(command)
         .output()
         .expect("run ssh")
+}
+
+/// A Fleet whose Network "net" has `provider.libvirt` on `hv`'s subnet
+/// 10.X.`subnet`.0/24, once that Network is Ready.
+pub async fn start_fleet(prefix: &str, hv: &Hypervisor, subnet: u8) -> Fleet {
+    let fleet = Fleet::start(prefix, json!({"provider": hv.network_provider(subnet)})).await;
+    let networks: Api<Network> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    super::wait_for(&networks, "net", VM_TIMEOUT, "Network Ready", |n| {
+        n.status.as_ref().is_some_and(|s| super::is_ready(&s.conditions) && s.vpc_id.is_some())
+    })
+    .await;
+    fleet
+}
+
+/// Creates Machine `name` in "net" on `hv`, deploying `nixos` if given;
+/// `extra` is merged into its spec.
+pub async fn create_machine_with(
+    fleet: &Fleet,
+    hv: &Hypervisor,
+    name: &str,
+    nixos: Option<&str>,
+    extra: serde_json::Value,
+) {
+    let mut spec = json!({
+        "networkRef": {"name": "net"},
+        "provider": hv.machine_provider(),
+        "ssh": {"keyPairRef": {"name": "deployer"}},
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    if let Some(closure) = nixos {
+        spec["nixos"] = json!({"closure": closure});
+    }
+    let machine: Machine = serde_json::from_value(json!({
+        "apiVersion": "nixops.io/v1alpha1", "kind": "Machine", "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap();
+    fleet.machines.create(&PostParams::default(), &machine).await.unwrap();
+}
+
+/// The deployer KeyPair's private key (the Secret the Fleet made).
+pub async fn private_key(fleet: &Fleet) -> String {
+    let secret = Api::<Secret>::namespaced(fleet.client.clone(), &fleet.ns).get("deployer-ssh").await.unwrap();
+    let data = secret.data.unwrap();
+    String::from_utf8(data["ssh-privatekey"].0.clone()).unwrap()
+}
+
+/// Runs `command` in the machine over SSH, pinning the host key its status records.
+pub async fn exec(fleet: &Fleet, machine: &Machine, command: &str) -> String {
+    let status = machine.status.clone().unwrap();
+    let address = status.addresses.first().expect("an address").address.clone();
+    let host_key = status.host_key.expect("status.hostKey");
+    let out = ssh(&address, &private_key(fleet).await, &host_key, command);
+    assert!(out.status.success(), "ssh {address} {command:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Deletes the Machines and the Network and waits until they are gone.
+pub async fn delete_all(fleet: &Fleet, machines: &[&str]) {
+    for name in machines {
+        fleet.machines.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    let networks: Api<Network> = Api::namespaced(fleet.client.clone(), &fleet.ns);
+    networks.delete("net", &DeleteParams::default()).await.unwrap();
+    for name in machines {
+        super::wait_gone(&fleet.machines, name, VM_TIMEOUT).await;
+    }
+    super::wait_gone(&networks, "net", VM_TIMEOUT).await;
 }
