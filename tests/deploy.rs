@@ -167,7 +167,8 @@ async fn a_hung_activation_is_stopped_and_rolled_back() {
     assert!(message.contains("ran longer than 10 s") && message.contains("activationTimeoutSeconds"), "{message}");
     assert_eq!(node.current_system().as_deref(), Some(good.as_str()));
     assert_eq!(node.profile().as_deref(), Some(good.as_str()));
-    assert!(node.exec("pgrep -f '^/bin/sleep 3600'").stdout.is_empty(), "the hung switch was stopped");
+    let hang = support::node::hang_command(&n);
+    assert!(node.exec(&format!("pgrep -f '^{hang}'")).stdout.is_empty(), "the hung switch was stopped");
 }
 
 /// A push the machine's store cannot take (its disk is full) stalls with

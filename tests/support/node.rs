@@ -542,7 +542,7 @@ impl TestSystem {
                 format!("echo 'switch-to-configuration: test system {} needs a reboot' >&2; exit 100", self.name)
             }
             Activation::BreakSsh => format!("/bin/mv {AUTHORIZED_KEYS} {AUTHORIZED_KEYS}.off; exit 0"),
-            Activation::Hang => "/bin/sleep 3600".to_owned(),
+            Activation::Hang => hang_command(&self.nonce),
         };
         format!(
             "#!/bin/sh\n\
@@ -661,4 +661,11 @@ pub fn closure(path: &str) -> Vec<String> {
     let mut paths: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
     paths.sort();
     paths
+}
+
+/// What a system built with [`Activation::Hang`] and `nonce` runs for ever:
+/// a sleep of its own, which pgrep finds apart from any other test's (the
+/// nodes share the host's /proc).
+pub fn hang_command(nonce: &str) -> String {
+    format!("/bin/sleep 3600.{}", u64::from_str_radix(nonce, 16).expect("a hex nonce"))
 }
