@@ -16,7 +16,7 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
 use super::xml::VolumeDescription;
-use super::{Hypervisor, delete_volume, failed, lookup_volume, upload};
+use super::{Hypervisor, delete_found_volume, delete_volume, failed, lookup_volume, upload};
 use crate::provider::ProviderError;
 
 /// The volume of `network`'s (libvirt network name) copy of the image with
@@ -156,7 +156,7 @@ pub fn delete_unused(pool: &StoragePool, network: &str) -> Result<Vec<String>, P
         if backing.contains(&path) {
             kept.push(name.clone());
         } else {
-            delete_volume(pool, name)?;
+            delete_found_volume(&vol, name)?;
         }
     }
     Ok(kept)

@@ -470,13 +470,18 @@ fn lookup_volume(pool: &StoragePool, name: &str) -> Result<Option<StorageVol>, P
 }
 
 fn delete_volume(pool: &StoragePool, name: &str) -> Result<(), ProviderError> {
-    if let Some(vol) = lookup_volume(pool, name)? {
-        match vol.delete(0) {
-            Err(e) if !is_not_found(&e) => return Err(failed(format!("deleting volume {name}"))(e)),
-            _ => {}
-        }
+    match lookup_volume(pool, name)? {
+        Some(vol) => delete_found_volume(&vol, name),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// Deletes `vol` (named `name`); one deleted meanwhile is success.
+fn delete_found_volume(vol: &StorageVol, name: &str) -> Result<(), ProviderError> {
+    match vol.delete(0) {
+        Err(e) if !is_not_found(&e) => Err(failed(format!("deleting volume {name}"))(e)),
+        _ => Ok(()),
+    }
 }
 
 /// Writes the `length` bytes `from` reads into volume `vol` from offset 0.

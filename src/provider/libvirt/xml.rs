@@ -902,7 +902,7 @@ mod tests {
             VolumeDescription::parse("<volume><target><path>/p</path></target><backingStore/></volume>").unwrap();
         assert_eq!((bare.format(), bare.backing()), ("", None));
         let overlay = VolumeDescription::parse(&volume_xml("o.qcow2", 1 << 20, "qcow2", Some("/img/b.qcow2")).unwrap());
-        assert_eq!((overlay.unwrap().backing()), Some("/img/b.qcow2"));
+        assert_eq!(overlay.unwrap().backing(), Some("/img/b.qcow2"));
     }
 
     #[test]
